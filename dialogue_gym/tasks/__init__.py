@@ -1,0 +1,27 @@
+"""Tasks: where conversations start and what the simulated user secretly knows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dialogue_gym.conversation import DialogueError
+from dialogue_gym.tasks.base import SPLITS, Task, TaskRow
+from dialogue_gym.tasks.embedded import EmbeddedTask
+
+__all__ = ["SPLITS", "EmbeddedTask", "Task", "TaskRow", "build_task", "TASKS"]
+
+TASKS: dict[str, Any] = {"embedded": EmbeddedTask}
+
+
+def build_task(spec: Any, **kwargs: Any) -> Task:
+    """A task from a name in :data:`TASKS` (with keyword arguments) or an instance (used as is)."""
+    if isinstance(spec, Task):
+        if kwargs:
+            raise DialogueError(f"task_kwargs {sorted(kwargs)} given with a task instance; configure the instance")
+        return spec
+    if spec not in TASKS:
+        raise DialogueError(f"task is {spec!r}; allowed: {', '.join(sorted(TASKS))}, or a Task instance")
+    try:
+        return TASKS[spec](**kwargs)
+    except TypeError as e:
+        raise DialogueError(f"bad task_kwargs for task {spec!r}: {e}") from None
