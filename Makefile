@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dialogue_gym agents benchmarks tests
-	$(BIN)/ruff format --check dialogue_gym agents benchmarks tests
+
 
 test: $(VENV)/.vllm lint
 	$(BIN)/python -m pytest -q

@@ -236,8 +236,9 @@ class DialogueCore:
                 s.last_score = score
             t = user_turns.get(i)
             info = {"turn": s.turn, "user_message": t.text if t is not None and not t.done else "",
-                    "user_ended": bool(t.done) if t is not None else False, "task_row": s.task_row,
-                    "score": score if i in to_score else float("nan")}
+                    "user_ended": bool(t.done) if t is not None else False, "task_row": s.task_row}
+            if i in to_score:  # present only when the turn was scored (the vector env masks it as "_score")
+                info["score"] = score
             results.append(StepResult(float(reward), s.terminated, s.truncated, info))
         return results
 

