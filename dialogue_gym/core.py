@@ -151,6 +151,12 @@ class DialogueCore:
             )
         if state.done:
             raise DialogueError("state has already ended (terminated or truncated); reset to an unfinished state")
+        # A state may carry a shorter horizon than the env (REFUEL scores each branch at its own horizon H').
+        if not state.turn < state.max_turns <= self.config.max_turns:
+            raise DialogueError(
+                f"state.max_turns is {state.max_turns}; it must exceed state.turn ({state.turn}) and be at most the "
+                f"env's max_turns ({self.config.max_turns})"
+            )
         if state.messages[-1]["role"] != "user":
             raise DialogueError("state.messages must end with a user message (the assistant speaks next)")
         return state

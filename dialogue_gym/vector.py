@@ -40,7 +40,8 @@ class DialogueVectorEnv(VectorEnv):
 
     Observations are tuples of N conversations; rewards, ``terminated`` and ``truncated`` are arrays of shape
     (N,); ``info`` is a dict of arrays with ``_key`` masks (Gymnasium's vector convention), plus ``"active"``:
-    which sub-envs took a turn in this step.
+    which sub-envs took a turn in this step. An action of ``None`` makes a running sub-env sit the step out
+    (no model calls, no change), so agents can stop branches at different turns.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
@@ -161,8 +162,10 @@ class DialogueVectorEnv(VectorEnv):
         states: list[DialogueState] = self._states  # type: ignore[assignment]
         resetting = self._autoreset.copy() if self.autoreset_mode == AutoresetMode.NEXT_STEP else \
             np.zeros(self.num_envs, dtype=bool)
-        active = np.array([not resetting[i] and not states[i].done for i in range(self.num_envs)])
-        if self.autoreset_mode == AutoresetMode.DISABLED and not active.any():
+        # an explicit None lets a running sub-env sit this step out (agents stop branches at their own turn)
+        active = np.array([not resetting[i] and not states[i].done and actions[i] is not None
+                           for i in range(self.num_envs)])
+        if self.autoreset_mode == AutoresetMode.DISABLED and all(s.done for s in states):
             raise DialogueError("every sub-env has ended; reset them with reset(options={'reset_mask': ...})")
         texts = {i: self.core.validate_action(actions[i], f"actions[{i}]") for i in np.flatnonzero(active)}
         idx = [int(i) for i in np.flatnonzero(active)]

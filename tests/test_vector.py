@@ -194,3 +194,20 @@ def test_bad_constructor_arguments():
     with pytest.raises(DialogueError, match="SameStep"):
         DialogueVectorEnv(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP, user="scripted",
                           reward=LengthReward())
+
+
+def test_none_action_sits_out_and_state_horizon_truncates_early():
+    reward = LengthReward()
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=2, autoreset_mode="Disabled",
+                        **kw(user="scripted", reward=reward, reward_mode="terminal", max_turns=3))
+    venv.reset(seed=0)
+    s = venv.get_state(0)
+    s.max_turns = 1  # a branch scored at its own horizon H' = 1
+    venv.reset(options={"states": [s, venv.get_state(1)]})
+    _, r, _, tr, info = venv.step(["abcde", None])
+    assert tr.tolist() == [True, False] and r[0] == pytest.approx(0.5) and info["active"].tolist() == [True, False]
+    assert venv.get_state(1).turn == 0 and reward.batch_sizes[-1] == 1
+    with pytest.raises(DialogueError, match="state.max_turns is 4"):
+        s2 = venv.get_state(1)
+        s2.max_turns = 4
+        venv.reset(options={"states": [s2, s2]})
