@@ -427,7 +427,7 @@ NO_ANSWER_CRITIQUES = (
 WRONG_CRITIQUES = (
     "That's not right. Check the {step} step again.",
     "Hmm, I don't think that's correct. Look again at the {step} step.",
-    "That answer is wrong. Please go through the problem again, one step at a time.",
+    "That answer is wrong. Please go through the problem again, step by step.",
     "Are you sure? Re-read the question and redo the calculation.",
     "Not quite. Something went wrong in the {step} step. Try again.",
     "That's not the answer I got. Can you check your arithmetic?",

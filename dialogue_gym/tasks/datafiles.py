@@ -24,14 +24,16 @@ def hub_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def missing_data_error(dataset: str, env_name: str, example_path: str, reason: str) -> DialogueError:
+def missing_data_error(dataset: str, env_name: str, example_path: str, reason: str,
+                       hub_hint: bool = True) -> DialogueError:
     """The error raised when a dataset-backed task has no data: what is missing and exactly how to provide it."""
+    hub = (f" To load from the hub instead (needs network or a copy in the datasets cache), set "
+           f"env.task_kwargs.hub_id={dataset}.") if hub_hint else ""
     return DialogueError(
         f"task {env_name!r} needs the dataset {dataset}, but {reason}. Point it at a local copy, e.g. "
         f"`+env={env_name} env.task_kwargs.path={example_path}` (or task_kwargs={{'path': ...}} in Python); "
         f"get one where there is network with `hf download {dataset} --repo-type dataset --local-dir DIR` and "
-        f"pass DIR (or one of its data files). To load from the hub instead, set "
-        f"env.task_kwargs.hub_id={dataset} (needs network or a copy in the datasets cache)."
+        f"pass DIR (or one of its data files).{hub}"
     )
 
 
@@ -66,7 +68,7 @@ def load_records(path: str | os.PathLike | None, hub_id: str | None, *, dataset:
         first = str(e).splitlines()[0] if str(e) else ""
         raise missing_data_error(
             dataset, env_name, example_path,
-            f"hub_id={hub_id!r} could not be loaded ({where}: {type(e).__name__}: {first[:300]})",
+            f"hub_id={hub_id!r} could not be loaded ({where}: {type(e).__name__}: {first[:300]})", hub_hint=False,
         ) from None
     return [dict(r) for r in ds]
 
@@ -76,7 +78,8 @@ def _load_local(path: Path, dataset: str, env_name: str, example_path: str,
     import datasets
 
     if not path.exists():
-        raise missing_data_error(dataset, env_name, example_path, f"task_kwargs.path {str(path)!r} does not exist")
+        raise missing_data_error(dataset, env_name, example_path, f"task_kwargs.path {str(path)!r} does not exist",
+                                 hub_hint=False)
     try:
         if path.is_dir():
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
