@@ -1,0 +1,72 @@
+"""Token-exact training batches: the prompt ids the engine used plus the reply ids the policy sampled.
+
+No re-tokenisation: a reply is trained on exactly the tokens that were sampled (including the end-of-turn token
+when the policy produced one), appended to the prompt ids the generation engine rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agents.common.logprobs import sequence_logprobs
+
+
+@dataclass
+class Reply:
+    """One sampled assistant turn.
+
+    Attributes:
+        prompt_ids: the rendered conversation the policy answered (chat template + generation prompt).
+        token_ids: the sampled reply ids (end-of-turn token included when produced).
+        text: the decoded reply (what the env received).
+        finished: the reply ended with a stop token (False: cut at max_new_tokens).
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool = True
+
+    @classmethod
+    def from_generation(cls, g: Any) -> Reply:
+        return cls(list(g.prompt_token_ids), list(g.token_ids), g.text, bool(g.finished))
+
+
+def collate(replies: Sequence[Reply], pad_id: int, max_length: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask, loss_mask)``, each (B, T); ``loss_mask`` marks reply tokens.
+
+    ``max_length`` cuts the prompt from the left (the reply is always kept whole).
+    """
+    seqs, masks = [], []
+    for r in replies:
+        prompt = list(r.prompt_ids)
+        if max_length is not None and len(prompt) + len(r.token_ids) > max_length:
+            prompt = prompt[max(0, len(prompt) + len(r.token_ids) - max_length):]
+        seqs.append(prompt + list(r.token_ids))
+        masks.append([0] * len(prompt) + [1] * len(r.token_ids))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (s, m) in enumerate(zip(seqs, masks)):
+        ids[b, width - len(s):] = torch.tensor(s)
+        attention[b, width - len(s):] = 1
+        loss[b, width - len(s):] = torch.tensor(m)
+    return ids, attention, loss
+
+
+def reply_logprobs(model: Any, replies: Sequence[Reply], pad_id: int, temperature: float = 1.0,
+                   batch_size: int = 8, max_length: int | None = None) -> torch.Tensor:
+    """(N,) summed log-probs of each reply's tokens given its prompt (gradients flow unless disabled)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(replies), batch_size):
+        ids, attention, loss = collate(replies[start:start + batch_size], pad_id, max_length)
+        out.append(sequence_logprobs(model, ids.to(device), attention.to(device), loss.to(device),
+                                     temperature=temperature))
+    return torch.cat(out) if out else torch.zeros(0)

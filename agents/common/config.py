@@ -1,0 +1,126 @@
+"""Typed config schemas shared by the agents, and helpers to build envs and validate a Hydra config early.
+
+Each agent's Hydra config (``conf/<agent>.yaml``) is merged over its dataclass schema, so a misspelt key or a
+wrong type is an error before any model loads; :func:`check` then validates ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from agents.common.policy import PolicySettings
+
+
+class ConfigError(ValueError):
+    """A bad setting, found at start-up before any model loads."""
+
+
+@dataclass
+class EnvSettings:
+    """The environment, as keyword arguments of ``gym.make_vec("MultiTurnDialogue-v0", ...)`` (EnvConfig)."""
+
+    task: str = "embedded"  # task name: embedded, arithmetic, ultrainteract, anthropic_hh
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # task settings (data path, difficulty, ...)
+    split: str = "train"  # split training rollouts are drawn from (evaluation always uses "test")
+    model: str = "embedded"  # model behind the LLM user and the LLM judge
+    engine: str = "hf"  # generation backend of the LLM user: hf or vllm
+    user: str | None = None  # user simulator; None = the task's default
+    reward: str | None = None  # reward model; None = the task's default
+    reward_mode: str = "terminal"  # terminal, per_turn or delta
+    max_turns: int = 5  # dialogue horizon H in assistant turns
+    user_temperature: float = 0.8  # LLM user sampling temperature (REFUEL: 0.8)
+    user_top_p: float = 1.0  # LLM user nucleus mass
+    user_max_new_tokens: int = 96  # LLM user output cap in tokens
+
+
+@dataclass
+class SamplingSettings:
+    """How the policy samples its replies."""
+
+    temperature: float = 0.8  # policy sampling temperature; log-probs are computed at the same temperature
+    top_p: float = 1.0  # nucleus mass
+    max_new_tokens: int = 96  # reply length cap in tokens
+    engine: str = "hf"  # policy generation backend (hf; vllm needs weight syncing, see README)
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with cosine decay and linear warm-up (REFUEL reference: lr 3e-7, betas (0.9, 0.95), wd 1e-6)."""
+
+    lr: float = 1e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    weight_decay: float = 1e-6  # AdamW weight decay
+    warmup_ratio: float = 0.1  # share of all optimizer steps spent warming up
+    batch_size: int = 8  # pairs (or sequences) per optimizer step
+    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation up to batch_size)
+    epochs: int = 1  # passes over each iteration's data
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_length: int = 1024  # longest training sequence in tokens (prompts are cut from the left)
+
+
+@dataclass
+class EvalSettings:
+    """In-run evaluation on held-out states with fixed user seeds."""
+
+    dialogues: int = 32  # test rows evaluated (the first n of the test split)
+    seed: int = 1234  # user and policy seeds of every evaluation
+    temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)
+    every: int = 0  # evaluate every k iterations as well (0: only before and after training)
+    reward_mode: str = "per_turn"  # evaluation scores every turn
+
+
+def merge_schema(cfg: DictConfig, schema: type) -> Any:
+    """Merge a Hydra config over a dataclass schema and return the typed object.
+
+    Raises:
+        ConfigError: unknown key or wrong type, naming the key.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except Exception as e:  # omegaconf's errors name the key; keep the message, drop the traceback noise
+        raise ConfigError(f"bad configuration: {str(e).splitlines()[0]}") from None
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def env_kwargs(env: EnvSettings, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``gym.make_vec`` from the env settings (None entries = task defaults)."""
+    kw = {k: v for k, v in vars(env).items() if v is not None}
+    kw["task_kwargs"] = dict(env.task_kwargs)
+    kw.update(overrides)
+    return kw
+
+
+def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSettings, optim: OptimSettings) -> None:
+    """Range checks shared by every agent (before any model loads)."""
+    from dialogue_gym.tasks import TASKS
+
+    check(env.task in TASKS, f"env.task is {env.task!r}; allowed: {', '.join(sorted(TASKS))}")
+    check(env.max_turns >= 1, f"env.max_turns (the horizon) must be >= 1, got {env.max_turns}")
+    check(env.reward_mode in ("terminal", "per_turn", "delta"), f"env.reward_mode is {env.reward_mode!r}")
+    check(policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {policy.lora_r}")
+    check(sampling.temperature > 0, f"sampling.temperature must be > 0 for on-policy sampling, got "
+                                    f"{sampling.temperature}")
+    check(sampling.engine == "hf", f"sampling.engine is {sampling.engine!r}; the policy samples with 'hf' "
+                                   "(the env's user can use vllm through env.engine)")
+    check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
+    check(optim.batch_size >= 1 and optim.micro_batch_size >= 1, "optim.batch_size and micro_batch_size must be >= 1")
+    check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
+
+
+def build_task_early(env: EnvSettings) -> Any:
+    """Build the task now (cheap, no model) so a missing dataset fails before any model loads."""
+    from dialogue_gym.conversation import DialogueError
+    from dialogue_gym.tasks import build_task
+
+    try:
+        return build_task(env.task, **env.task_kwargs)
+    except DialogueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,90 @@
+"""Run scaffolding shared by the agents: envs, policy engine, evaluation bookkeeping, run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
+from agents.common.config import EnvSettings, EvalSettings, SamplingSettings, env_kwargs
+from agents.common.evaluation import format_table, save_json, summarize
+from agents.common.rollout import play
+from dialogue_gym.generation import SamplingParams
+from dialogue_gym.generation.hf import HFEngine
+
+log = logging.getLogger("agents")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def make_vec(env: EnvSettings, num_envs: int, **overrides: Any) -> Any:
+    """A DialogueVectorEnv in DISABLED autoreset mode (agents decide when each sub-env resets)."""
+    return gym.make_vec("MultiTurnDialogue-v0", num_envs=num_envs, autoreset_mode="Disabled",
+                        **env_kwargs(env, **overrides))
+
+
+def sampling_params(s: SamplingSettings, temperature: float | None = None) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature if temperature is None else temperature, top_p=s.top_p,
+                          max_new_tokens=s.max_new_tokens)
+
+
+def policy_engine(model: Any, tokenizer: Any, seed: int) -> HFEngine:
+    """The policy's generation engine on the model being trained (it samples the current weights)."""
+    return HFEngine((model, tokenizer), seed=seed)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+class Evaluator:
+    """Fixed held-out evaluation: the first ``dialogues`` test rows, fixed user and policy seeds, per-turn scores.
+
+    The first evaluation (the initial policy) is the baseline for every later win rate; all evaluations are
+    written to ``<run_dir>/eval.json`` and printed as a table.
+    """
+
+    def __init__(self, env: EnvSettings, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path):
+        self.settings = settings
+        self.sampling = sampling
+        self.venv = make_vec(env, settings.dialogues, split="test", reward_mode=settings.reward_mode)
+        n_rows = len(self.venv.core.rows)
+        if settings.dialogues > n_rows:
+            raise ValueError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows")
+        self.path = run_dir / "eval.json"
+        self.results: list[dict[str, Any]] = []
+        self.raw_baseline: dict[str, Any] | None = None
+        if self.path.exists():  # resuming: keep the baseline and earlier evaluations
+            saved = json.loads(self.path.read_text())
+            self.results = saved["evaluations"]
+            self.raw_baseline = {"scores": np.array(saved["baseline_scores"], dtype=float)}
+
+    def evaluate(self, engine: Any, name: str) -> dict[str, Any]:
+        params = SamplingParams(temperature=self.settings.temperature, top_p=self.sampling.top_p,
+                                max_new_tokens=self.sampling.max_new_tokens)
+        rng = np.random.default_rng(self.settings.seed)
+        raw = play(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed, rng)
+        raw["scores"] = np.asarray(raw["scores"], dtype=float)
+        if self.raw_baseline is None:
+            self.raw_baseline = raw
+        summary = summarize(raw, self.raw_baseline, name)
+        summary["conversations"] = raw["conversations"][:4]  # a few transcripts to read
+        self.results.append(summary)
+        baseline = [[None if np.isnan(x) else float(x) for x in row] for row in self.raw_baseline["scores"]]
+        save_json(self.path, {"settings": asdict(self.settings), "baseline_scores": baseline,
+                              "evaluations": self.results})
+        log.info("evaluation of %s:\n%s", name, format_table([summary]))
+        return summary
+
+    def table(self) -> str:
+        return format_table(self.results)

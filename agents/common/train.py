@@ -1,0 +1,90 @@
+"""Optimizer set-up and the pairwise regression update shared by REFUEL and REBEL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.common.batching import Reply, reply_logprobs
+from agents.common.config import OptimSettings
+from agents.common.losses import regression_loss
+from agents.common.policy import trainable_parameters
+
+
+@dataclass
+class Pair:
+    """Two replies at the same state with their returns; ``ref_*`` are π_t's log-probs (filled once)."""
+
+    a: Reply
+    b: Reply
+    reward_a: float
+    reward_b: float
+    turn: int
+    ref_a: float = 0.0
+    ref_b: float = 0.0
+
+
+def make_optimizer(model: Any, optim: OptimSettings, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and a cosine schedule with linear warm-up (per optimizer step)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = list(trainable_parameters(model).values())
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    total = max(1, total_steps)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(optim.warmup_ratio * total), total)
+    return opt, sched
+
+
+def steps_per_iteration(pairs: int, optim: OptimSettings) -> int:
+    return optim.epochs * max(1, math.ceil(pairs / optim.batch_size))
+
+
+@torch.inference_mode()
+def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temperature: float,
+                            optim: OptimSettings) -> None:
+    """π_t log-probs of both replies of every pair, computed once per iteration before any update."""
+    replies = [r for p in pairs for r in (p.a, p.b)]
+    logps = reply_logprobs(model, replies, pad_id, temperature, optim.micro_batch_size, optim.max_length)
+    for i, p in enumerate(pairs):
+        p.ref_a, p.ref_b = float(logps[2 * i]), float(logps[2 * i + 1])
+
+
+def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], eta: float,
+                      pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
+                      ) -> list[dict[str, float]]:
+    """``optim.epochs`` passes of minibatch regression (REBEL/REFUEL loss) over the pairs.
+
+    Returns one metrics dict per optimizer step.
+    """
+    model.train()
+    history = []
+    params = list(trainable_parameters(model).values())
+    for _ in range(optim.epochs):
+        order = rng.permutation(len(pairs))
+        for start in range(0, len(order), optim.batch_size):
+            batch = [pairs[i] for i in order[start:start + optim.batch_size]]
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            micro = max(1, optim.micro_batch_size // 2)  # two sequences per pair
+            for m in range(0, len(batch), micro):
+                mb = batch[m:m + micro]
+                logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
+                                      optim.micro_batch_size, optim.max_length)
+                loss, metrics = regression_loss(
+                    logp[0::2], torch.tensor([p.ref_a for p in mb]), logp[1::2], torch.tensor([p.ref_b for p in mb]),
+                    torch.tensor([p.reward_a for p in mb]), torch.tensor([p.reward_b for p in mb]), eta)
+                (loss * len(mb) / len(batch)).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
+                            "loss/lr": float(scheduler.get_last_lr()[0])})
+    model.eval()
+    return history

@@ -1,0 +1,43 @@
+"""Typed configuration of the REFUEL agent (``conf/refuel.yaml`` is merged over it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
+from agents.common.config import check_common as _check_common
+from agents.common.policy import PolicySettings
+
+
+@dataclass
+class RefuelConfig:
+    """REFUEL settings. Reference values (Llama-3-8B, 8xH100) are in ALGORITHMS.md and +experiment=refuel_paper."""
+
+    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (REFUEL: T=0.8)
+    optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine schedule
+    eval: EvalSettings = field(default_factory=EvalSettings)  # held-out evaluation before/after training
+    seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order
+    iterations: int = 2  # REFUEL iterations t (pi_t <- pi_theta after each)
+    dialogues: int = 16  # dialogues rolled in per iteration (one pair each, fewer after filtering)
+    eta: float = 1.0  # reward-difference scale in the regression target (reference: 1e3 with raw ArmoRM)
+    turn_sampling: str = "reference"  # reference: H' ~ U{1..H}, h ~ U{1..H'}; uniform: h ~ U{1..H}, H' = H
+    resume: bool = False  # continue from <run_dir>/checkpoints/last when present
+    stop_after: int = 0  # stop (as if interrupted) after this many iterations of this process; 0 = never
+    run_dir: str = "."  # output directory (Hydra's run dir)
+    export: bool = True  # save the final policy (LoRA merged) to <run_dir>/policy
+
+
+def validate(cfg: RefuelConfig) -> None:
+    """Range checks at start-up, before any model loads."""
+    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check(cfg.eta > 0, f"eta must be > 0, got {cfg.eta}")
+    check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
+    check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.turn_sampling in ("reference", "uniform"),
+          f"turn_sampling is {cfg.turn_sampling!r}; allowed: reference, uniform")
+    check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")
+
+
+__all__ = ["ConfigError", "RefuelConfig", "validate"]
