@@ -53,7 +53,8 @@ log = logging.getLogger("agents.refuel")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def run(cfg: RefuelConfig) -> dict:
+def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name: str = "REFUEL") -> dict:
+    """Train and evaluate. REBEL reuses this loop with ``future=False`` (immediate reward, no completion)."""
     validate(cfg)
     task = build_task_early(cfg.env)  # a missing dataset fails here, before any model loads
     run_dir = Path(cfg.run_dir)
@@ -82,7 +83,7 @@ def run(cfg: RefuelConfig) -> dict:
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
-                                     cfg.turn_sampling, n_rows, future=True, prefix="on_policy")
+                                     cfg.turn_sampling, n_rows, future=future, prefix=prefix)
         t_roll = time.time() - t0
         fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
@@ -103,8 +104,8 @@ def run(cfg: RefuelConfig) -> dict:
             logger.close()
             return {"stopped_at": t + 1}
 
-    final = evaluator.evaluate(engine, f"REFUEL after {cfg.iterations} iteration(s)")
-    print("\nREFUEL before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
+    final = evaluator.evaluate(engine, f"{name} after {cfg.iterations} iteration(s)")
+    print(f"\n{name} before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
     print(evaluator.table())
     if cfg.export:
         export_policy(model, tokenizer, run_dir / "policy")
