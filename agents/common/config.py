@@ -81,8 +81,10 @@ def merge_schema(cfg: DictConfig, schema: type) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)
-    except Exception as e:  # omegaconf's errors name the key; keep the message, drop the traceback noise
-        raise ConfigError(f"bad configuration: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # omegaconf's errors carry the key; keep the message, drop the traceback noise
+        key = getattr(e, "full_key", None)
+        where = f" at '{key}'" if key else ""
+        raise ConfigError(f"bad configuration{where}: {str(e).splitlines()[0]}") from None
 
 
 def check(condition: bool, message: str) -> None:

@@ -29,8 +29,10 @@ def setup_logging() -> None:
 
 def make_vec(env: EnvSettings, num_envs: int, **overrides: Any) -> Any:
     """A DialogueVectorEnv in DISABLED autoreset mode (agents decide when each sub-env resets)."""
-    return gym.make_vec("MultiTurnDialogue-v0", num_envs=num_envs, autoreset_mode="Disabled",
-                        **env_kwargs(env, **overrides))
+    kwargs = env_kwargs(env, **overrides)
+    if not isinstance(kwargs["task"], str):  # a task instance built once and shared: already configured
+        kwargs.pop("task_kwargs")
+    return gym.make_vec("MultiTurnDialogue-v0", num_envs=num_envs, autoreset_mode="Disabled", **kwargs)
 
 
 def sampling_params(s: SamplingSettings, temperature: float | None = None) -> SamplingParams:
