@@ -86,6 +86,26 @@ def truncate_prompt(ids: list[int], max_tokens: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (max_tokens - head):]
 
 
+def pairwise_prompt_ids(tokenizer: Any, context: Sequence[Message], reply_a: str, reply_b: str,
+                        max_tokens: int) -> list[int]:
+    """Token ids of the judge prompt rendered with the chat template and the assistant generation prompt (the next
+    token is the letter), cut to ``max_tokens`` by :func:`truncate_prompt`. Training uses the same ids."""
+    return truncate_prompt(prompt_token_ids(tokenizer, pairwise_prompt(context, reply_a, reply_b)), max_tokens)
+
+
+def next_letter_logits(model: Any, prompts: Sequence[Sequence[int]], letter_ids: tuple[int, int],
+                       pad_id: int) -> torch.Tensor:
+    """One forward pass over left-padded prompts -> the next-token logits of the two letters, (N, 2).
+
+    Differentiable (the trainer calls it with gradients on).
+    """
+    device = next(model.parameters()).device
+    ids, mask, pos = pad_batch(prompts, pad_id, side="left")
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                   logits_to_keep=1).logits[:, -1, :]  # (N, V)
+    return logits[:, list(letter_ids)]
+
+
 class PairwisePreferenceReward:
     """A causal LM as a pairwise preference model (trained by ``agents.reward_model kind=pairwise``, or zero-shot).
 
@@ -122,21 +142,17 @@ class PairwisePreferenceReward:
 
     def prompt_ids(self, context: Sequence[Message], reply_a: str, reply_b: str) -> list[int]:
         """Token ids of the prompt, ending with the assistant generation prompt (the next token is the letter)."""
-        return truncate_prompt(prompt_token_ids(self.tokenizer, pairwise_prompt(context, reply_a, reply_b)),
-                               self.max_prompt_tokens)
+        return pairwise_prompt_ids(self.tokenizer, context, reply_a, reply_b, self.max_prompt_tokens)
 
     @torch.inference_mode()
     def letter_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Next-token logits of "A" and "B" after each prompt: (N, 2), batched by length, left padded."""
         out = np.zeros((len(prompts), 2), dtype=np.float64)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        device = next(self.model.parameters()).device
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            ids, mask, pos = pad_batch([prompts[i] for i in chunk], self.pad_id, side="left")
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                position_ids=pos.to(device), logits_to_keep=1).logits[:, -1, :]  # (b, V)
-            out[chunk] = logits[:, list(self.letter_ids)].double().cpu().numpy()
+            logits = next_letter_logits(self.model, [prompts[i] for i in chunk], self.letter_ids, self.pad_id)
+            out[chunk] = logits.double().cpu().numpy()
         return out
 
     def prefer(self, contexts: Sequence[Sequence[Message]], replies_a: Sequence[str],
