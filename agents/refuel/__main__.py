@@ -61,8 +61,9 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     engine = policy_engine(model, tokenizer, seed=cfg.seed)
-    rollin = make_vec(cfg.env, cfg.dialogues, task=task)
-    branches = make_vec(cfg.env, 2 * cfg.dialogues, task=task, reward_mode="terminal")
+    chunk = cfg.rollout_batch or cfg.dialogues
+    rollin = make_vec(cfg.env, chunk, task=task)
+    branches = make_vec(cfg.env, 2 * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
     n_rows = len(rollin.core.rows)
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
@@ -82,8 +83,14 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     for t in range(start, cfg.iterations):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
-        pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
-                                     cfg.turn_sampling, n_rows, future=future, prefix=prefix)
+        pairs, chunk_stats = [], []
+        for _ in range(cfg.dialogues // chunk):
+            got, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, chunk,
+                                       cfg.turn_sampling, n_rows, future=future, prefix=prefix)
+            pairs += got
+            chunk_stats.append(stats)
+        stats = {k: float(np.mean([c[k] for c in chunk_stats])) for k in chunk_stats[0]}
+        stats["env/pairs"] = float(len(pairs))
         t_roll = time.time() - t0
         fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),

@@ -21,6 +21,7 @@ class RefuelConfig:
     seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order
     iterations: int = 2  # REFUEL iterations t (pi_t <- pi_theta after each)
     dialogues: int = 16  # dialogues rolled in per iteration (one pair each, fewer after filtering)
+    rollout_batch: int = 0  # dialogues per vector-env batch (0: all at once); must divide dialogues
     eta: float = 1.0  # reward-difference scale in the regression target (reference: 1e3 with raw ArmoRM)
     turn_sampling: str = "reference"  # reference: H' ~ U{1..H}, h ~ U{1..H'}; uniform: h ~ U{1..H}, H' = H
     resume: bool = False  # continue from <run_dir>/checkpoints/last when present
@@ -35,6 +36,8 @@ def validate(cfg: RefuelConfig) -> None:
     check(cfg.eta > 0, f"eta must be > 0, got {cfg.eta}")
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.rollout_batch >= 0 and (cfg.rollout_batch == 0 or cfg.dialogues % cfg.rollout_batch == 0),
+          f"rollout_batch must be 0 or divide dialogues ({cfg.dialogues}), got {cfg.rollout_batch}")
     check(cfg.turn_sampling in ("reference", "uniform"),
           f"turn_sampling is {cfg.turn_sampling!r}; allowed: reference, uniform")
     check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")
