@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["decoder_hidden_states", "position_ids_from_attention_mask", "sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "decoder_hidden_states",
+    "logprobs_from_hidden",
+    "position_ids_from_attention_mask",
+    "sequence_logprobs",
+    "token_logprobs",
+]
 
 DEFAULT_CHUNK_SIZE = 256  # hidden states per LM-head call: 256 × 49,152 fp32 logits = 48 MB
 
@@ -138,18 +144,45 @@ def token_logprobs(
             ``temperature`` not > 0, ``chunk_size`` < 1.
     """
     _check_inputs(input_ids, attention_mask, loss_mask, temperature, chunk_size)
+    if not bool((loss_mask != 0).any()):
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    hidden = decoder_hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    return logprobs_from_hidden(model, hidden, input_ids, loss_mask, temperature, chunk_size)
+
+
+def logprobs_from_hidden(
+    model: Any,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`token_logprobs` from decoder hidden states already computed (by :func:`decoder_hidden_states`).
+
+    For agents that read another head off the same forward pass (PPO's value head), so the decoder runs once.
+
+    Args:
+        hidden: (B, T, H) decoder hidden states of ``input_ids``.
+        Others: as :func:`token_logprobs` (inputs are assumed checked by the caller).
+
+    Returns:
+        (B, T) fp32 log-probs at the ``loss_mask`` positions, 0 elsewhere.
+    """
     B, T = input_ids.shape
     inner = _unwrap(model)
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"token_logprobs: {type(inner).__name__} has no output embeddings (LM head)")
+    if hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"logprobs_from_hidden: hidden has shape {tuple(hidden.shape)}; expected (B, T, H) with "
+                         f"(B, T) = {tuple(input_ids.shape)}")
     softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
 
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     rows, cols = (loss_mask != 0).nonzero(as_tuple=True)  # (N,), (N,): row-major order
     if rows.numel() == 0:
         return out
-    hidden = decoder_hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     picked = hidden[rows, cols - 1]  # (N, H): the state at t − 1 predicts the token at t
     targets = input_ids[rows, cols].long()  # (N,)
     use_checkpoint = torch.is_grad_enabled() and (
