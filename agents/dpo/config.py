@@ -1,0 +1,84 @@
+"""Typed configuration of the DPO agent (``conf/dpo.yaml`` is merged over it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
+from agents.common.config import check_common as _check_common
+from agents.common.pairs import TURN_MODES
+from agents.common.policy import PolicySettings
+
+MODES = ("offline", "online")
+SOURCES = ("task", "file", "hub")
+REFERENCES = ("sft", "previous")
+
+
+@dataclass
+class DataSettings:
+    """Where offline DPO's fixed preference pairs come from (``mode=offline`` only; online mode ignores it)."""
+
+    source: str = "task"  # task: n replies per task row from the initial policy, env-scored; file: path; hub: hub_id
+    path: str | None = None  # JSON-lines file, one {"context": [messages], "chosen": str, "rejected": str} per line
+    hub_id: str | None = None  # hub dataset id read with `datasets` (source=hub; needs network or a cached copy)
+    hub_split: str = "train"  # split of the hub dataset
+    max_pairs: int = 0  # keep the first max_pairs pairs of the file or hub data set; 0 = all
+
+
+@dataclass
+class DpoConfig:
+    """DPO settings. Reference values (RLHF Workflow, Llama-3-8B, full fine-tuning) are in ALGORITHMS.md."""
+
+    mode: str = "online"  # offline: fixed pairs (data.*); online: iterative, pairs sampled through the env
+    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (recipe: T=1.0)
+    optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts pairs
+    eval: EvalSettings = field(default_factory=EvalSettings)  # held-out evaluation before/after training
+    data: DataSettings = field(default_factory=DataSettings)  # offline preference data
+    seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order
+    iterations: int = 3  # online: DPO iterations (warm-started); offline: passes over the fixed pairs
+    dialogues: int = 16  # online: contexts per iteration; offline source=task: task rows sampled (a pair each)
+    n: int = 8  # replies sampled per context; best vs worst become the pair (recipe: 8)
+    beta: float = 0.1  # DPO's KL strength β (recipe: 0.1)
+    label_smoothing: float = 0.0  # cDPO: probability that a label is flipped, in [0, 0.5) (recipe code: 0.1)
+    length_penalty: float = 0.0  # λ: pairs ranked by reward - λ * characters (recipe's concise variant: 0.001)
+    future: bool = False  # online: score each branch at its horizon H' (REFUEL-style); false: immediate reward
+    turn_sampling: str = "reference"  # online turn h: reference (H' ~ U{1..H}, h ~ U{1..H'}) or uniform
+    reference: str = "sft"  # sft: the initial policy; previous: the last iterate (log-probs once per iteration)
+    resume: bool = False  # continue from <run_dir>/checkpoints/last when present
+    stop_after: int = 0  # stop (as if interrupted) after this many iterations of this process; 0 = never
+    run_dir: str = "."  # output directory (Hydra's run dir)
+    export: bool = True  # save the final policy (LoRA merged) to <run_dir>/policy
+
+
+def validate(cfg: DpoConfig) -> None:
+    """Range checks at start-up, before any model loads."""
+    check(cfg.mode in MODES, f"mode is {cfg.mode!r}; allowed: {', '.join(MODES)}")
+    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check(cfg.beta > 0, f"beta must be > 0 (DPO's KL strength; recipe 0.1), got {cfg.beta}")
+    check(0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    check(cfg.n >= 2, f"n (replies sampled per context) must be >= 2 to make a pair, got {cfg.n}")
+    check(cfg.length_penalty >= 0, f"length_penalty must be >= 0, got {cfg.length_penalty}")
+    check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
+    check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.turn_sampling in TURN_MODES, f"turn_sampling is {cfg.turn_sampling!r}; allowed: {', '.join(TURN_MODES)}")
+    check(cfg.reference in REFERENCES, f"reference is {cfg.reference!r}; allowed: {', '.join(REFERENCES)}")
+    check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")
+    check(cfg.stop_after >= 0, f"stop_after must be >= 0 (0 = never), got {cfg.stop_after}")
+    if cfg.mode == "offline":
+        check(cfg.reference == "sft", "reference=previous needs mode=online (offline DPO keeps the initial policy "
+                                      "as its reference)")
+        d = cfg.data
+        check(d.source in SOURCES, f"data.source is {d.source!r}; allowed: {', '.join(SOURCES)}")
+        check(d.max_pairs >= 0, f"data.max_pairs must be >= 0 (0 = all), got {d.max_pairs}")
+        if d.source == "file":
+            check(bool(d.path), "data.source=file needs data.path: a JSON-lines file of {\"context\": [...], "
+                                "\"chosen\": str, \"rejected\": str} records")
+            check(Path(str(d.path)).expanduser().is_file(), f"data.path {d.path!r} is not a file")
+        if d.source == "hub":
+            check(bool(d.hub_id), "data.source=hub needs data.hub_id (a hub dataset id, read with `datasets`)")
+
+
+__all__ = ["ConfigError", "DataSettings", "DpoConfig", "validate"]
