@@ -85,7 +85,15 @@ def load_backbone(kind: str, name: str, seed: int = 0) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-    from dialogue_gym.models import TINY, _from_pretrained, _resolve, embedded_model_dir, load_model, load_tokenizer
+    from dialogue_gym.models import (
+        TINY,
+        _from_pretrained,
+        _resolve,
+        embedded_model_dir,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+    )
     from dialogue_gym.models import tiny_config as make_tiny_config
 
     with torch.random.fork_rng(devices=[]):
@@ -102,6 +110,7 @@ def load_backbone(kind: str, name: str, seed: int = 0) -> tuple[Any, Any]:
             tokenizer = load_tokenizer(name)
             model = _from_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
                                      dtype=torch.float32)
+    model.to(resolve_device("auto"))  # CUDA when available (load_model already did this for pairwise)
     pad_id = choose_pad_id(tokenizer, model)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     model.config.pad_token_id = pad_id

@@ -135,7 +135,8 @@ class SequenceClassifierReward:
         max_length: conversations longer than this many tokens are cut from the left.
         batch_size: conversations per forward pass (similar lengths are batched together).
         padding_side: ``"right"`` or ``"left"``; both read the same position.
-        device: torch device; default the model's own.
+        device: torch device; default: a loaded model goes to CUDA when available (else CPU), a given
+            ``(model, tokenizer)`` pair stays where it is.
         dtype: weight dtype when loading.
     """
 
@@ -154,6 +155,10 @@ class SequenceClassifierReward:
         else:
             self.name = str(path_or_id)
             self.model, self.tokenizer = load_classifier(self.name, trust_remote_code=trust_remote_code, dtype=dtype)
+            if device is None:
+                from dialogue_gym.models import resolve_device
+
+                self.model.to(resolve_device("auto"))
         n = getattr(self.model.config, "num_labels", None)
         if n != 1:
             raise ValueError(f"a reward model needs a classifier with one output (num_labels=1); {self.name!r} "
