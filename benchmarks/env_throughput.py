@@ -1,0 +1,268 @@
+"""Environment throughput on this machine: native batching vs SyncVectorEnv, HF vs vLLM, context growth, forking.
+
+    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--quick]
+
+Everything is measured side by side in one run, with the embedded SmolLM2-135M as the simulated user and the
+LLM judge as the reward; the policy's actions are fixed strings, so the figures are the env's own cost (user
+generation + reward model + bookkeeping). Reported:
+
+1. env steps/s and user tokens/s for N sub-envs: ``SyncVectorEnv`` of N ``DialogueEnv`` vs ``DialogueVectorEnv``;
+2. the share of step time spent in user generation, in the reward model, and in everything else (env overhead);
+3. tokens/s as a fraction of the machine's compute ceiling (measured fp32 matmul rate / (2 x parameters));
+4. step time at turn 1 vs turn 5 as the context grows (N = 16);
+5. forking: one step from a turn-4 state (three turns played) with K = 1, 2, 8 branches, vs reaching the same
+   K turn-4 replies from scratch (reset + 3 turns of roll-in + the step).
+
+Writes ``benchmarks/results/env_throughput.md`` (with machine info and the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+import dialogue_gym  # noqa: F401
+from dialogue_gym.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "env_throughput.md"
+ACTIONS = ["Could you tell me a little more about what you need?", "Here is a short answer with one example.",
+           "Let me explain step by step.", "That is a good question; the key idea is simple."]
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+class Timers:
+    """Accumulates wall time spent inside wrapped callables (user generation, reward scoring)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        return timed
+
+    @contextmanager
+    def instrument(self, core: Any):
+        """Time the user's engine and the reward model of one env core."""
+        engine = core.engine()
+        gen, score = engine.generate, core.reward.score
+        engine.generate, core.reward.score = self.wrap("generation", gen), self.wrap("reward", score)
+        try:
+            yield engine
+        finally:
+            engine.generate, core.reward.score = gen, score
+
+
+def env_kwargs(engine: str, tokens: int) -> dict[str, Any]:
+    return dict(engine=engine, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+
+
+def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", **env_kwargs(engine, tokens))
+    timers = Timers()
+    with timers.instrument(venv.core) as eng:
+        venv.reset(seed=0)
+        tok0, t0 = eng.tokens_generated, time.perf_counter()
+        for s in range(steps):
+            venv.step([ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)])
+        wall = time.perf_counter() - t0
+        tokens_made = eng.tokens_generated - tok0
+    return summarize(n * steps, wall, tokens_made, timers)
+
+
+def time_sync(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=n, vectorization_mode="sync", **env_kwargs(engine, tokens))
+    timers = Timers()
+    cores = [e.unwrapped.core for e in venv.envs]
+    engine0 = cores[0].engine()  # every sub-env shares the same model; count tokens on each engine object
+    ctx = [timers.instrument(c) for c in cores]
+    for c in ctx:
+        c.__enter__()
+    try:
+        venv.reset(seed=0)
+        engines = {id(c.engine()): c.engine() for c in cores}
+        tok0, t0 = sum(e.tokens_generated for e in engines.values()), time.perf_counter()
+        for s in range(steps):
+            venv.step(tuple(ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)))
+        wall = time.perf_counter() - t0
+        tokens_made = sum(e.tokens_generated for e in engines.values()) - tok0
+    finally:
+        for c in ctx:
+            c.__exit__(None, None, None)
+    del engine0
+    return summarize(n * steps, wall, tokens_made, timers)
+
+
+def summarize(env_steps: int, wall: float, tokens: int, timers: Timers) -> dict[str, float]:
+    gen, rew = timers.seconds.get("generation", 0.0), timers.seconds.get("reward", 0.0)
+    return {"steps_per_s": env_steps / wall, "tokens_per_s": tokens / wall, "wall_s": wall,
+            "generation_share": gen / wall, "reward_share": rew / wall,
+            "overhead_share": max(0.0, wall - gen - rew) / wall}
+
+
+def time_turns(n: int, engine: str, tokens: int) -> list[float]:
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", **env_kwargs(engine, tokens))
+    venv.reset(seed=1)
+    out = []
+    for s in range(5):
+        t = time.perf_counter()
+        venv.step([ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)])
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def time_forks(engine: str, tokens: int, ks: tuple[int, ...]) -> dict[int, dict[str, float]]:
+    base = gym.make_vec("MultiTurnDialogue-v0", num_envs=1, autoreset_mode="Disabled", **env_kwargs(engine, tokens))
+    base.reset(seed=2)
+    for s in range(3):
+        base.step([ACTIONS[s]])
+    state = base.get_state(0)  # a turn-4 state: three turns played, the assistant speaks the fourth
+    out = {}
+    for k in ks:
+        venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=k, autoreset_mode="Disabled", **env_kwargs(engine, tokens))
+        t = time.perf_counter()
+        venv.reset(options={"states": [state] * k})
+        venv.step([ACTIONS[3]] * k)
+        fork_s = time.perf_counter() - t
+        t = time.perf_counter()
+        venv.reset(seed=2)
+        for s in range(4):
+            venv.step([ACTIONS[s]] * k)
+        scratch_s = time.perf_counter() - t
+        out[k] = {"fork_s": fork_s, "scratch_s": scratch_s}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm")
+    parser.add_argument("--sizes", default="1,4,16,32", help="vector sizes N")
+    parser.add_argument("--sync-sizes", default="1,4,16", help="sizes also run as SyncVectorEnv (slow)")
+    parser.add_argument("--tokens", type=int, default=48, help="user max new tokens per turn")
+    parser.add_argument("--steps", type=int, default=2, help="env steps timed per configuration")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    sync_sizes = [int(x) for x in args.sync_sizes.split(",") if x]
+    t_start = time.time()
+
+    info = machine_info()
+    gflops = matmul_gflops()
+    model, _ = load_model("embedded")
+    params = sum(p.numel() for p in model.parameters())
+    ceiling = gflops * 1e9 / (2 * params)
+    print(f"machine: {info}\nfp32 matmul {gflops:.0f} GFLOP/s; {params / 1e6:.1f} M parameters -> ceiling "
+          f"{ceiling:.0f} tokens/s", flush=True)
+
+    rows = []
+    for engine in engines:
+        time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs
+        for n in sizes:
+            r = time_native(n, engine, args.tokens, args.steps)
+            rows.append(("DialogueVectorEnv", engine, n, r))
+            print(f"native {engine} N={n}: {r}", flush=True)
+        if engine == "hf":
+            for n in sync_sizes:
+                r = time_sync(n, engine, args.tokens, 1)
+                rows.append(("SyncVectorEnv", engine, n, r))
+                print(f"sync {engine} N={n}: {r}", flush=True)
+    turns = {e: time_turns(16, e, args.tokens) for e in engines}
+    forks = {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start)
+
+
+def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s) -> None:
+    lines = ["# Environment throughput", "",
+             f"Command: `python -m benchmarks.env_throughput {' '.join(sys.argv[1:])}` (total {total_s / 60:.1f} min)",
+             "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
+             f"Measured fp32 matmul rate: {gflops:.0f} GFLOP/s. Embedded model: {params / 1e6:.1f} M parameters, so "
+             f"the compute ceiling is {ceiling:.0f} generated tokens/s (2 x parameters FLOPs per token).", "",
+             f"User turns capped at {args.tokens} new tokens; the policy's actions are fixed strings; the reward is "
+             "the LLM judge (one batched forward per step).", "",
+             "## Steps/s by vector size", "",
+             "| env | engine | N | env steps/s | user tokens/s | % of ceiling | generation | reward model | "
+             "env overhead |", "|---|---|---|---|---|---|---|---|---|"]
+    for kind, engine, n, r in rows:
+        lines.append(f"| {kind} | {engine} | {n} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{100 * r['tokens_per_s'] / ceiling:.0f}% | {100 * r['generation_share']:.0f}% | "
+                     f"{100 * r['reward_share']:.0f}% | {100 * r['overhead_share']:.1f}% |")
+    by = {(k, e, n): r for k, e, n, r in rows}
+    lines += ["", "## Ratios", ""]
+    for n in (16, 4, 1):
+        if ("SyncVectorEnv", "hf", n) in by and ("DialogueVectorEnv", "hf", n) in by:
+            native, sync = by[("DialogueVectorEnv", "hf", n)], by[("SyncVectorEnv", "hf", n)]
+            ratio = native["steps_per_s"] / sync["steps_per_s"]
+            lines.append(f"- DialogueVectorEnv / SyncVectorEnv steps/s at N={n} (HF): **{ratio:.1f}x** "
+                         "(target >= 6x at N = 16)")
+    largest = max(n for k, _, n, _ in rows if k == "DialogueVectorEnv")
+    best = max((r["tokens_per_s"], e) for k, e, n, r in rows if k == "DialogueVectorEnv" and n == largest)
+    lines.append(f"- best engine at N = {largest} ({best[1]}): {best[0]:.0f} tokens/s = "
+                 f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling (target >= 40% at N = 32)")
+    lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn)", "",
+              "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
+              "|---|" + "---|" * 6]
+    for e, ts in turns.items():
+        lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
+    lines += ["", "## Forking from a turn-4 state", "",
+              "One step with K branches forked from a turn-4 state vs producing the same K turn-4 replies from scratch "
+              "(reset + 3 turns of roll-in + the step).", "",
+              "| engine | K | fork: one step | from scratch | fork step vs K = 1 |", "|---|---|---|---|---|"]
+    for e, fk in forks.items():
+        for k, r in fk.items():
+            rel = r["fork_s"] / fk[1]["fork_s"]
+            lines.append(f"| {e} | {k} | {r['fork_s']:.1f} s | {r['scratch_s']:.1f} s | {rel:.2f}x |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
