@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def missing_data_error(dataset: str, env_name: str, example_path: str, reason: s
 
 
 def load_records(path: str | os.PathLike | None, hub_id: str | None, *, dataset: str, env_name: str,
-                 example_path: str, source_split: str = "train") -> list[dict[str, Any]]:
+                 example_path: str, source_split: str = "train",
+                 columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows of a dataset as plain dicts, from a local copy (``path``) or, when set explicitly, the hub.
 
     Args:
@@ -48,13 +50,15 @@ def load_records(path: str | os.PathLike | None, hub_id: str | None, *, dataset:
         env_name: the task's config name (for error messages).
         example_path: an example local path shown in error messages.
         source_split: which split of the source to read when it has several.
+        columns: read only these columns (those present; fewer columns load much faster); None reads all.
 
     Raises:
         DialogueError: no path and no hub id, a path that does not exist or cannot be read, a missing split,
             or a hub load that failed (offline, unknown id); the message says how to provide the data.
     """
     if path is not None:
-        return _load_local(Path(os.fspath(path)).expanduser(), dataset, env_name, example_path, source_split)
+        ds = _load_local(Path(os.fspath(path)).expanduser(), dataset, env_name, example_path, source_split)
+        return _as_records(ds, columns)
     if not hub_id:
         raise missing_data_error(dataset, env_name, example_path, "no local copy was given (path is None)")
     if not isinstance(hub_id, str):
@@ -70,11 +74,25 @@ def load_records(path: str | os.PathLike | None, hub_id: str | None, *, dataset:
             dataset, env_name, example_path,
             f"hub_id={hub_id!r} could not be loaded ({where}: {type(e).__name__}: {first[:300]})", hub_hint=False,
         ) from None
-    return [dict(r) for r in ds]
+    return _as_records(ds, columns)
+
+
+def _as_records(ds: Any, columns: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Plain-dict rows of a ``datasets.Dataset``, read column-wise in batches (much faster than row by row)."""
+    if columns is not None:
+        keep = [c for c in columns if c in ds.column_names]
+        if keep:
+            ds = ds.select_columns(keep)
+    records: list[dict[str, Any]] = []
+    for batch in ds.iter(batch_size=4096):
+        keys = list(batch)
+        if keys:
+            records.extend({k: batch[k][i] for k in keys} for i in range(len(batch[keys[0]])))
+    return records
 
 
 def _load_local(path: Path, dataset: str, env_name: str, example_path: str,
-                source_split: str) -> list[dict[str, Any]]:
+                source_split: str) -> Any:
     import datasets
 
     if not path.exists():
@@ -107,7 +125,7 @@ def _load_local(path: Path, dataset: str, env_name: str, example_path: str,
             raise DialogueError(f"{str(path)!r} has splits {sorted(loaded)}; task_kwargs.source_split is "
                                 f"{source_split!r}; choose one of those")
         loaded = loaded[source_split]
-    return [dict(r) for r in loaded]
+    return loaded
 
 
 def stable_hash(text: str) -> int:

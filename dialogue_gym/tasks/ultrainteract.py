@@ -108,7 +108,8 @@ class UltraInteractTask:
         self.path = None if path is None else os.fspath(path)
         self.hub_id, self.source_split, self.system_prompt = hub_id, source_split, system_prompt
         records = load_records(path, hub_id, dataset=DATASET, env_name=self.name,
-                               example_path="/data/ultrainteract_pair.jsonl", source_split=source_split)
+                               example_path="/data/ultrainteract_pair.jsonl", source_split=source_split,
+                               columns=("trajectory", "id", "task", "dataset", "chosen"))
         self._rows, self.skipped = self._build(records)
 
     def _build(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[TaskRow]], dict[str, int]]:
