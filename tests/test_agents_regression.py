@@ -190,3 +190,13 @@ def test_every_env_config_composes_with_the_agent(agent, env_name):
     cfg = _cfg(f"+env={env_name}", name=agent)
     assert cfg.env.task == env_name
     assert cfg.policy.model == "embedded"
+
+
+def test_paper_preset_composes_and_validates():
+    from agents.refuel.config import validate
+
+    cfg = _cfg("+env=ultrainteract", "+experiment=refuel_paper")
+    validate(cfg)
+    assert cfg.policy.model == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.policy.lora_r == 0
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.eta, cfg.env.engine) == (3e-7, 128, 1000.0, "vllm")
+    assert cfg.dialogues % cfg.rollout_batch == 0
