@@ -157,6 +157,7 @@ def _wire(monkeypatch, rewards, texts=None):
 
     def fake_roll_in(venv, engine, params, turns, rng, options, seed):
         seen["turns"] = list(turns)
+        seen.setdefault("roll_in_sizes", []).append(len(turns))
         return [(_state(h), h) for h in turns]
 
     def fake_fork(venv, engine, params, states, k, horizons, rng):
@@ -188,6 +189,13 @@ def test_online_pairs_are_best_vs_worst_of_n_and_ties_are_dropped(monkeypatch):
     assert stats["env/pairs"] == 2 and stats["env/ties_dropped"] == 1  # all four equal: no preference
     assert stats["env/reward_chosen"] == pytest.approx(0.95) and stats["env/mean_return"] == pytest.approx(4.9 / 12)
     assert [p.turn for p in pairs] == [seen["turns"][0], seen["turns"][2]]
+
+
+def test_contexts_are_collected_rollout_batch_at_a_time(monkeypatch):
+    collect, seen = _wire(monkeypatch, [[0.0, 1.0]] * 2)
+    pairs, stats = collect(_Venv(2), _Venv(4), None, None, np.random.default_rng(0), 6, 2, 10, "reference", False,
+                           "on_policy", 0.0)
+    assert seen["roll_in_sizes"] == [2, 2, 2] and len(pairs) == 6 and stats["env/pairs"] == 6
 
 
 def test_immediate_reward_ends_branches_at_h_and_future_completes_them(monkeypatch):
@@ -275,6 +283,7 @@ def no_model_loads(monkeypatch):
         (["mode=offline", "data.source=hub"], "data.source=hub needs data.hub_id"),
         (["turn_sampling=last"], "turn_sampling is 'last'"),
         (["iterations=0"], "iterations must be >= 1"),
+        (["rollout_batch=3"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.task=chess"], "env.task is 'chess'"),
     ],
 )

@@ -126,6 +126,7 @@ def no_model_loads(monkeypatch):
         (["kl_coef=-1"], "kl_coef must be >= 0"),
         (["kl_target=0"], "kl_target must be > 0 or null"),
         (["dialogues=0"], "dialogues must be >= 1"),
+        (["rollout_batch=5"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.reward_mode=sparse"], "env.reward_mode is 'sparse'"),
         (["optim.epochs=0"], "optim.epochs must be >= 1"),
     ],

@@ -95,22 +95,30 @@ def collect_preferences(rollin: Any, branches: Any, engine: Any, params: Samplin
     4. :func:`select_best_worst` on reward − ``length_penalty``·characters: chosen = best, rejected = worst;
        ties (all scores equal) and token-identical best/worst replies are dropped.
 
+    Steps 1-3 run on ``rollin.num_envs`` dialogues at a time (``rollout_batch``; it divides ``dialogues``), with
+    ``branches`` holding ``n`` sub-envs per dialogue of a batch.
+
     Returns:
         The pairs (``a`` chosen, ``b`` rejected, with their rewards and turn h) and ``env/`` statistics.
     """
     horizon = rollin.core.config.max_turns
-    drawn = [sample_turn(rng, horizon, turn_sampling) for _ in range(dialogues)]
-    if prefix == "on_policy":
-        rows = [int(r) for r in rng.integers(0, n_rows, size=dialogues)]
-        turns = [h for _, h in drawn]
-    elif prefix == "dataset":
-        rows = [int(r) for r in rng.choice(n_rows, size=dialogues, replace=dialogues > n_rows)]
-        turns = [1] * dialogues
-    else:
+    if prefix not in ("on_policy", "dataset"):
         raise ValueError(f"prefix is {prefix!r}; allowed: on_policy, dataset")
-    states = roll_in(rollin, engine, params, turns, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
-    horizons = [max(hp, h) if future else h for (hp, _), (_, h) in zip(drawn, states)]
-    tree = fork(branches, engine, params, [s for s, _ in states], n, horizons, rng)
+    states: list[tuple[Any, int]] = []
+    tree: list[list[Any]] = []
+    for _ in range(0, dialogues, rollin.num_envs):
+        size = rollin.num_envs
+        drawn = [sample_turn(rng, horizon, turn_sampling) for _ in range(size)]
+        if prefix == "on_policy":
+            rows = [int(r) for r in rng.integers(0, n_rows, size=size)]
+            turns = [h for _, h in drawn]
+        else:
+            rows = [int(r) for r in rng.choice(n_rows, size=size, replace=size > n_rows)]
+            turns = [1] * size
+        got = roll_in(rollin, engine, params, turns, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
+        horizons = [max(hp, h) if future else h for (hp, _), (_, h) in zip(drawn, got)]
+        tree += fork(branches, engine, params, [s for s, _ in got], n, horizons, rng)
+        states += got
     pairs: list[Pair] = []
     ties = identical = 0
     rewards = np.array([[b.reward for b in row] for row in tree])  # (dialogues, n)
@@ -204,8 +212,9 @@ def run(cfg: DpoConfig) -> dict:
     engine = policy_engine(model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
-        rollin = make_vec(cfg.env, cfg.dialogues, task=task)
-        branches = make_vec(cfg.env, cfg.n * cfg.dialogues, task=task, reward_mode="terminal")
+        chunk = cfg.rollout_batch or cfg.dialogues
+        rollin = make_vec(cfg.env, chunk, task=task)
+        branches = make_vec(cfg.env, cfg.n * chunk, task=task, reward_mode="terminal")
         n_rows = len(rollin.core.rows)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
 

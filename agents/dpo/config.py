@@ -40,6 +40,7 @@ class DpoConfig:
     seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order
     iterations: int = 3  # online: DPO iterations (warm-started); offline: passes over the fixed pairs
     dialogues: int = 16  # online: contexts per iteration; offline source=task: task rows sampled (a pair each)
+    rollout_batch: int = 0  # contexts per vector-env batch (0: all at once); must divide dialogues
     n: int = 8  # replies sampled per context; best vs worst become the pair (recipe: 8)
     beta: float = 0.1  # DPO's KL strength β (recipe: 0.1)
     label_smoothing: float = 0.0  # cDPO: probability that a label is flipped, in [0, 0.5) (recipe code: 0.1)
@@ -63,6 +64,8 @@ def validate(cfg: DpoConfig) -> None:
     check(cfg.length_penalty >= 0, f"length_penalty must be >= 0, got {cfg.length_penalty}")
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.rollout_batch >= 0 and (cfg.rollout_batch == 0 or cfg.dialogues % cfg.rollout_batch == 0),
+          f"rollout_batch must be 0 or divide dialogues ({cfg.dialogues}), got {cfg.rollout_batch}")
     check(cfg.turn_sampling in TURN_MODES, f"turn_sampling is {cfg.turn_sampling!r}; allowed: {', '.join(TURN_MODES)}")
     check(cfg.reference in REFERENCES, f"reference is {cfg.reference!r}; allowed: {', '.join(REFERENCES)}")
     check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")

@@ -136,12 +136,14 @@ def build_agent(cfg: PpoConfig, model: Any) -> torch.nn.ModuleDict:
 
 def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.random.Generator, dialogues: int,
                       n_rows: int) -> tuple[list[Turn], dict[str, float]]:
-    """Full dialogues from random train rows, played to the env's horizon with the policy and the user."""
-    rows = [int(r) for r in rng.integers(0, n_rows, size=dialogues)]
-    starts = roll_in(venv, engine, params, [1] * dialogues, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
-    horizon = venv.core.config.max_turns
-    tree = fork(venv, engine, params, [s for s, _ in starts], 1, [horizon] * dialogues, rng)
-    branches = [row[0] for row in tree]
+    """Full dialogues from random train rows, played to the env's horizon with the policy and the user,
+    ``venv.num_envs`` at a time (``rollout_batch``; it divides ``dialogues``)."""
+    size, horizon = venv.num_envs, venv.core.config.max_turns
+    branches = []
+    for _ in range(0, dialogues, size):
+        rows = [int(r) for r in rng.integers(0, n_rows, size=size)]
+        starts = roll_in(venv, engine, params, [1] * size, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
+        branches += [row[0] for row in fork(venv, engine, params, [s for s, _ in starts], 1, [horizon] * size, rng)]
     turns = [Turn(reply, d, score) for d, b in enumerate(branches) for reply, score in zip(b.replies, b.rewards)]
     stats = {"env/mean_return": float(np.mean([sum(b.rewards) for b in branches])),
              "env/mean_final_reward": float(np.mean([b.reward for b in branches])),
@@ -288,7 +290,7 @@ def run(cfg: PpoConfig) -> dict:
     pad = pad_id(tokenizer)
     engine = policy_engine(model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
-    venv = make_vec(cfg.env, cfg.dialogues, task=task)
+    venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues, task=task)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
     n_rows = len(venv.core.rows)
     total_steps = cfg.iterations * cfg.optim.epochs * math.ceil(cfg.dialogues / cfg.optim.batch_size)

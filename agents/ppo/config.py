@@ -23,6 +23,7 @@ class PpoConfig:
     seed: int = 0  # seeds rollouts, LoRA and value-head init, minibatch order
     iterations: int = 4  # rollout batches, each followed by optim.epochs PPO epochs
     dialogues: int = 16  # full dialogues rolled out per iteration (train split)
+    rollout_batch: int = 0  # dialogues per vector-env batch (0: all at once); must divide dialogues
     critic: str = "shared"  # shared: value head on the policy's decoder; separate: its own model + value head
     critic_model: str | None = None  # the separate critic's model (None = policy.model); same LoRA settings
     gamma: float = 1.0  # discount per action token
@@ -45,6 +46,8 @@ def validate(cfg: PpoConfig) -> None:
     _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.rollout_batch >= 0 and (cfg.rollout_batch == 0 or cfg.dialogues % cfg.rollout_batch == 0),
+          f"rollout_batch must be 0 or divide dialogues ({cfg.dialogues}), got {cfg.rollout_batch}")
     check(cfg.critic in CRITICS, f"critic is {cfg.critic!r}; allowed: {', '.join(CRITICS)}")
     check(cfg.critic_model is None or cfg.critic == "separate",
           f"critic_model={cfg.critic_model!r} needs critic=separate (the shared critic is the policy's decoder)")
