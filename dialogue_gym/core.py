@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dialogue_gym.budget import spend
 from dialogue_gym.conversation import (
     DialogueError,
     DialogueState,
@@ -203,6 +204,10 @@ class DialogueCore:
         """Apply one assistant message to each state (in place): one user call, one reward call for the batch.
 
         Actions must already be validated. States must be unfinished.
+
+        Raises:
+            BudgetExhausted: the active budget (:mod:`dialogue_gym.budget`) cannot pay for this step; raised
+                before the reward call, with ``states`` partly advanced (callers step copies).
         """
         for s, a in zip(states, actions):
             s.messages.append({"role": "assistant", "content": a})
@@ -220,6 +225,7 @@ class DialogueCore:
                     states[i].messages.append({"role": "user", "content": t.text})
         mode = self.config.reward_mode
         to_score = [i for i, s in enumerate(states) if mode != "terminal" or s.done]
+        spend(self.config.split, actions, len(to_score))  # the active budget pays, or BudgetExhausted is raised
         scores = np.zeros(len(states))
         if to_score:
             self.reward_calls += 1

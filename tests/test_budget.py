@@ -1,0 +1,107 @@
+"""Budgets counted by the env: what every step costs, the stop at the limit, splits, and bad settings."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+
+import dialogue_gym  # noqa: F401
+from dialogue_gym.budget import Budget, BudgetExhausted, Usage, active_budget, use_budget
+from tests.conftest import LengthReward
+
+
+def venv(n=3, reward=None, **over):
+    kw = dict(task="arithmetic", task_kwargs={"n_train": 20, "n_test": 10}, user="scripted",
+              reward=reward or LengthReward(), reward_mode="per_turn", max_turns=3)
+    kw.update(over)
+    return gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", **kw)
+
+
+def test_every_step_is_counted_in_every_env_of_the_process():
+    a, b = venv(3), venv(2, reward_mode="terminal", max_turns=2)
+    a.reset(seed=0)
+    b.reset(seed=1)
+    with use_budget(Budget(count_tokens=len)) as budget:  # "tokens" = characters here
+        assert active_budget() is budget
+        a.step(["one", "two", None])  # a sit-out costs nothing
+        a.step(["x", "yy", "zzz"])
+        b.step(["four", "five"])  # terminal mode, turn 1 of 2: nothing scored
+        b.step(["a", "b"])  # the horizon: both scored in one call
+    assert active_budget() is None
+    # a: 2 + 3 samples, 2 + 3 scored in 2 calls; b: 2 + 2 samples, 0 + 2 scored in 1 call
+    assert budget.usage("train") == Usage(policy_samples=9, policy_tokens=3 + 3 + 1 + 2 + 3 + 4 + 4 + 1 + 1,
+                                          scored_conversations=7, reward_calls=3, steps=4)
+    assert budget.usage("test") == Usage()
+
+
+def test_the_step_that_would_exceed_the_limit_raises_before_the_reward_call_and_changes_nothing():
+    reward = LengthReward()
+    env = venv(3, reward=reward)
+    obs, _ = env.reset(seed=0)
+    with use_budget(Budget(policy_samples=5)) as budget:
+        obs, *_ = env.step(["one", "two", "three"])
+        before = env.get_states()
+        with pytest.raises(BudgetExhausted, match="policy_samples would reach 6 .3 used . 3 in this step., the limit "
+                                                  "is 5"):
+            env.step(["a", "b", "c"])
+        assert reward.calls == 1  # the second step never reached the reward model
+        assert budget.usage() == Usage(policy_samples=3, scored_conversations=3, reward_calls=1, steps=1)
+        assert [s.to_dict() for s in env.get_states()] == [s.to_dict() for s in before]
+        env.step(["a", "b", None])  # exactly reaching the limit is allowed
+        assert budget.usage().policy_samples == 5
+        with pytest.raises(BudgetExhausted):
+            env.step([None, None, "c"])
+    env.step(["c", "d", "e"])  # outside the budget the env goes on
+
+
+def test_scored_conversations_limit_and_single_env():
+    env = gym.make("MultiTurnDialogue-v0", task="arithmetic", task_kwargs={"n_train": 20, "n_test": 10},
+                   user="scripted", reward=LengthReward(), reward_mode="per_turn", max_turns=3)
+    env.reset(seed=0)
+    with use_budget(Budget(scored_conversations=1)) as budget:
+        env.step("first")
+        with pytest.raises(BudgetExhausted, match="scored_conversations would reach 2"):
+            env.step("second")
+    assert budget.usage() == Usage(policy_samples=1, scored_conversations=1, reward_calls=1, steps=1)
+    assert env.unwrapped.get_state().turn == 1
+
+
+def test_only_limited_splits_are_stopped():
+    train, test = venv(2), venv(2, split="test")
+    train.reset(seed=0)
+    test.reset(seed=0)
+    with use_budget(Budget(policy_samples=2)) as budget:
+        train.step(["a", "b"])
+        for _ in range(3):
+            test.step(["c", "d"])  # an agent's own held-out evaluation is counted, never stopped
+        with pytest.raises(BudgetExhausted):
+            train.step(["a", "b"])
+    assert budget.usage("train").policy_samples == 2 and budget.usage("test").policy_samples == 6
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(ValueError, match="budget policy_samples must be a non-negative integer or None"):
+        Budget(policy_samples=-1)
+    with pytest.raises(ValueError, match="budget scored_conversations must be a non-negative integer"):
+        Budget(scored_conversations=2.5)
+    with pytest.raises(ValueError, match="limited_splits must be a tuple"):
+        Budget(limited_splits="train")
+    with pytest.raises(TypeError, match="use_budget needs a Budget"):
+        with use_budget({"policy_samples": 3}):
+            pass
+    with use_budget(Budget()):
+        with pytest.raises(RuntimeError, match="budgets do not nest"):
+            with use_budget(Budget()):
+                pass
+    assert active_budget() is None
+
+
+def test_usage_is_a_copy():
+    budget = Budget()
+    budget.charge("train", ["a"], 1)
+    u = budget.usage()
+    u.policy_samples = 99
+    assert budget.usage().policy_samples == 1
+    assert budget.usage().as_dict() == {"policy_samples": 1, "policy_tokens": 0, "scored_conversations": 1,
+                                        "reward_calls": 1, "steps": 1}
+    assert budget.limits() == {"policy_samples": None, "scored_conversations": None}
