@@ -58,7 +58,10 @@ from dialogue_gym.tasks.arithmetic import (
         ("5 + 7 = 12 apples, so she has 12 apples.", 12),
         ("Step 1: 8 - 3 = 5. Step 2: 5 + 2 = 7", 7),
         ("The answer is 14. Check: 7 x 2 = 14 and 2 + 2 = 4", 14),  # explicit answer beats later numbers
-        ("5 + 7 = 12. The other bag has 3.", 12),  # "= X" beats a later number
+        ("5 + 7 = 12. The other bag has 3.", 3),  # the conclusion (last sentence with a number) wins
+        ("We get 22 flowers. So, Yuki has 8 + 13 = 21 flowers.", 21),
+        ("Yuki has 8 + 13 = 21 flowers. So, Yuki has 22 flowers now.", 22),
+        ("So 7 x 2 = 14 apples in 2 bags.", 14),  # the result of the conclusion's equation
         ("The answer is 5 + 7 = 12.", 12),  # an expression after "answer is": its result
         ("She has 3 apples, and one of them is red.", 3),  # a lone "one" is weak
         ("The answer is one.", 1),

@@ -60,7 +60,7 @@ _AFTER_ANSWER_GAP = re.compile(
     r"^[\s*:=\"'`(<\[]*(?:(?:approximately|about|exactly|roughly|just|of)\s+)?[\s*:=\"'`(<\[]*$", re.IGNORECASE
 )
 _OPERATOR_NEXT = re.compile(r"^\s*[-+*/x\u00d7\u00f7]\s*\$?\d")
-_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
+_SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 _AFTER_EQUALS_GAP = re.compile(r"^[\s*]*$")
 
 
@@ -166,14 +166,25 @@ def _after_anchor(numbers: list[NumberMention], anchor_end: int, text: str, gap:
     return None
 
 
+def _equation_result(numbers: list[NumberMention], text: str, start: int, end: int) -> NumberMention | None:
+    """The number after the last "=" in ``text[start:end]`` that is followed by one, or None."""
+    for q in reversed(list(_EQUALS_ANCHOR.finditer(text, start, end))):
+        found = _after_anchor(numbers, q.end(), text, _AFTER_EQUALS_GAP)
+        if found is not None and found.start < end:
+            return found
+    return None
+
+
 def extract_answer(text: str) -> float | None:
     """The final numeric answer stated in a reply, or None when it states none.
 
     Preference order: the number after the last ``\\boxed{``; after the last "answer" ("The answer is 12",
-    "Answer: $12.50", "the answer is twelve"); after the last "="; otherwise the last number in the text (a lone
-    "one" counts only when nothing else does). Numbers may be written in digits or words, with thousands
-    separators ("1,234"), a sign ("-5", "negative five"), decimals, a "$" or a unit after them ("12 apples"),
-    and trailing punctuation.
+    "Answer: $12.50", "the answer is twelve"; for "the answer is 5 + 7 = 12", the result); otherwise the
+    conclusion, i.e. the last sentence that holds a number: the result of its last "=" if it has one
+    ("so 5 + 7 = 12 apples in 2 bags" gives 12), else its last number ("... we get 22. So she has 22 now." gives
+    22). A lone "one" counts only when nothing else does. Numbers may be written in digits or words, with
+    thousands separators ("1,234"), a sign ("-5", "negative five"), decimals, a "$" or a unit after them
+    ("12 apples"), and trailing punctuation.
 
     Args:
         text: the assistant's reply.
@@ -186,24 +197,23 @@ def extract_answer(text: str) -> float | None:
     numbers = find_numbers(text)
     if not numbers:
         return None
-    for anchor, gap in ((_BOXED_ANCHOR, _AFTER_EQUALS_GAP), (_ANSWER_ANCHOR, _AFTER_ANSWER_GAP),
-                        (_EQUALS_ANCHOR, _AFTER_EQUALS_GAP)):
+    for anchor, gap in ((_BOXED_ANCHOR, _AFTER_EQUALS_GAP), (_ANSWER_ANCHOR, _AFTER_ANSWER_GAP)):
         for m in reversed(list(anchor.finditer(text))):
             found = _after_anchor(numbers, m.end(), text, gap)
             if found is None:
                 continue
             if _OPERATOR_NEXT.match(text[found.end:]):  # "the answer is 5 + 7 = 12": take the result
                 stop = _SENTENCE_END.search(text, found.end)
-                sentence_end = stop.start() if stop else len(text)
-                results = [_after_anchor(numbers, q.end(), text, _AFTER_EQUALS_GAP)
-                           for q in _EQUALS_ANCHOR.finditer(text, found.end, sentence_end)]
-                results = [r for r in results if r is not None]
-                if not results:
+                found = _equation_result(numbers, text, found.end, stop.start() if stop else len(text))
+                if found is None:
                     continue
-                found = results[-1]
             return found.value
     strong = [n for n in numbers if not n.weak]
-    return (strong or numbers)[-1].value
+    last = (strong or numbers)[-1]
+    sentence_start = max((m.end() for m in _SENTENCE_END.finditer(text, 0, last.start)), default=0)
+    stop = _SENTENCE_END.search(text, last.end)
+    result = _equation_result(numbers, text, sentence_start, stop.start() if stop else len(text))
+    return (result or last).value
 
 
 def is_correct(text: str, answer: float, rel_tol: float = 1e-6) -> bool:
