@@ -26,8 +26,9 @@ $(VENV)/.vllm: $(STAMP)
 
 vllm: $(VENV)/.vllm
 
+# REFUEL on the embedded model with a CPU-sized budget; prints the before/after table (conf/experiment/demo.yaml).
 demo: $(STAMP)
-	$(BIN)/python -m dialogue_gym.demo
+	$(BIN)/python -m agents.refuel +experiment=demo hydra.run.dir=outputs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check dialogue_gym agents benchmarks tests

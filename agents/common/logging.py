@@ -12,12 +12,17 @@ log = logging.getLogger("agents")
 
 
 class MetricLogger:
-    """Writes ``metrics.jsonl`` and TensorBoard event files in ``run_dir``; prints a one-line summary."""
+    """Writes ``metrics.jsonl`` and TensorBoard event files in ``run_dir``; prints a one-line summary.
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    ``resume`` appends to an existing ``metrics.jsonl``; otherwise it is replaced.
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if not resume and self.path.exists():  # a fresh run in a used directory starts a fresh record
+            self.path.unlink()
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

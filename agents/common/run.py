@@ -53,10 +53,12 @@ class Evaluator:
     """Fixed held-out evaluation: the first ``dialogues`` test rows, fixed user and policy seeds, per-turn scores.
 
     The first evaluation (the initial policy) is the baseline for every later win rate; all evaluations are
-    written to ``<run_dir>/eval.json`` and printed as a table.
+    written to ``<run_dir>/eval.json`` and printed as a table. With ``resume`` an existing ``eval.json`` is
+    continued; otherwise it is replaced.
     """
 
-    def __init__(self, env: EnvSettings, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path):
+    def __init__(self, env: EnvSettings, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path,
+                 resume: bool = False):
         self.settings = settings
         self.sampling = sampling
         self.venv = make_vec(env, settings.dialogues, split="test", reward_mode=settings.reward_mode)
@@ -66,7 +68,7 @@ class Evaluator:
         self.path = run_dir / "eval.json"
         self.results: list[dict[str, Any]] = []
         self.raw_baseline: dict[str, Any] | None = None
-        if self.path.exists():  # resuming: keep the baseline and earlier evaluations
+        if resume and self.path.exists():  # resuming: keep the baseline and earlier evaluations
             saved = json.loads(self.path.read_text())
             self.results = saved["evaluations"]
             self.raw_baseline = {"scores": np.array(saved["baseline_scores"], dtype=float)}

@@ -216,7 +216,7 @@ def run(cfg: DpoConfig) -> dict:
         rollin = make_vec(cfg.env, chunk, task=task)
         branches = make_vec(cfg.env, cfg.n * chunk, task=task, reward_mode="terminal")
         n_rows = len(rollin.core.rows)
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
 
     fixed: list[Pair] = []
     data_stats: dict[str, float] = {}
@@ -235,7 +235,7 @@ def run(cfg: DpoConfig) -> dict:
     per_iteration = len(fixed) if fixed else cfg.dialogues
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * steps_per_iteration(per_iteration,
                                                                                                  cfg.optim))
-    logger = MetricLogger(run_dir)
+    logger = MetricLogger(run_dir, resume=cfg.resume)
 
     start = 0
     if cfg.resume:

@@ -291,12 +291,12 @@ def run(cfg: PpoConfig) -> dict:
     engine = policy_engine(model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues, task=task)
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
     n_rows = len(venv.core.rows)
     total_steps = cfg.iterations * cfg.optim.epochs * math.ceil(cfg.dialogues / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(agent, cfg.optim, total_steps)
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    logger = MetricLogger(run_dir)
+    logger = MetricLogger(run_dir, resume=cfg.resume)
 
     start = 0
     if cfg.resume:

@@ -64,11 +64,11 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     chunk = cfg.rollout_batch or cfg.dialogues
     rollin = make_vec(cfg.env, chunk, task=task)
     branches = make_vec(cfg.env, 2 * chunk, task=task, reward_mode="terminal")
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
     n_rows = len(rollin.core.rows)
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
     optimizer, scheduler = make_optimizer(model, cfg.optim, total_steps)
-    logger = MetricLogger(run_dir)
+    logger = MetricLogger(run_dir, resume=cfg.resume)
 
     start = 0
     if cfg.resume:
