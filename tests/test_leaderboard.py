@@ -1,0 +1,272 @@
+"""The leaderboard: win rates by hand, identical states and user seeds for every agent, shared settings imposed on
+every agent, the budget stop, resuming, bad settings, and the smoke preset end to end."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import gymnasium as gym
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+
+import dialogue_gym  # noqa: F401
+from agents.common.config import ConfigError, merge_schema
+from benchmarks import leaderboard as lb
+from dialogue_gym.budget import Usage
+from dialogue_gym.generation.base import Generation, SamplingParams
+from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = dict(task="arithmetic", task_kwargs={"n_train": 20, "n_test": 10}, max_turns=2)
+
+
+def smoke_config(tmp_path: Path, *overrides: str) -> lb.LeaderboardConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke", *overrides])
+    raw.results_dir = str(tmp_path / "results")
+    cfg = merge_schema(raw, lb.LeaderboardConfig)
+    cfg.run_dir = str(tmp_path / "run")
+    return cfg
+
+
+def eval_venv(n: int):
+    return gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", split="test",
+                        reward_mode="per_turn", **ARITH)
+
+
+class FixedEngine:
+    """A policy that answers ``replies[turn]`` whatever the prompt (seeds recorded)."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.seeds = []
+
+    def generate(self, prompts, params, seeds=None, return_logprobs=False):
+        self.seeds.append(list(seeds))
+        out = []
+        for p in prompts:
+            turn = sum(m["role"] == "assistant" for m in p)
+            out.append(Generation(text=self.replies[turn], token_ids=[5, 6, 2], logprobs=[-0.5, -1.0, -0.25]))
+        return out
+
+
+# ---- the evaluation protocol ----------------------------------------------------------------------------------
+
+def test_two_agents_get_identical_states_and_user_seeds(tmp_path):
+    venv = eval_venv(4)
+    store = RolloutStore(tmp_path / "states.jsonl")
+    states = stored_states(store, venv.core, 4, seed=9)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    a = lb.play_states(venv, FixedEngine(["The answer is 1.", "The answer is 2."]), params, states, "a")
+    b = lb.play_states(eval_venv(4), FixedEngine(["The answer is 1.", "I am not sure."]), params,
+                       stored_states(RolloutStore(tmp_path / "states.jsonl"), eval_venv(4).core, 4, seed=9), "b")
+    for ra, rb, s in zip(a, b, states):
+        assert ra.start == rb.start == s.id and ra.start_hash == rb.start_hash == s.state_hash
+        assert ra.seeds == rb.seeds == {"policy": s.policy_seed}
+        assert ra.messages[:3] == rb.messages[:3]  # same reply at turn 1 -> the same critique: the same user seeds
+        assert ra.messages[2]["role"] == "user" and ra.messages[3] != rb.messages[3]
+        assert ra.rewards == [0.0, 0.0] and ra.truncated and ra.token_ids == [[5, 6, 2]] * 2
+        assert ra.logprobs == [[-0.5, -1.0, -0.25]] * 2 and ra.config == b[0].config
+    # the critiques follow the stored user seeds: another seed picks other critiques for the same replies
+    other = lb.play_states(eval_venv(4), FixedEngine(["The answer is 1.", "The answer is 2."]), params,
+                           make_states(venv.core, 4, seed=10), "a")
+    assert [r.messages[2] for r in other] != [r.messages[2] for r in a]
+
+
+def test_policy_seeds_depend_on_the_state_and_turn_only():
+    venv = eval_venv(3)
+    states = make_states(venv.core, 3, seed=0)
+    engine = FixedEngine(["x", "y"])
+    lb.play_states(venv, engine, SamplingParams(), states, "p")
+    assert engine.seeds == [[lb.turn_seed(s.policy_seed, t) for s in states] for t in (0, 1)]
+    engine2 = FixedEngine(["x", "y"])
+    lb.play_states(eval_venv(2), engine2, SamplingParams(), states[1:], "p")  # another batch, same seeds per state
+    assert engine2.seeds == [row[1:] for row in engine.seeds]
+
+
+def record(state, policy: str, replies: list[str], rewards: list[float]) -> DialogueRecord:
+    messages = list(state.state.messages)
+    for k, text in enumerate(replies):
+        messages.append({"role": "assistant", "content": text})
+        if k < len(replies) - 1:
+            messages.append({"role": "user", "content": "Try again."})
+    return DialogueRecord(id=f"{policy}/{state.id}", policy=policy, messages=messages, rewards=rewards,
+                          token_ids=[[]] * len(rewards), start=state.id)
+
+
+def test_win_rate_score_and_success_by_hand(tmp_path):
+    core = eval_venv(1).core
+    states = make_states(core, 2, seed=0)
+    right = [f"The answer is {s.state.profile['answer']:g}." for s in states]
+    wrong = "The answer is -1."
+    # turn-h scores, carried forward after the end:  state 0        state 1
+    baseline = [record(states[0], "initial", [wrong, wrong], [0.0, 0.0]),  # 0 0
+                record(states[1], "initial", [wrong, right[1]], [0.0, 1.0])]  # 0 1
+    seed0 = [record(states[0], "refuel/seed-0", [right[0]], [1.0]),  # 1 (1): solved at turn 1
+             record(states[1], "refuel/seed-0", [wrong, wrong], [0.0, 0.0])]  # 0 0
+    seed1 = [record(s, "refuel/seed-1", [m["content"] for m in r.messages if m["role"] == "assistant"], r.rewards)
+             for s, r in zip(states, baseline)]  # plays exactly like the initial policy
+    runs = [lb.AgentRun("refuel", 0, 3, 3, "completed", Usage(policy_samples=10, policy_tokens=50,
+                                                               scored_conversations=4, reward_calls=2), 30.0, 2.0,
+                        seed0),
+            lb.AgentRun("refuel", 1, 3, 2, "budget", Usage(policy_samples=12, policy_tokens=70,
+                                                            scored_conversations=6, reward_calls=4), 50.0, 4.0, seed1)]
+    cfg = lb.LeaderboardConfig(agents=["refuel"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
+                               results_dir=str(tmp_path), eval=lb.EvalProtocol(states=2, n_boot=200))
+    rows = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
+    get = {(r["policy"], r["seed"], r["turn"]): r for r in rows}
+    # seed 0: h=1 win (1 > 0) and tie (0 = 0) -> .75; h=2 win (1 > 0) and loss (0 < 1) -> .5; seed 1: all ties
+    assert get["refuel", "0", 1]["win"] == 0.75 and get["refuel", "0", 2]["win"] == 0.5
+    assert get["refuel", "1", 1]["win"] == 0.5 and get["refuel", "1", 2]["win"] == 0.5
+    assert get["refuel", "all", 1]["win"] == (1 + 0.5 + 0.5 + 0.5) / 4
+    assert get["refuel", "all", 2]["win"] == (1 + 0 + 0.5 + 0.5) / 4
+    assert get["initial", "all", 1]["win"] == 0.5 and get["initial", "all", 2]["score"] == 0.5
+    assert get["refuel", "0", 1]["score"] == 0.5 and get["refuel", "all", 2]["score"] == (1 + 0 + 0 + 1) / 4
+    # success: the verifier accepted a reply at or before turn h
+    assert get["initial", "all", 1]["success"] == 0.0 and get["initial", "all", 2]["success"] == 0.5
+    assert get["refuel", "0", 1]["success"] == 0.5 and get["refuel", "all", 2]["success"] == 0.5
+    lo, hi = get["refuel", "all", 1]["win_lo"], get["refuel", "all", 1]["win_hi"]
+    assert 0.5 <= lo <= 0.625 <= hi <= 0.875
+    assert get["refuel", "all", 1]["policy_samples"] == 11 and get["refuel", "all", 1]["stopped_by_budget"] == 1
+    assert get["refuel", "0", 1]["train_s"] == 30.0
+
+    meta = {"started": "2026-01-01T00:00:00", "wall_s": 60.0, "load_start": (1.0, 1.0, 1.0),
+            "load_end": (2.0, 2.0, 2.0), "command": "python -m benchmarks.leaderboard x=1", "calibration": {},
+            "states": 2}
+    lb.write_report(cfg, rows, runs, meta)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
+    assert "| refuel | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
+    assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
+    with (tmp_path / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and table[0]["policy"] == "initial" and float(table[2]["win"]) == 0.625
+    assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- agents and settings ----------------------------------------------------------------------------------------
+
+def test_agent_config_imposes_the_shared_settings(tmp_path):
+    cfg = smoke_config(tmp_path)
+    for name in cfg.agents:
+        typed = lb.agent_config(cfg, name, seed=3, run_dir=tmp_path / name, iterations=7)
+        assert typed.env == cfg.env and typed.env.split == "train" and typed.policy.model == "tiny"
+        assert typed.sampling.max_new_tokens == 8 and typed.eval.dialogues == 1
+        assert (typed.seed, typed.iterations, typed.export, typed.run_dir) == (3, 7, True, str(tmp_path / name))
+        assert typed.dialogues == 2 and typed.optim.max_length == 256 and typed.policy.lora_r == 4
+    assert lb.agent_config(cfg, "refuel", 0, tmp_path, None).iterations == 2  # the agent's own setting
+    assert lb.agent_config(cfg, "refuel", 0, tmp_path, None).sampling.temperature == 0.8  # the agent's own
+    cfg.temperature = 0.5
+    assert lb.agent_config(cfg, "dpo", 0, tmp_path, None).sampling.temperature == 0.5
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(agents=["refuel", "nope"]), "agents lists 'nope', but there is no agents/nope/__main__.py; available: "),
+    (dict(agents=["refuel", "refuel"]), "agents has duplicates"),
+    (dict(seeds=[]), "seeds must be a non-empty list"),
+    (dict(overrides={"ppx": ["x=1"]}), r"overrides name agent\(s\) \['ppx'\] that do not exist"),
+    (dict(budget=lb.BudgetSettings(policy_samples=None)), "set at least one of budget.policy_samples"),
+    (dict(budget=lb.BudgetSettings(policy_samples=0)), "budget.policy_samples must be >= 1 or null"),
+    (dict(eval=lb.EvalProtocol(states=0)), "eval.states must be >= 1"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+])
+def test_bad_settings_are_named(change, message):
+    cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
+    with pytest.raises(ConfigError, match=message):
+        lb.validate(cfg)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper", "smoke"])
+def test_presets_compose_and_validate(preset, tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=[f"+leaderboard={preset}"])
+        raw.results_dir = str(tmp_path)
+        cfg = merge_schema(raw, lb.LeaderboardConfig)
+        lb.validate(cfg)
+        for name in cfg.agents:  # every agent's settings compose and pass the agent's own checks
+            typed = lb.agent_config(cfg, name, cfg.seeds[0], tmp_path / name, None)
+            validate = getattr(importlib.import_module(f"agents.{name}.config"), "validate", None)
+            if validate is not None:
+                validate(typed)
+    assert cfg.budget.policy_samples is not None
+
+
+def test_an_unknown_agent_override_is_named(tmp_path):
+    cfg = smoke_config(tmp_path)
+    cfg.overrides["rebel"] = ["optim.learning_rate=1"]
+    with pytest.raises(ConfigError, match="learning_rate"):
+        lb.agent_config(cfg, "rebel", 0, tmp_path, None)
+
+
+def test_a_budget_stop_is_exported_from_the_last_checkpoint(tmp_path):
+    from agents.common.policy import PolicySettings, load_policy, trainable_parameters
+    from dialogue_gym.models import load_model
+
+    settings = PolicySettings(model="tiny", lora_r=4, lora_alpha=8)
+    model, _ = load_policy(settings, seed=0)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.fill_(0.05)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    last = tmp_path / "checkpoints" / "last"
+    last.mkdir(parents=True)
+    # PPO's layout: the policy inside a ModuleDict next to its value head
+    save_file({**{f"policy.{n}": p.detach().contiguous() for n, p in trainable_parameters(model).items()},
+               "value_head.weight": torch.zeros(1, 4)}, str(last / "trainable.safetensors"))
+    (last / "state.json").write_text(json.dumps({"iteration": 2}))
+    lb.export_checkpoint(SimpleNamespace(policy=settings, seed=0), tmp_path)
+    got, _ = load_model(str(tmp_path / "policy"), shared=False)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(got.state_dict()[name], expected[name])
+    assert not torch.allclose(got.state_dict()[name], load_model("tiny")[0].state_dict()[name])
+    assert lb.completed_iterations(tmp_path) == 2 and lb.completed_iterations(tmp_path / "none") == 0
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeypatch):
+    cfg = smoke_config(tmp_path, "budget.calibrate=false", "budget.policy_samples=12")
+    cfg.overrides = {k: [*v, "iterations=50"] for k, v in cfg.overrides.items()}  # far more than the budget pays
+    result = lb.run(cfg, command="pytest")
+    assert [(r.agent, r.stop) for r in result["runs"]] == [("refuel", "budget"), ("rebel", "budget")]
+    for r in result["runs"]:
+        assert 0 < r.usage.policy_samples <= 12 and r.completed >= 1 and r.iterations == 50
+        assert (Path(cfg.run_dir) / "runs" / f"{r.agent}-seed0" / "policy" / "config.json").is_file()
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0
+    store = RolloutStore(Path(cfg.run_dir) / "eval_dialogues.jsonl")
+    by_policy = {p: [(d.start, d.start_hash, d.seeds["policy"]) for d in store.dialogues(p)]
+                 for p in ("initial", "refuel/seed-0", "rebel/seed-0")}
+    assert by_policy["initial"] == by_policy["refuel/seed-0"] == by_policy["rebel/seed-0"] and \
+        len(by_policy["initial"]) == 4
+    # a second call finds everything done and only rewrites the report
+    monkeypatch.setattr(lb, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = lb.run(cfg, command="pytest")
+    assert [r.to_json() for r in again["runs"]] == [r.to_json() for r in result["runs"]]
+    assert again["rows"] == result["rows"]
+
+
+@pytest.mark.slow
+def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.leaderboard", "+leaderboard=smoke", "agents=[rebel]",
+         f"hydra.run.dir={tmp_path / 'run'}", f"results_dir={tmp_path / 'results'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cost = json.loads((tmp_path / "run" / "calibration" / "rebel" / "cost.json").read_text())
+    result = json.loads((tmp_path / "run" / "runs" / "rebel-seed0" / "leaderboard_result.json").read_text())
+    assert result["iterations"] == int(24 // (cost["policy_samples"] * 1.1)) and result["stop"] == "completed"
+    assert result["usage"]["policy_samples"] <= 24
+    md = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "+leaderboard=smoke agents=[rebel]" in md and "## Win rate vs the initial policy" in md
