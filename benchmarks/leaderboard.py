@@ -438,6 +438,20 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     count_tokens = token_counter(cfg.policy)
     runs: list[AgentRun] = []
     calibration: dict[str, dict[str, int]] = {}
+    verifier = venv.core.task.make_reward("verifier")
+
+    def report() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Write the report for the runs finished so far (a partial report names the runs still to come)."""
+        finished = {(r.agent, r.seed) for r in runs}
+        rows = summarize(cfg, runs, baseline, states, verifier)
+        meta = {"started": started.isoformat(timespec="seconds"),
+                "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
+                "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
+                "calibration": calibration, "states": len(states),
+                "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
+        write_report(cfg, rows, runs, meta)
+        return rows, meta
+
     for name in cfg.agents:
         iterations = None
         if cfg.budget.calibrate:
@@ -461,13 +475,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
             gc.collect()  # the run's models and optimizer go before the next run loads its own
             log.info("%s seed %d: %s, %d/%d iterations, spent %s, %.0f s training", name, seed, stop,
                      runs[-1].completed, typed.iterations, runs[-1].usage.as_dict(), train_s)
-    verifier = venv.core.task.make_reward("verifier")
-    rows = summarize(cfg, runs, baseline, states, verifier)
-    meta = {"started": started.isoformat(timespec="seconds"),
-            "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
-            "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
-            "calibration": calibration, "states": len(states)}
-    write_report(cfg, rows, runs, meta)
+            report()  # so an interrupted leaderboard still leaves the results it has
+    rows, meta = report()
     return {"rows": rows, "runs": runs, "meta": meta}
 
 
@@ -497,16 +506,20 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
         return success_matrix(records, states, verifier, horizon)
 
     rows: list[dict[str, Any]] = []
-    groups: list[tuple[str, str, list[AgentRun]]] = [("initial", "all", [])]
+    groups: list[tuple[str, str, list[AgentRun] | None]] = [("initial", "all", None)]  # None: the baseline itself
     for name in cfg.agents:
         mine = [r for r in runs if r.agent == name]
-        groups += [(name, "all", mine)] + [(name, str(r.seed), [r]) for r in mine]
+        if mine:
+            groups += [(name, "all", mine)] + [(name, str(r.seed), [r]) for r in mine]
     for name, seed, group in groups:
-        played = [score_matrix(r.records, horizon) for r in group]
-        scores = [carry_forward(m) for m in played] if group else [carry_forward(base)]
-        wins = [win_outcomes(m, base) for m in played] if group else [np.full_like(base, 0.5)]
-        succ = ([success(r.records) for r in group] if group else [success(baseline)]) if verifier else None
-        cost = _mean_cost(group)
+        if group is None:
+            scores, wins, cost = [carry_forward(base)], [np.full_like(base, 0.5)], {}
+            succ = [success(baseline)] if verifier else None
+        else:
+            played = [score_matrix(r.records, horizon) for r in group]
+            scores, wins = [carry_forward(m) for m in played], [win_outcomes(m, base) for m in played]
+            succ = [success(r.records) for r in group] if verifier else None
+            cost = _mean_cost(group)
         for h in range(horizon):
             row: dict[str, Any] = {"policy": name, "seed": seed, "turn": h + 1}
             row["win"], row["win_lo"], row["win_hi"] = _pooled(wins, h, cfg.eval.n_boot, 100 + h)
@@ -518,11 +531,9 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
 
 
 def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:
-    if not group:
-        return {}
     mean = lambda f: float(np.mean([f(r) for r in group]))  # noqa: E731
     return {"iterations": mean(lambda r: r.iterations), "completed": mean(lambda r: r.completed),
-            "stopped_by_budget": sum(r.stop == "budget" for r in group),
+            "runs": len(group), "stopped_by_budget": sum(r.stop == "budget" for r in group),
             "policy_samples": mean(lambda r: r.usage.policy_samples),
             "policy_tokens": mean(lambda r: r.usage.policy_tokens),
             "scored_conversations": mean(lambda r: r.usage.scored_conversations),
@@ -555,7 +566,7 @@ def machine_info() -> dict[str, str]:
 
 
 CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
-              "success_lo", "success_hi", "iterations", "completed", "stopped_by_budget", "policy_samples",
+              "success_lo", "success_hi", "runs", "iterations", "completed", "stopped_by_budget", "policy_samples",
               "policy_tokens", "scored_conversations", "reward_calls", "train_s", "eval_s")
 
 
@@ -575,16 +586,23 @@ def write_report(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    plot(rows, cfg.agents, out / "leaderboard.png", cfg.title)
+    plot(rows, out / "leaderboard.png", cfg.title)
     (out / "leaderboard.md").write_text(markdown(cfg, rows, runs, meta))
 
 
-def plot(rows: list[dict[str, Any]], agents: list[str], path: Path, title: str) -> None:
+def reported_agents(rows: list[dict[str, Any]]) -> list[str]:
+    """The agents with results in ``rows``, in their order."""
+    return list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "initial"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Win rate vs turn, one line per agent with its 95% interval, and the initial policy's 0.5."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    agents = reported_agents(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for k, name in enumerate(agents):
         mine = [r for r in rows if r["policy"] == name and r["seed"] == "all"]
@@ -604,6 +622,13 @@ def plot(rows: list[dict[str, Any]], agents: list[str], path: Path, title: str) 
     plt.close(fig)
 
 
+def _partial_note(meta: dict[str, Any]) -> list[str]:
+    if not meta.get("pending"):
+        return []
+    return [f"**Partial results**: {len(meta['pending'])} agent run(s) still to come when this was written: "
+            f"{', '.join(meta['pending'])}.", ""]
+
+
 def _limit(v: int | None) -> str:
     return "no limit" if v is None else str(v)
 
@@ -614,6 +639,7 @@ def _cell(r: dict[str, Any], key: str) -> str:
 
 def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[AgentRun], meta: dict[str, Any]) -> str:
     info = machine_info()
+    agents = reported_agents(rows)
     horizon = max(r["turn"] for r in rows)
     hs = " | ".join(f"h={h}" for h in range(1, horizon + 1))
     sep = "|---" * (horizon + 1) + "|"
@@ -624,7 +650,7 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
     lines = [f"# {cfg.title}", "",
              f"Written by `python -m benchmarks.leaderboard` on {meta['started']} (UTC); whole run "
              f"{meta['wall_s'] / 60:.1f} min.", "", "Command:", "", "```", meta["command"] or "(called from Python)",
-             "```", "",
+             "```", "", *_partial_note(meta),
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, Python {info['python']}, "
              f"torch {info['torch']}, {info['platform']}. Load average (1/5/15 min) at the start "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
@@ -646,25 +672,25 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
              "than the initial policy on the same state (tie 0.5). Pooled over seeds; 95% percentile-bootstrap "
              "intervals over (seed, state) pairs.", ""]
     lines += ["## Win rate vs the initial policy", "", f"| agent | {hs} | mean |", sep + "---|"]
-    for name in cfg.agents:
+    for name in agents:
         mine = pooled(name)
         lines.append(f"| {name} | " + " | ".join(_cell(r, "win") for r in mine)
                      + f" | {np.mean([r['win'] for r in mine]):.3f} |")
     lines += ["", "![win rate vs turn](leaderboard.png)", "", "## Mean score at turn h (judge)", "",
               f"| policy | {hs} |", sep]
-    for name in ["initial", *cfg.agents]:
+    for name in ["initial", *agents]:
         lines.append(f"| {name} | " + " | ".join(_cell(r, "score") for r in pooled(name)) + " |")
     if "success" in rows[0]:
         lines += ["", "## Task success by turn h (verifier)", "", f"| policy | {hs} |", sep]
-        for name in ["initial", *cfg.agents]:
+        for name in ["initial", *agents]:
             lines.append(f"| {name} | " + " | ".join(_cell(r, "success") for r in pooled(name)) + " |")
     lines += ["", "## Cost (mean per seed; training only)", "",
               "| agent | iterations (done/asked) | stopped by budget | policy samples | policy tokens | "
               "scored conversations | reward calls | training wall s | eval wall s |", "|---" * 9 + "|"]
-    for name in cfg.agents:
+    for name in agents:
         r = pooled(name)[0]
         lines.append(f"| {name} | {r['completed']:.1f}/{r['iterations']:.1f} | {r['stopped_by_budget']}/"
-                     f"{len(cfg.seeds)} | {r['policy_samples']:.0f} | {r['policy_tokens']:.0f} | "
+                     f"{r['runs']} | {r['policy_samples']:.0f} | {r['policy_tokens']:.0f} | "
                      f"{r['scored_conversations']:.0f} | {r['reward_calls']:.0f} | {r['train_s']:.0f} | "
                      f"{r['eval_s']:.0f} |")
     if meta["calibration"]:

@@ -120,7 +120,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
                         seed0),
             lb.AgentRun("refuel", 1, 3, 2, "budget", Usage(policy_samples=12, policy_tokens=70,
                                                             scored_conversations=6, reward_calls=4), 50.0, 4.0, seed1)]
-    cfg = lb.LeaderboardConfig(agents=["refuel"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
+    cfg = lb.LeaderboardConfig(agents=["refuel", "ppo"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
                                results_dir=str(tmp_path), eval=lb.EvalProtocol(states=2, n_boot=200))
     rows = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
     get = {(r["policy"], r["seed"], r["turn"]): r for r in rows}
@@ -141,9 +141,11 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
 
     meta = {"started": "2026-01-01T00:00:00", "wall_s": 60.0, "load_start": (1.0, 1.0, 1.0),
             "load_end": (2.0, 2.0, 2.0), "command": "python -m benchmarks.leaderboard x=1", "calibration": {},
-            "states": 2}
-    lb.write_report(cfg, rows, runs, meta)
+            "states": 2, "pending": ["ppo/seed-0", "ppo/seed-1"]}
+    lb.write_report(cfg, rows, runs, meta)  # a partial report: ppo has not run yet
     md = (tmp_path / "leaderboard.md").read_text()
+    assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
+    assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
     assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
     assert "| refuel | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
     assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
