@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from dialogue_gym.conversation import DialogueError, DialogueState, fingerprint, validate_messages
+from dialogue_gym.conversation import (
+    DialogueError,
+    DialogueState,
+    count_assistant_turns,
+    fingerprint,
+    validate_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +250,7 @@ def record_from_dict(data: Any, where: str = "record") -> Record:
     if not isinstance(rewards, list):
         raise _fail(f"{where}.rewards", f"must be a list (one entry per assistant turn), got {type(rewards).__name__}")
     rewards = [_float_or_none(r, f"{where}.rewards[{i}]") for i, r in enumerate(rewards)]
-    assistant_turns = sum(1 for m in messages if m["role"] == "assistant")
+    assistant_turns = count_assistant_turns(messages)
     if len(rewards) > assistant_turns:
         raise _fail(f"{where}.rewards", f"has {len(rewards)} entries but messages hold only {assistant_turns} "
                                         "assistant turn(s)")
@@ -260,8 +266,8 @@ def record_from_dict(data: Any, where: str = "record") -> Record:
             raise _fail(f"{where}.logprobs", f"must be null or a list of {turns} lists (one per played turn)")
         clean = []
         for i, x in enumerate(logprobs):
-            row = [_float_or_none(v, f"{where}.logprobs[{i}][{j}]") for j, v in enumerate(_list(x, f"{where}"
-                                                                                                   f".logprobs[{i}]"))]
+            row = [_float_or_none(v, f"{where}.logprobs[{i}][{j}]")
+                   for j, v in enumerate(_list(x, f"{where}.logprobs[{i}]"))]
             if len(row) != len(token_ids[i]) or any(v is None for v in row):
                 raise _fail(f"{where}.logprobs[{i}]", f"must hold {len(token_ids[i])} numbers (one per token id)")
             clean.append(row)
