@@ -276,3 +276,39 @@ def test_state_json_is_plain():
     data = json.loads(env.unwrapped.get_state().to_json())
     assert set(data) >= {"messages", "turn", "task_row", "profile", "rng", "config_fingerprint", "max_turns"}
     assert isinstance(np.asarray(data["rng"]["state"]["state"]).item(), int)
+
+
+@pytest.mark.embedded
+def test_default_env_plays_with_the_embedded_model():
+    """The real path: gym.make with no arguments (embedded SmolLM2 user and judge, HF engine)."""
+    env = gym.make("MultiTurnDialogue-v0", max_turns=2, user_max_new_tokens=40)
+    obs, info = env.reset(seed=0)
+    assert obs[-1]["role"] == "user" and info["task_row"].startswith("emb-")
+    obs, r1, term, trunc, info1 = env.step("A good first step is to write down what you know, then try one example.")
+    assert not trunc and r1 == 0.0
+    if not term:  # the LLM user answered with a real, non-empty turn
+        assert obs[-1]["role"] == "user" and obs[-1]["content"].strip()
+        assert info1["user_message"] == obs[-1]["content"]
+        obs, r2, term, trunc, info2 = env.step("In short: start small, check each step, and ask if you get stuck.")
+        assert trunc and 1.0 <= r2 <= 9.0 and r2 == info2["score"]  # expected 1-9 rating of the judge
+    again = gym.make("MultiTurnDialogue-v0", max_turns=2, user_max_new_tokens=40)
+    again.reset(seed=0)
+    assert again.step("A good first step is to write down what you know, then try one example.")[0] == \
+        env.unwrapped.get_state().messages[:3]
+
+
+@pytest.mark.embedded
+def test_embedded_judge_scores_are_ratings_and_batch_invariant():
+    """The judge reads a 1-9 rating; one batched forward gives each row what it gets alone. (At 135M it does
+    not reliably prefer correct answers: see README, so no ordering is asserted here.)"""
+    from dialogue_gym.rewards import LLMJudge
+
+    judge = LLMJudge("embedded")
+    q = {"role": "user", "content": "What is the capital of France?"}
+    convs = [[q, {"role": "assistant", "content": "The capital of France is Paris."}],
+             [q, {"role": "assistant", "content": "I am not sure, maybe it is a large city in Europe with a river."}]]
+    batch = judge.score(convs)
+    alone = [judge.score([c])[0] for c in convs]
+    assert batch.shape == (2,) and all(1.0 <= s <= 9.0 for s in batch)
+    assert batch.tolist() == pytest.approx(alone, abs=1e-4)
+    assert judge.score(convs).tolist() == batch.tolist()  # deterministic
