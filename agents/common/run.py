@@ -12,8 +12,9 @@ import gymnasium as gym
 import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
-from agents.common.config import EnvSettings, EvalSettings, SamplingSettings, env_kwargs
+from agents.common.config import EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
 from agents.common.evaluation import format_table, save_json, summarize
+from agents.common.policy import export_policy
 from agents.common.rollout import play
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.hf import HFEngine
@@ -92,3 +93,37 @@ class Evaluator:
 
     def table(self) -> str:
         return format_table(self.results)
+
+
+def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator, engine: Any) -> bool:
+    """Evaluate every ``cfg.eval.every`` iterations; True when ``stop_after`` asks this process to stop now
+    (a simulated interruption: the run continues with ``resume=true``)."""
+    last = t + 1 >= cfg.iterations
+    if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and not last:
+        evaluator.evaluate(engine, f"iteration {t + 1}")
+    if cfg.stop_after and done_here >= cfg.stop_after and not last:
+        log.info("stopping after %d iteration(s) as asked (stop_after); resume with resume=true", done_here)
+        return True
+    return False
+
+
+def finish(name: str, cfg: Any, evaluator: Evaluator, engine: Any, model: Any, tokenizer: Any, run_dir: Path,
+           logger: Any) -> dict[str, Any]:
+    """Final evaluation, the before/after table, the exported policy (``<run_dir>/policy``)."""
+    final = evaluator.evaluate(engine, f"{name} after {cfg.iterations} iteration(s)")
+    print(f"\n{name} before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
+    print(evaluator.table())
+    if cfg.export:
+        export_policy(model, tokenizer, run_dir / "policy")
+    logger.close()
+    return final
+
+
+def launch(raw: Any, schema: type, run: Any) -> Any:
+    """The Hydra entry of every agent: logging, the typed config, Hydra's run directory, then ``run(cfg)``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    setup_logging()
+    cfg = merge_schema(raw, schema)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return run(cfg)

@@ -26,8 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from agents.common.config import merge_schema
-from agents.common.run import setup_logging
+from agents.common.run import launch
 from agents.rebel.config import RebelConfig, validate
 from agents.refuel.__main__ import run as run_regression
 
@@ -41,12 +40,7 @@ def run(cfg: RebelConfig) -> dict:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="rebel")
 def main(raw: DictConfig) -> None:
-    setup_logging()
-    from hydra.core.hydra_config import HydraConfig
-
-    cfg = merge_schema(raw, RebelConfig)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
-    run(cfg)
+    launch(raw, RebelConfig, run)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,20 @@ import torch
 from omegaconf import DictConfig
 
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
-from agents.common.config import build_task_early, merge_schema
+from agents.common.config import build_task_early
 from agents.common.logging import MetricLogger
-from agents.common.policy import export_policy, load_policy
+from agents.common.policy import load_policy
 from agents.common.rollout import collect_pairs
-from agents.common.run import Evaluator, make_vec, pad_id, policy_engine, sampling_params, setup_logging
+from agents.common.run import (
+    Evaluator,
+    after_iteration,
+    finish,
+    launch,
+    make_vec,
+    pad_id,
+    policy_engine,
+    sampling_params,
+)
 from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update, steps_per_iteration
 from agents.refuel.config import RefuelConfig, validate
 
@@ -103,31 +112,17 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
             metrics[k] = float(np.mean([h[k] for h in history]))
         logger.log(t + 1, metrics)
         save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
-        if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and t + 1 < cfg.iterations:
-            evaluator.evaluate(engine, f"iteration {t + 1}")
         done_here += 1
-        if cfg.stop_after and done_here >= cfg.stop_after and t + 1 < cfg.iterations:
-            log.info("stopping after %d iteration(s) as asked (stop_after); resume with resume=true", done_here)
+        if after_iteration(cfg, t, done_here, evaluator, engine):
             logger.close()
             return {"stopped_at": t + 1}
 
-    final = evaluator.evaluate(engine, f"{name} after {cfg.iterations} iteration(s)")
-    print(f"\n{name} before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
-    print(evaluator.table())
-    if cfg.export:
-        export_policy(model, tokenizer, run_dir / "policy")
-    logger.close()
-    return final
+    return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="refuel")
 def main(raw: DictConfig) -> None:
-    setup_logging()
-    from hydra.core.hydra_config import HydraConfig
-
-    cfg = merge_schema(raw, RefuelConfig)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
-    run(cfg)
+    launch(raw, RefuelConfig, run)
 
 
 if __name__ == "__main__":

@@ -318,11 +318,11 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
         build_task_early(cfg.env)  # a bad task setting fails here, before any model loads
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train_pairs, test_pairs, data_stats = load_pairs(cfg)
     write_pairs(run_dir / "pairs_train.jsonl", train_pairs)
     write_pairs(run_dir / "pairs_test.jsonl", test_pairs)
-    data_seconds = time.perf_counter() - t0
+    data_seconds, data_cpu = time.perf_counter() - t0, time.process_time() - c0
     log.info("data: %d training and %d held-out pairs in %.0f s (%s)", len(train_pairs), len(test_pairs),
              data_seconds, data_stats.get("train", data_stats.get("source")))
 
@@ -344,7 +344,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
     initial = evaluate(model, tokenizer, cfg.kind, test_pairs, o.max_length, eval_batch)
     logger.log(0, _eval_metrics(initial))
     rng = np.random.default_rng(cfg.seed)
-    step, t_train = 0, time.perf_counter()
+    step, t_train, c_train = 0, time.perf_counter(), time.process_time()
     bar = tqdm(total=total_steps, desc=f"training ({cfg.kind})", unit="step")
     for _ in range(cfg.iterations * o.epochs):
         order = rng.permutation(len(train_ids))
@@ -365,7 +365,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics.get('loss/bt', metrics.get('loss/preference', 0.0)):.3f}",
                             acc=f"{metrics['rm/accuracy']:.2f}")
     bar.close()
-    train_seconds = time.perf_counter() - t_train
+    train_seconds, train_cpu = time.perf_counter() - t_train, time.process_time() - c_train
     final = evaluate(model, tokenizer, cfg.kind, test_pairs, o.max_length, eval_batch)
     logger.log(step, _eval_metrics(final))
     logger.close()
@@ -385,7 +385,10 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
         "initial": initial, "final": final, "data": data_stats,
         "train": {"pairs": len(train_pairs), "steps": step, "trainable_parameters": n_trainable,
                   "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
-                  "total_seconds": round(time.perf_counter() - t0, 1)},
+                  "total_seconds": round(time.perf_counter() - t0, 1),
+                  # CPU time of this process (all its threads): on a shared machine, wall time also counts waiting
+                  "data_cpu_seconds": round(data_cpu, 1), "train_cpu_seconds": round(train_cpu, 1),
+                  "total_cpu_seconds": round(time.process_time() - c0, 1), "threads": torch.get_num_threads()},
         "config": asdict(cfg),
     }
     save_json(run_dir / "eval.json", record)
