@@ -102,6 +102,7 @@ class LeaderboardConfig:
     agent_eval_dialogues: int = 1  # size of each agent's own in-run evaluation (the leaderboard evaluates anyway)
     overrides: dict[str, list[str]] = field(default_factory=dict)  # Hydra overrides per agent, e.g. {dpo: [n=4]}
     results_dir: str = "benchmarks/results"  # where leaderboard.md, .csv and .png are written
+    threads: int | None = None  # torch CPU threads (null: torch's default); 1 is faster on a crowded machine
     title: str = "Leaderboard"  # heading of leaderboard.md
     notes: str = ""  # free text added to leaderboard.md (e.g. how the run went)
     run_dir: str = "."  # working directory: stores, agent runs (Hydra's run dir)
@@ -160,6 +161,7 @@ def validate(cfg: LeaderboardConfig) -> None:
     check(cfg.temperature is None or cfg.temperature > 0,
           f"temperature must be > 0 (on-policy sampling) or null (each agent's own), got {cfg.temperature}")
     check(cfg.agent_eval_dialogues >= 1, f"agent_eval_dialogues must be >= 1, got {cfg.agent_eval_dialogues}")
+    check(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
 
 
 # ---- agents --------------------------------------------------------------------------------------------------
@@ -425,6 +427,10 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         ``{"rows": summary rows (as in the CSV), "runs": [AgentRun], "meta": {...}}``.
     """
     validate(cfg)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     started, load_start = datetime.now(UTC), os.getloadavg()
@@ -544,7 +550,7 @@ def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:
 # ---- report --------------------------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, str]:
-    """CPU model, cores, RAM, Python and torch versions."""
+    """CPU model, cores, RAM, Python and torch versions, torch's CPU threads."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -562,7 +568,7 @@ def machine_info() -> dict[str, str]:
     except (OSError, StopIteration, ValueError):
         pass
     return {"cpu": cpu, "cores": str(os.cpu_count()), "ram": ram, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "threads": str(torch.get_num_threads()), "platform": platform.platform()}
 
 
 CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
@@ -652,7 +658,8 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
              f"{meta['wall_s'] / 60:.1f} min.", "", "Command:", "", "```", meta["command"] or "(called from Python)",
              "```", "", *_partial_note(meta),
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, Python {info['python']}, "
-             f"torch {info['torch']}, {info['platform']}. Load average (1/5/15 min) at the start "
+             f"torch {info['torch']} ({info['threads']} threads), {info['platform']}. "
+             "Load average (1/5/15 min) at the start "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_end'])} (the machine may have been shared: read wall times "
              "with that in mind).", "",

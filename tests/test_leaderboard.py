@@ -181,6 +181,7 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     (dict(eval=lb.EvalProtocol(states=0)), "eval.states must be >= 1"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(threads=0), "threads must be >= 1 or null"),
 ])
 def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
