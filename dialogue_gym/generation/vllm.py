@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,7 @@ class VLLMEngine:
         self.eos_ids = _eos_ids(self.tokenizer, source)
         self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
         self._warned_top_p = False
+        _open_engines.add(self)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -303,6 +305,8 @@ class VLLMEngine:
                 generate within ``max_model_len``, or a seed count that does not match the prompts.
             TypeError: ``params`` is not a :class:`SamplingParams`.
         """
+        if "llm" not in self.__dict__:
+            raise RuntimeError("this VLLMEngine was closed; build a new one")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
         if isinstance(prompts, (str, dict)):
@@ -387,6 +391,14 @@ class VLLMEngine:
 # start their own. Values are [llm, number of open VLLMEngines].
 _shared_llms: dict[str, list[Any]] = {}
 _shared_lock = threading.Lock()
+_open_engines: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+
+
+def shutdown_all() -> None:
+    """Close every open VLLMEngine in this process (e.g. at the end of a test session, while output streams
+    are still open: vLLM otherwise shuts its processes down at interpreter exit and logs to closed streams)."""
+    for engine in list(_open_engines):
+        engine.close()
 
 
 def _start_llm(vllm: Any, kwargs: dict[str, Any]) -> Any:
