@@ -197,6 +197,7 @@ def test_file_source_runs_in_process(tmp_path):
     assert record["data"]["train_pairs"] == 6 and record["final"]["pairs"] == 3
     assert record["train"]["steps"] == 2
     assert set(record["final"]) >= {"accuracy", "mean_margin", "length_pearson"}
+    assert set(record["final"]["by_kind"]) == {"sampled"}  # the kind written by write_pairs is read back
     frozen = load_file(str(tmp_path / "run" / "trainable.safetensors"))  # top layer + final norm + head only
     assert all(".layers.0." not in n and "embed" not in n for n in frozen) and any(".layers.1." in n for n in frozen)
     assert "score.weight" in frozen

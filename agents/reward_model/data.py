@@ -145,7 +145,13 @@ def read_pairs(source: str, path: str | None, hub_id: str | None, split: str = "
     from agents.dpo.data import load_preferences
 
     prefs, dropped = load_preferences(source, path, hub_id, split, max_pairs)
-    return [PreferencePair(list(p.context), p.chosen, p.rejected, "data") for p in prefs], dropped
+    pairs = [PreferencePair(list(p.context), p.chosen, p.rejected, "data") for p in prefs]
+    if source == "file" and not dropped:  # files written by write_pairs keep their kind and row
+        lines = [json.loads(line) for line in Path(str(path)).expanduser().read_text().splitlines() if line.strip()]
+        for pair, rec in zip(pairs, lines):
+            if isinstance(rec, dict) and rec.get("chosen") == pair.chosen and rec.get("rejected") == pair.rejected:
+                pair.kind, pair.row = str(rec.get("kind", "data")), str(rec.get("row", ""))
+    return pairs, dropped
 
 
 def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> None:
