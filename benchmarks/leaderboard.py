@@ -433,7 +433,11 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_start = datetime.now(UTC), os.getloadavg()
+    first = out / "started_at.txt"  # the first start, kept across resumed runs
+    resumed = first.is_file()
+    if not resumed:
+        first.write_text(datetime.now(UTC).isoformat(timespec="seconds"))
+    started, load_start = datetime.fromisoformat(first.read_text().strip()), os.getloadavg()
     venv = eval_env(cfg, cfg.eval.states)
     states = stored_states(RolloutStore(out / "eval_states.jsonl"), venv.core, cfg.eval.states, cfg.eval.seed)
     store = RolloutStore(out / "eval_dialogues.jsonl")
@@ -450,7 +454,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
         finished = {(r.agent, r.seed) for r in runs}
         rows = summarize(cfg, runs, baseline, states, verifier)
-        meta = {"started": started.isoformat(timespec="seconds"),
+        meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
                 "calibration": calibration, "states": len(states),
@@ -654,12 +658,14 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
     iterations_note = (f"each agent's, set from one measured iteration (margin {cfg.budget.margin})"
                        if cfg.budget.calibrate else "each agent's own setting")
     lines = [f"# {cfg.title}", "",
-             f"Written by `python -m benchmarks.leaderboard` on {meta['started']} (UTC); whole run "
-             f"{meta['wall_s'] / 60:.1f} min.", "", "Command:", "", "```", meta["command"] or "(called from Python)",
+             f"Written by `python -m benchmarks.leaderboard`, started {meta['started']} (UTC); "
+             f"{meta['wall_s'] / 60:.1f} min of wall-clock time since"
+             f"{' (the run was interrupted and resumed in its directory)' if meta.get('resumed') else ''}.", "",
+             "Command:", "", "```", meta["command"] or "(called from Python)",
              "```", "", *_partial_note(meta),
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, Python {info['python']}, "
-             f"torch {info['torch']} ({info['threads']} threads), {info['platform']}. "
-             "Load average (1/5/15 min) at the start "
+             f"torch {info['torch']} (CPU threads: {info['threads']}), {info['platform']}. "
+             "Load average (1/5/15 min) at the last start "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_end'])} (the machine may have been shared: read wall times "
              "with that in mind).", "",
