@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +54,14 @@ def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temp
         p.ref_a, p.ref_b = float(logps[2 * i]), float(logps[2 * i + 1])
 
 
-def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], eta: float,
-                      pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
-                      ) -> list[dict[str, float]]:
-    """``optim.epochs`` passes of minibatch regression (REBEL/REFUEL loss) over the pairs.
+def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], pair_loss: Callable,
+                pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
+                ) -> list[dict[str, float]]:
+    """``optim.epochs`` passes of minibatch updates over pairs, with gradient accumulation.
 
-    Returns one metrics dict per optimizer step.
+    ``pair_loss(logp_a, logp_b, pairs) -> (loss, metrics)`` gets the (M,) log-probs of each micro-batch's two
+    replies under the current weights (``ref_*`` and rewards are on the pairs). REBEL/REFUEL and DPO differ only
+    there. Returns one metrics dict per optimizer step.
     """
     model.train()
     history = []
@@ -75,9 +77,7 @@ def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
                 mb = batch[m:m + micro]
                 logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
                                       optim.micro_batch_size, optim.max_length)
-                loss, metrics = regression_loss(
-                    logp[0::2], torch.tensor([p.ref_a for p in mb]), logp[1::2], torch.tensor([p.ref_b for p in mb]),
-                    torch.tensor([p.reward_a for p in mb]), torch.tensor([p.reward_b for p in mb]), eta)
+                loss, metrics = pair_loss(logp[0::2], logp[1::2], mb)
                 (loss * len(mb) / len(batch)).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
@@ -88,3 +88,16 @@ def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
                             "loss/lr": float(scheduler.get_last_lr()[0])})
     model.eval()
     return history
+
+
+def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], eta: float,
+                      pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
+                      ) -> list[dict[str, float]]:
+    """REBEL/REFUEL: regress each pair's log-ratio difference onto ``eta`` times its reward difference."""
+
+    def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
+        return regression_loss(logp_a, torch.tensor([p.ref_a for p in mb]), logp_b,
+                               torch.tensor([p.ref_b for p in mb]), torch.tensor([p.reward_a for p in mb]),
+                               torch.tensor([p.reward_b for p in mb]), eta)
+
+    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, temperature, optim, rng)

@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from agents.common.batching import reply_logprobs
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import OptimSettings, build_task_early
 from agents.common.logging import MetricLogger
@@ -66,7 +65,6 @@ from agents.common.policy import (
     frozen_reference,
     load_policy,
     reference_mode,
-    trainable_parameters,
 )
 from agents.common.rollout import fork, roll_in
 from agents.common.run import (
@@ -79,7 +77,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
-from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, steps_per_iteration
+from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
 from dialogue_gym.generation import SamplingParams
@@ -155,37 +153,14 @@ def collect_preferences(rollin: Any, branches: Any, engine: Any, params: Samplin
 def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], beta: float,
                       label_smoothing: float, pad_id: int, optim: OptimSettings, rng: np.random.Generator
                       ) -> list[dict[str, float]]:
-    """``optim.epochs`` passes of minibatch DPO over the pairs (``a`` chosen, ``b`` rejected, ``ref_*`` filled).
+    """``optim.epochs`` passes of minibatch DPO over the pairs (``a`` chosen, ``b`` rejected, ``ref_*`` filled):
+    the shared pair update of agents.common.train with the DPO loss. Returns one metrics dict per step."""
 
-    Kept line for line parallel to :func:`agents.common.train.regression_update` (only the loss differs).
-    Returns one metrics dict per optimizer step.
-    """
-    model.train()
-    history = []
-    params = list(trainable_parameters(model).values())
-    for _ in range(optim.epochs):
-        order = rng.permutation(len(pairs))
-        for start in range(0, len(order), optim.batch_size):
-            batch = [pairs[i] for i in order[start:start + optim.batch_size]]
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            micro = max(1, optim.micro_batch_size // 2)  # two sequences per pair
-            for m in range(0, len(batch), micro):
-                mb = batch[m:m + micro]
-                logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, LOGPROB_TEMPERATURE,
-                                      optim.micro_batch_size, optim.max_length)
-                loss, metrics = dpo_loss(logp[0::2], logp[1::2], torch.tensor([p.ref_a for p in mb]),
-                                         torch.tensor([p.ref_b for p in mb]), beta, label_smoothing)
-                (loss * len(mb) / len(batch)).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
-                            "loss/lr": float(scheduler.get_last_lr()[0])})
-    model.eval()
-    return history
+    def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
+        return dpo_loss(logp_a, logp_b, torch.tensor([p.ref_a for p in mb]), torch.tensor([p.ref_b for p in mb]),
+                        beta, label_smoothing)
+
+    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng)
 
 
 def reference_logprobs(model: Any, reference: Any | None, pairs: Sequence[Pair], use_sft: bool, pad: int,
