@@ -1,4 +1,4 @@
-"""Optimizer set-up and the pairwise regression update shared by REFUEL and REBEL."""
+"""Optimizer set-up and the pairwise update loop shared by REFUEL, REBEL (regression loss) and DPO (DPO loss)."""
 
 from __future__ import annotations
 
