@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Preference:
     context: list[Message]
     chosen: str
     rejected: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # record fields named in load_preferences(keep=)
 
 
 def _messages(value: Any, where: str) -> list[Message]:
@@ -160,8 +161,11 @@ def read_hub(hub_id: str, split: str) -> list[Any]:
 
 
 def load_preferences(source: str, path: str | None, hub_id: str | None, split: str = "train",
-                     max_pairs: int = 0) -> tuple[list[Preference], dict[str, int]]:
+                     max_pairs: int = 0, keep: tuple[str, ...] = ()) -> tuple[list[Preference], dict[str, int]]:
     """Parse every record of a file or hub data set; returns the preferences and the counts of dropped records.
+
+    ``keep``: record fields copied, when present, into each preference's ``meta`` (e.g. ``kind`` and ``row`` of
+    files written by the reward-model trainer).
 
     Raises:
         ConfigError: unreadable data, a malformed record, or no usable preference at all.
@@ -174,6 +178,8 @@ def load_preferences(source: str, path: str | None, hub_id: str | None, split: s
         if isinstance(parsed, str):
             dropped[parsed] += 1
         else:
+            if isinstance(rec, dict):
+                parsed.meta = {k: rec[k] for k in keep if k in rec}
             kept.append(parsed)
         if max_pairs and len(kept) >= max_pairs:
             break

@@ -144,14 +144,10 @@ def read_pairs(source: str, path: str | None, hub_id: str | None, split: str = "
     """Pairs from a JSON-lines file or a hub data set (the DPO agent's reader and layouts; bad records are errors)."""
     from agents.dpo.data import load_preferences
 
-    prefs, dropped = load_preferences(source, path, hub_id, split, max_pairs)
-    pairs = [PreferencePair(list(p.context), p.chosen, p.rejected, "data") for p in prefs]
-    if source == "file" and not dropped:  # files written by write_pairs keep their kind and row
-        lines = [json.loads(line) for line in Path(str(path)).expanduser().read_text().splitlines() if line.strip()]
-        for pair, rec in zip(pairs, lines):
-            if isinstance(rec, dict) and rec.get("chosen") == pair.chosen and rec.get("rejected") == pair.rejected:
-                pair.kind, pair.row = str(rec.get("kind", "data")), str(rec.get("row", ""))
-    return pairs, dropped
+    prefs, dropped = load_preferences(source, path, hub_id, split, max_pairs, keep=("kind", "row"))
+    # files written by write_pairs keep their kind and row
+    return [PreferencePair(list(p.context), p.chosen, p.rejected, str(p.meta.get("kind", "data")),
+                           str(p.meta.get("row", ""))) for p in prefs], dropped
 
 
 def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> None:
