@@ -36,10 +36,12 @@ import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,7 +104,8 @@ class LeaderboardConfig:
     agent_eval_dialogues: int = 1  # size of each agent's own in-run evaluation (the leaderboard evaluates anyway)
     overrides: dict[str, list[str]] = field(default_factory=dict)  # Hydra overrides per agent, e.g. {dpo: [n=4]}
     results_dir: str = "benchmarks/results"  # where leaderboard.md, .csv and .png are written
-    threads: int | None = None  # torch CPU threads (null: torch's default); 1 is faster on a crowded machine
+    threads: int | None = None  # torch CPU threads per process (null: the cores shared out among the jobs)
+    jobs: int = 1  # calibrations and agent runs side by side in this many processes (1: one after another, inline)
     title: str = "Leaderboard"  # heading of leaderboard.md
     notes: str = ""  # free text added to leaderboard.md (e.g. how the run went)
     run_dir: str = "."  # working directory: stores, agent runs (Hydra's run dir)
@@ -162,6 +165,7 @@ def validate(cfg: LeaderboardConfig) -> None:
           f"temperature must be > 0 (on-policy sampling) or null (each agent's own), got {cfg.temperature}")
     check(cfg.agent_eval_dialogues >= 1, f"agent_eval_dialogues must be >= 1, got {cfg.agent_eval_dialogues}")
     check(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
+    check(cfg.jobs >= 1, f"jobs must be >= 1 (processes running agent runs side by side), got {cfg.jobs}")
 
 
 # ---- agents --------------------------------------------------------------------------------------------------
@@ -417,8 +421,135 @@ def token_counter(model_name: str) -> Any:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def job_threads(cfg: LeaderboardConfig) -> int | None:
+    """torch CPU threads per process: ``threads``, else the cores shared out among ``jobs`` (null: torch's own)."""
+    if cfg.threads is not None:
+        return cfg.threads
+    return max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
+
+
+@dataclass
+class Context:
+    """What every job needs besides its config: the eval env, the stored states, the dialogue store, a token counter."""
+
+    venv: Any
+    states: list[StateRecord]
+    store: RolloutStore
+    count_tokens: Any
+
+    @classmethod
+    def build(cls, cfg: LeaderboardConfig) -> Context:
+        out = Path(cfg.run_dir)
+        venv = eval_env(cfg, cfg.eval.states)
+        states = stored_states(RolloutStore(out / "eval_states.jsonl"), venv.core, cfg.eval.states, cfg.eval.seed)
+        return cls(venv, states, RolloutStore(out / "eval_dialogues.jsonl"), token_counter(cfg.policy))
+
+
+def train_and_evaluate(cfg: LeaderboardConfig, ctx: Context, name: str, seed: int, iterations: int | None
+                       ) -> dict[str, Any]:
+    """One agent run under the budget, its policy exported and evaluated; returns its ``AgentRun.to_json()``
+    (also written to ``<run>/leaderboard_result.json``; the dialogues go to the store)."""
+    run_dir = Path(cfg.run_dir) / "runs" / f"{name}-seed{seed}"
+    budget = Budget(policy_samples=cfg.budget.policy_samples, scored_conversations=cfg.budget.scored_conversations,
+                    count_tokens=ctx.count_tokens)
+    typed, stop, train_s = train(cfg, name, seed, run_dir, iterations, budget)
+    if stop == "budget" or not (run_dir / "policy").is_dir():
+        export_checkpoint(typed, run_dir)
+    _, eval_s = evaluate(cfg, ctx.venv, str(run_dir / "policy"), ctx.states, ctx.store, f"{name}/seed-{seed}",
+                         {"agent": name, "seed": seed})
+    result = AgentRun(name, seed, typed.iterations, completed_iterations(run_dir), stop, budget.usage("train"),
+                      train_s, eval_s).to_json()
+    (run_dir / "leaderboard_result.json").write_text(json.dumps(result, indent=1))
+    gc.collect()  # the run's models and optimizer go before the next run loads its own
+    log.info("%s seed %d: %s, %d/%d iterations, spent %s, %.0f s training", name, seed, stop, result["completed"],
+             typed.iterations, result["usage"], train_s)
+    return result
+
+
+def do_job(cfg: LeaderboardConfig, ctx: Context, kind: str, args: tuple[Any, ...]) -> Any:
+    """Run one job: ``("baseline", ())``, ``("calibrate", (agent,))`` or ``("train", (agent, seed, iterations))``."""
+    if kind == "baseline":
+        return evaluate(cfg, ctx.venv, cfg.policy, ctx.states, ctx.store, "initial", {"agent": "initial"})[1]
+    if kind == "calibrate":
+        t0 = time.time()
+        iterations, cost = calibrate(cfg, args[0], Path(cfg.run_dir), ctx.count_tokens)
+        return iterations, cost, time.time() - t0
+    return train_and_evaluate(cfg, ctx, *args)
+
+
+_WORKER: dict[str, Context] = {}  # a pool worker's context, built by its first job
+
+
+def _worker_init(threads: int | None) -> None:
+    setup_logging()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _worker_job(cfg: LeaderboardConfig, kind: str, args: tuple[Any, ...]) -> Any:
+    if cfg.run_dir not in _WORKER:
+        _WORKER[cfg.run_dir] = Context.build(cfg)
+    log.info("job %s %s started in process %d", kind, list(args), os.getpid())
+    return do_job(cfg, _WORKER[cfg.run_dir], kind, args)
+
+
+class Scheduler:
+    """Runs jobs inline (``jobs: 1``) or in a pool of ``jobs`` spawned processes, the longest expected job first.
+
+    Only as many jobs as there are workers are handed to the pool at a time, so the choice of the next job is made
+    when a worker frees up, with what is known then (calibrations finish and give each agent's run its estimate).
+    """
+
+    def __init__(self, cfg: LeaderboardConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.pending: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        self.running: dict[Future, tuple[str, tuple[Any, ...]]] = {}
+        self.pool: ProcessPoolExecutor | None = None
+        if cfg.jobs > 1:
+            self.pool = ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(job_threads(cfg),))
+
+    def add(self, kind: str, args: tuple[Any, ...], estimate: float) -> None:
+        self.pending.append((estimate, -len(self.pending), kind, args))
+
+    def next_done(self) -> tuple[str, tuple[Any, ...], Any] | None:
+        """Start jobs while workers are free; wait for one to finish and return ``(kind, args, result)``.
+
+        Returns None when nothing is pending or running. A job's exception is raised here.
+        """
+        while self.pending and len(self.running) < self.cfg.jobs:
+            self.pending.sort()
+            _, _, kind, args = self.pending.pop()
+            if self.pool is None:
+                fut: Future = Future()
+                try:
+                    fut.set_result(do_job(self.cfg, self.ctx, kind, args))
+                except Exception as e:  # noqa: BLE001  (re-raised by result() below)
+                    fut.set_exception(e)
+            else:
+                fut = self.pool.submit(_worker_job, self.cfg, kind, args)
+            self.running[fut] = (kind, args)
+        if not self.running:
+            return None
+        fut = next(iter(wait(self.running, return_when=FIRST_COMPLETED)[0]))
+        kind, args = self.running.pop(fut)
+        return kind, args, fut.result()
+
+    def close(self, failed: bool) -> None:
+        if self.pool is not None:
+            if failed and self.running:
+                log.error("a job failed: waiting for the %d job(s) still running (their results are kept for a "
+                          "resumed run); nothing new starts", len(self.running))
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     """Train and evaluate every agent and seed, then write the report.
+
+    With ``jobs > 1`` the calibrations, agent runs and the baseline's evaluation run side by side in that many
+    processes (each with ``job_threads`` torch threads); results do not depend on ``jobs``.
 
     Work already done in ``run_dir`` (the stored states, the baseline's dialogues, calibrations, finished agent
     runs) is reused, so an interrupted leaderboard continues where it stopped (``hydra.run.dir=<its dir>``).
@@ -427,10 +558,11 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         ``{"rows": summary rows (as in the CSV), "runs": [AgentRun], "meta": {...}}``.
     """
     validate(cfg)
-    if cfg.threads is not None:
+    threads = job_threads(cfg)
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(threads)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = out / "started_at.txt"  # the first start, kept across resumed runs
@@ -438,54 +570,64 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     if not resumed:
         first.write_text(datetime.now(UTC).isoformat(timespec="seconds"))
     started, load_start = datetime.fromisoformat(first.read_text().strip()), os.getloadavg()
-    venv = eval_env(cfg, cfg.eval.states)
-    states = stored_states(RolloutStore(out / "eval_states.jsonl"), venv.core, cfg.eval.states, cfg.eval.seed)
-    store = RolloutStore(out / "eval_dialogues.jsonl")
+    ctx = Context.build(cfg)
+    states, store = ctx.states, ctx.store
     done = played(store, states)
-    baseline, baseline_s = done.get("initial"), 0.0
-    if baseline is None:
-        baseline, baseline_s = evaluate(cfg, venv, cfg.policy, states, store, "initial", {"agent": "initial"})
-    count_tokens = token_counter(cfg.policy)
+    baseline: list[DialogueRecord] | None = done.get("initial")
+    baseline_s = 0.0
     runs: list[AgentRun] = []
     calibration: dict[str, dict[str, int]] = {}
-    verifier = venv.core.task.make_reward("verifier")
+    verifier = ctx.venv.core.task.make_reward("verifier")
+    order = {(a, s): k for k, (a, s) in enumerate((a, s) for a in cfg.agents for s in cfg.seeds)}
 
     def report() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
+        runs.sort(key=lambda r: order[(r.agent, r.seed)])
         finished = {(r.agent, r.seed) for r in runs}
         rows = summarize(cfg, runs, baseline, states, verifier)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
-                "calibration": calibration, "states": len(states),
+                "calibration": calibration, "states": len(states), "jobs": cfg.jobs, "threads": threads,
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
         write_report(cfg, rows, runs, meta)
         return rows, meta
 
-    for name in cfg.agents:
-        iterations = None
-        if cfg.budget.calibrate:
-            iterations, calibration[name] = calibrate(cfg, name, out, count_tokens)
+    def add_runs(sched: Scheduler, name: str, iterations: int | None, estimate: float) -> None:
         for seed in cfg.seeds:
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            result = run_dir / "leaderboard_result.json"
+            result = out / "runs" / f"{name}-seed{seed}" / "leaderboard_result.json"
             if result.is_file() and f"{name}/seed-{seed}" in done:
                 runs.append(AgentRun.from_json(json.loads(result.read_text()), done[f"{name}/seed-{seed}"]))
-                continue
-            budget = Budget(policy_samples=cfg.budget.policy_samples,
-                            scored_conversations=cfg.budget.scored_conversations, count_tokens=count_tokens)
-            typed, stop, train_s = train(cfg, name, seed, run_dir, iterations, budget)
-            if stop == "budget" or not (run_dir / "policy").is_dir():
-                export_checkpoint(typed, run_dir)
-            records, eval_s = evaluate(cfg, venv, str(run_dir / "policy"), states, store, f"{name}/seed-{seed}",
-                                       {"agent": name, "seed": seed})
-            runs.append(AgentRun(name, seed, typed.iterations, completed_iterations(run_dir), stop,
-                                 budget.usage("train"), train_s, eval_s, records))
-            result.write_text(json.dumps(runs[-1].to_json(), indent=1))
-            gc.collect()  # the run's models and optimizer go before the next run loads its own
-            log.info("%s seed %d: %s, %d/%d iterations, spent %s, %.0f s training", name, seed, stop,
-                     runs[-1].completed, typed.iterations, runs[-1].usage.as_dict(), train_s)
-            report()  # so an interrupted leaderboard still leaves the results it has
+            else:
+                sched.add("train", (name, seed, iterations), estimate)
+
+    sched = Scheduler(cfg, ctx)
+    failed = True
+    try:
+        if baseline is None:
+            sched.add("baseline", (), math.inf)  # first: partial reports need it
+        for name in cfg.agents:
+            if cfg.budget.calibrate:
+                sched.add("calibrate", (name,), math.inf)  # first: each unblocks an agent's runs
+            else:
+                add_runs(sched, name, None, 0.0)
+        while (finished := sched.next_done()) is not None:
+            kind, args, result = finished
+            if kind == "baseline":
+                baseline_s = result
+                baseline = played(store, states)["initial"]
+            elif kind == "calibrate":
+                iterations, calibration[args[0]], wall = result
+                add_runs(sched, args[0], iterations, wall * iterations)
+            else:
+                name, seed = args[0], args[1]
+                records = played(store, states)[f"{name}/seed-{seed}"]
+                runs.append(AgentRun.from_json(result, records))
+            if baseline is not None and kind != "calibrate":
+                report()  # so an interrupted leaderboard still leaves the results it has
+        failed = False
+    finally:
+        sched.close(failed)
     rows, meta = report()
     return {"rows": rows, "runs": runs, "meta": meta}
 
@@ -664,7 +806,8 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
              "Command:", "", "```", meta["command"] or "(called from Python)",
              "```", "", *_partial_note(meta),
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, Python {info['python']}, "
-             f"torch {info['torch']} (CPU threads: {info['threads']}), {info['platform']}. "
+             f"torch {info['torch']} (CPU threads per process: {info['threads']}), {info['platform']}; "
+             f"{meta.get('jobs', 1)} job(s) side by side. "
              "Load average (1/5/15 min) at the last start "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_end'])} (the machine may have been shared: read wall times "

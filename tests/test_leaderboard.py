@@ -182,6 +182,7 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(threads=0), "threads must be >= 1 or null"),
+    (dict(jobs=0), "jobs must be >= 1"),
 ])
 def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
@@ -273,3 +274,30 @@ def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
     assert result["usage"]["policy_samples"] <= 24
     md = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "+leaderboard=smoke agents=[rebel]" in md and "## Win rate vs the initial policy" in md
+
+
+def test_job_threads_share_the_cores_among_the_jobs(monkeypatch):
+    monkeypatch.setattr(lb.os, "cpu_count", lambda: 8)
+    assert lb.job_threads(lb.LeaderboardConfig(jobs=1)) is None  # torch's own default
+    assert lb.job_threads(lb.LeaderboardConfig(jobs=2)) == 4 and lb.job_threads(lb.LeaderboardConfig(jobs=16)) == 1
+    assert lb.job_threads(lb.LeaderboardConfig(jobs=2, threads=3)) == 3
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_leaderboard_as_one_after_another(tmp_path):
+    """jobs=2 (spawned processes, calibration included) reproduces the inline run's results and dialogues."""
+    results = {}
+    for jobs in (1, 2):
+        cfg = smoke_config(tmp_path / f"jobs{jobs}", f"jobs={jobs}", "threads=1", "budget.policy_samples=16")
+        results[jobs] = lb.run(cfg, command="pytest")
+        for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
+            assert (tmp_path / f"jobs{jobs}" / "results" / name).stat().st_size > 0
+    same = lambda run: {k: v for k, v in run.to_json().items() if not k.endswith("_s")}  # noqa: E731
+    assert [same(r) for r in results[2]["runs"]] == [same(r) for r in results[1]["runs"]]
+    assert [(r.agent, r.seed) for r in results[2]["runs"]] == [("refuel", 0), ("rebel", 0)]
+    for a, b in zip(results[1]["runs"], results[2]["runs"]):
+        assert [d.messages for d in a.records] == [d.messages for d in b.records]
+    quality = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    assert quality(results[2]["rows"]) == quality(results[1]["rows"])
+    assert results[2]["meta"]["calibration"] == results[1]["meta"]["calibration"] != {}
+    assert "2 job(s) side by side" in (tmp_path / "jobs2" / "results" / "leaderboard.md").read_text()
