@@ -150,6 +150,7 @@ def _cfg(*overrides: str, name: str = "refuel"):
         (["env.task=chess"], "env.task is 'chess'"),
         (["+env=ultrainteract"], "UltraInteract"),
         (["sampling.temperature=0"], "sampling.temperature must be > 0"),
+        (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
     ],
 )
 def test_bad_configuration_fails_before_any_model_loads(overrides, fragment, no_model_loads, tmp_path):

@@ -285,6 +285,7 @@ def no_model_loads(monkeypatch):
         (["iterations=0"], "iterations must be >= 1"),
         (["rollout_batch=3"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.task=chess"], "env.task is 'chess'"),
+        (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
     ],
 )
 def test_bad_configuration_fails_before_any_model_loads(overrides, fragment, no_model_loads, tmp_path):

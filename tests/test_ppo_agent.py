@@ -129,6 +129,7 @@ def no_model_loads(monkeypatch):
         (["rollout_batch=5"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.reward_mode=sparse"], "env.reward_mode is 'sparse'"),
         (["optim.epochs=0"], "optim.epochs must be >= 1"),
+        (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
     ],
 )
 def test_bad_configuration_fails_before_any_model_loads(overrides, fragment, no_model_loads, tmp_path):

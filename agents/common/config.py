@@ -117,12 +117,18 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
 
 
-def build_task_early(env: EnvSettings) -> Any:
-    """Build the task now (cheap, no model) so a missing dataset fails before any model loads."""
+def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:
+    """Build the task now (cheap, no model) so a missing dataset, or an evaluation larger than the test split
+    (``eval_dialogues`` rows asked for), fails before any model loads."""
     from dialogue_gym.conversation import DialogueError
     from dialogue_gym.tasks import build_task
 
     try:
-        return build_task(env.task, **env.task_kwargs)
+        task = build_task(env.task, **env.task_kwargs)
+        n_test = len(task.rows("test")) if eval_dialogues is not None else 0
     except DialogueError as e:
         raise ConfigError(str(e)) from None
+    check(eval_dialogues is None or eval_dialogues <= n_test,
+          f"eval.dialogues is {eval_dialogues} but the test split of task {env.task!r} has {n_test} rows: "
+          f"lower eval.dialogues to at most {n_test}")
+    return task

@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
-from agents.common.config import EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
+from agents.common.config import ConfigError, EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
 from agents.common.evaluation import format_table, save_json, summarize
 from agents.common.policy import export_policy
 from agents.common.rollout import play
@@ -65,7 +65,8 @@ class Evaluator:
         self.venv = make_vec(env, settings.dialogues, split="test", reward_mode=settings.reward_mode)
         n_rows = len(self.venv.core.rows)
         if settings.dialogues > n_rows:
-            raise ValueError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows")
+            raise ConfigError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows: "
+                              f"lower eval.dialogues to at most {n_rows}")
         self.path = run_dir / "eval.json"
         self.results: list[dict[str, Any]] = []
         self.raw_baseline: dict[str, Any] | None = None

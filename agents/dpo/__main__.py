@@ -185,7 +185,8 @@ def run(cfg: DpoConfig) -> dict:
                  dropped or "none")
     elif online and cfg.data.source != "task":
         log.warning("mode=online samples its pairs through the env; data.source=%s is ignored", cfg.data.source)
-    task = build_task_early(cfg.env)  # a missing dataset fails here, before any model loads
+    task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
+    # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)

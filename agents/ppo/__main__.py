@@ -289,7 +289,8 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
 def run(cfg: PpoConfig) -> dict:
     """Train and evaluate."""
     validate(cfg)
-    task = build_task_early(cfg.env)  # a missing dataset fails here, before any model loads
+    task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
+    # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)

@@ -65,7 +65,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name: str = "REFUEL") -> dict:
     """Train and evaluate. REBEL reuses this loop with ``future=False`` (immediate reward, no completion)."""
     validate(cfg)
-    task = build_task_early(cfg.env)  # a missing dataset fails here, before any model loads
+    task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
+    # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
