@@ -5,6 +5,7 @@ Run:
     python -m benchmarks.leaderboard +leaderboard=smoke   # tiny model, two agents, one seed (a minute)
     python -m benchmarks.leaderboard +leaderboard=paper   # the REFUEL protocol on GPUs (documented; not run on CPU)
     python -m benchmarks.leaderboard agents=[refuel,rebel] seeds=[0,1] budget.policy_samples=400
+    python -m benchmarks.leaderboard +leaderboard=cpu jobs=8 threads=2   # 8 runs side by side on a 16-core machine
 
 Protocol:
   1. Evaluation states: the first ``eval.states`` test rows, each with its user seed stream and a policy seed, are
@@ -20,6 +21,9 @@ Protocol:
   5. Evaluation: each trained policy (``<run>/policy``, loaded with ``load_model``) plays every stored state with
      the same user seeds, policy seeds and judge (the eval env scores every turn); the dialogues are appended to
      ``<run_dir>/eval_dialogues.jsonl``.
+  Steps 2-5 are jobs: with ``jobs > 1`` they run side by side in spawned processes (a calibration before its
+  agent's runs; the longest expected run first), each with ``threads`` torch threads. Every job seeds itself, so with
+  the same threads per process the results are those of ``jobs: 1``.
   6. Report (``results_dir``: leaderboard.md, .csv, .png): the win rate against the initial policy at each turn h
      (the turn-h score, carried forward after a dialogue ended, compared state by state: 1 win, 0.5 tie, 0 loss),
      pooled over seeds with percentile-bootstrap 95% intervals over (seed, state) pairs; the mean turn-h score;
@@ -33,6 +37,7 @@ import csv
 import dataclasses
 import gc
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -283,8 +288,18 @@ def export_checkpoint(typed: Any, run_dir: Path) -> Path:
     return export_policy(model, tokenizer, run_dir / "policy")
 
 
-def calibrate(cfg: LeaderboardConfig, name: str, out: Path, count_tokens: Any) -> tuple[int, dict[str, int]]:
+def calibration_saved(out: Path, name: str) -> bool:
+    """The agent's calibration has been measured in this run directory (``calibrate`` only reads it)."""
+    return (out / "calibration" / name / "cost.json").is_file()
+
+
+def calibrate(cfg: LeaderboardConfig, name: str, out: Path, count_tokens: Any
+              ) -> tuple[int, dict[str, int], float]:
     """Iterations that fit the budget, from one measured iteration of the agent (first seed, nothing capped).
+
+    Returns:
+        ``(iterations, cost of one iteration, wall seconds of the measured iteration)``; the cost and the wall time
+        are saved in ``<out>/calibration/<name>/cost.json`` and reused when present.
 
     Raises:
         ConfigError: the agent spent nothing the budget limits, or one iteration already exceeds the budget.
@@ -292,15 +307,18 @@ def calibrate(cfg: LeaderboardConfig, name: str, out: Path, count_tokens: Any) -
     run_dir = out / "calibration" / name
     saved = run_dir / "cost.json"
     if saved.is_file():
-        cost = Usage(**json.loads(saved.read_text()))
+        data = json.loads(saved.read_text())
+        wall = float(data.pop("wall_s", 0.0))
+        cost = Usage(**data)
     else:
         budget = Budget(count_tokens=count_tokens)
         typed = agent_config(cfg, name, cfg.seeds[0], run_dir, 1)
         typed.export = False
+        t0 = time.time()
         with use_budget(budget):
             agent_module(name).run(typed)
-        cost = budget.usage("train")
-        saved.write_text(json.dumps(cost.as_dict()))
+        cost, wall = budget.usage("train"), time.time() - t0
+        saved.write_text(json.dumps({**cost.as_dict(), "wall_s": wall}))
     fits = [getattr(cfg.budget, n) / (getattr(cost, n) * (1 + cfg.budget.margin))
             for n in LIMITS if getattr(cfg.budget, n) is not None and getattr(cost, n) > 0]
     if not fits:
@@ -313,7 +331,7 @@ def calibrate(cfg: LeaderboardConfig, name: str, out: Path, count_tokens: Any) -
                           f"allows with margin {cfg.budget.margin}: raise budget.policy_samples or shrink the "
                           f"agent's iterations (overrides.{name})")
     log.info("calibration: one iteration of %s costs %s -> %d iteration(s)", name, cost.as_dict(), iterations)
-    return iterations, cost.as_dict()
+    return iterations, cost.as_dict(), wall
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
@@ -422,10 +440,11 @@ def token_counter(model_name: str) -> Any:
 
 
 def job_threads(cfg: LeaderboardConfig) -> int | None:
-    """torch CPU threads per process: ``threads``, else the cores shared out among ``jobs`` (null: torch's own)."""
+    """torch CPU threads per process: ``threads``, else the cores this process may use shared out among ``jobs``
+    (null with one job: torch's own default)."""
     if cfg.threads is not None:
         return cfg.threads
-    return max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
+    return max(1, len(os.sched_getaffinity(0)) // cfg.jobs) if cfg.jobs > 1 else None
 
 
 @dataclass
@@ -471,9 +490,7 @@ def do_job(cfg: LeaderboardConfig, ctx: Context, kind: str, args: tuple[Any, ...
     if kind == "baseline":
         return evaluate(cfg, ctx.venv, cfg.policy, ctx.states, ctx.store, "initial", {"agent": "initial"})[1]
     if kind == "calibrate":
-        t0 = time.time()
-        iterations, cost = calibrate(cfg, args[0], Path(cfg.run_dir), ctx.count_tokens)
-        return iterations, cost, time.time() - t0
+        return calibrate(cfg, args[0], Path(cfg.run_dir), ctx.count_tokens)
     return train_and_evaluate(cfg, ctx, *args)
 
 
@@ -505,6 +522,7 @@ class Scheduler:
     def __init__(self, cfg: LeaderboardConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
         self.pending: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        self.added = itertools.count()  # ties: the job added first runs first
         self.running: dict[Future, tuple[str, tuple[Any, ...]]] = {}
         self.pool: ProcessPoolExecutor | None = None
         if cfg.jobs > 1:
@@ -512,7 +530,7 @@ class Scheduler:
                                             initializer=_worker_init, initargs=(job_threads(cfg),))
 
     def add(self, kind: str, args: tuple[Any, ...], estimate: float) -> None:
-        self.pending.append((estimate, -len(self.pending), kind, args))
+        self.pending.append((estimate, -next(self.added), kind, args))
 
     def next_done(self) -> tuple[str, tuple[Any, ...], Any] | None:
         """Start jobs while workers are free; wait for one to finish and return ``(kind, args, result)``.
@@ -535,21 +553,37 @@ class Scheduler:
             return None
         fut = next(iter(wait(self.running, return_when=FIRST_COMPLETED)[0]))
         kind, args = self.running.pop(fut)
-        return kind, args, fut.result()
+        try:
+            return kind, args, fut.result()
+        except Exception as e:
+            e.add_note(f"in leaderboard job {kind} {list(args)}")
+            log.error("leaderboard job %s %s failed: %s: %s", kind, list(args), type(e).__name__, e)
+            raise
 
     def close(self, failed: bool) -> None:
-        if self.pool is not None:
-            if failed and self.running:
-                log.error("a job failed: waiting for the %d job(s) still running (their results are kept for a "
-                          "resumed run); nothing new starts", len(self.running))
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        """Shut the pool down. After an error nothing new starts; jobs already running finish (a finished agent run
+        is kept for a resumed leaderboard) and their outcome is logged."""
+        if self.pool is None:
+            return
+        if failed and self.running:
+            log.error("stopping after an error: waiting for %d running job(s) (%s) to finish; nothing new starts",
+                      len(self.running), ", ".join(f"{k} {list(a)}" for k, a in self.running.values()))
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fut, (kind, args) in self.running.items():
+            if fut.cancelled():
+                continue
+            error = fut.exception()
+            log.log(logging.ERROR if error else logging.INFO, "leaderboard job %s %s %s", kind, list(args),
+                    f"failed too: {type(error).__name__}: {error}" if error else "finished (kept for a resumed run)")
 
 
 def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     """Train and evaluate every agent and seed, then write the report.
 
     With ``jobs > 1`` the calibrations, agent runs and the baseline's evaluation run side by side in that many
-    processes (each with ``job_threads`` torch threads); results do not depend on ``jobs``.
+    processes (each with ``job_threads`` torch threads). With the same torch threads per process (``threads``
+    set), results do not depend on ``jobs``; a different thread count can change floating-point sums, hence
+    sampled tokens. Wall times are then measured with other jobs running beside.
 
     Work already done in ``run_dir`` (the stored states, the baseline's dialogues, calibrations, finished agent
     runs) is reused, so an interrupted leaderboard continues where it stopped (``hydra.run.dir=<its dir>``).
@@ -588,7 +622,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
-                "calibration": calibration, "states": len(states), "jobs": cfg.jobs, "threads": threads,
+                "calibration": {a: calibration[a] for a in cfg.agents if a in calibration},
+                "states": len(states), "jobs": cfg.jobs, "threads": threads,
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
         write_report(cfg, rows, runs, meta)
         return rows, meta
@@ -607,10 +642,13 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         if baseline is None:
             sched.add("baseline", (), math.inf)  # first: partial reports need it
         for name in cfg.agents:
-            if cfg.budget.calibrate:
-                sched.add("calibrate", (name,), math.inf)  # first: each unblocks an agent's runs
-            else:
+            if not cfg.budget.calibrate:
                 add_runs(sched, name, None, 0.0)
+            elif calibration_saved(out, name):  # measured before this (resumed) run: only read
+                iterations, calibration[name], wall = calibrate(cfg, name, out, ctx.count_tokens)
+                add_runs(sched, name, iterations, wall * iterations)
+            else:
+                sched.add("calibrate", (name,), math.inf)  # first: each unblocks an agent's runs
         while (finished := sched.next_done()) is not None:
             kind, args, result = finished
             if kind == "baseline":
@@ -807,7 +845,8 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], runs: list[Agen
              "```", "", *_partial_note(meta),
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, Python {info['python']}, "
              f"torch {info['torch']} (CPU threads per process: {info['threads']}), {info['platform']}; "
-             f"{meta.get('jobs', 1)} job(s) side by side. "
+             f"{meta.get('jobs', 1)} job(s) side by side"
+             f"{' (wall times include the other jobs running beside each)' if meta.get('jobs', 1) > 1 else ''}. "
              "Load average (1/5/15 min) at the last start "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
              f"{'/'.join(f'{x:.1f}' for x in meta['load_end'])} (the machine may have been shared: read wall times "

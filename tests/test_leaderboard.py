@@ -7,6 +7,8 @@ import copy
 import csv
 import importlib
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,7 +266,7 @@ def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeyp
 @pytest.mark.slow
 def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.leaderboard", "+leaderboard=smoke", "agents=[rebel]",
+        [sys.executable, "-m", "benchmarks.leaderboard", "+leaderboard=smoke", "agents=[rebel]", "jobs=2",
          f"hydra.run.dir={tmp_path / 'run'}", f"results_dir={tmp_path / 'results'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -273,7 +275,10 @@ def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
     assert result["iterations"] == int(24 // (cost["policy_samples"] * 1.1)) and result["stop"] == "completed"
     assert result["usage"]["policy_samples"] <= 24
     md = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "+leaderboard=smoke agents=[rebel]" in md and "## Win rate vs the initial policy" in md
+    assert "+leaderboard=smoke agents=[rebel] jobs=2" in md and "## Win rate vs the initial policy" in md
+    assert cost["wall_s"] > 0 and "2 job(s) side by side" in md
+    workers = {int(m) for m in re.findall(r"started in process (\d+)", out.stderr)}  # spawned, not inline
+    assert len(workers) >= 1 and out.stderr.count("leaderboard: job ") == 3  # baseline, calibration, the run
 
 
 def test_job_threads_share_the_cores_among_the_jobs(monkeypatch):
@@ -301,3 +306,41 @@ def test_parallel_jobs_give_the_same_leaderboard_as_one_after_another(tmp_path):
     assert quality(results[2]["rows"]) == quality(results[1]["rows"])
     assert results[2]["meta"]["calibration"] == results[1]["meta"]["calibration"] != {}
     assert "2 job(s) side by side" in (tmp_path / "jobs2" / "results" / "leaderboard.md").read_text()
+
+
+def test_scheduler_runs_the_longest_expected_job_first_and_names_a_failing_one(tmp_path, monkeypatch):
+    done = []
+
+    def fake_job(cfg, ctx, kind, args):
+        if kind == "boom":
+            raise ValueError("bad thing")
+        done.append((kind, *args))
+        return len(done)
+
+    monkeypatch.setattr(lb, "do_job", fake_job)
+    sched = lb.Scheduler(lb.LeaderboardConfig(jobs=1), ctx=None)
+    for kind, args, estimate in [("train", ("a", 0), 5.0), ("train", ("b", 0), 50.0), ("calibrate", ("c",), math.inf),
+                                 ("train", ("a", 1), 5.0), ("calibrate", ("d",), math.inf)]:
+        sched.add(kind, args, estimate)
+    got = []
+    while (finished := sched.next_done()) is not None:
+        got.append(finished)
+    assert done == [("calibrate", "c"), ("calibrate", "d"), ("train", "b", 0), ("train", "a", 0), ("train", "a", 1)]
+    assert [r for _, _, r in got] == [1, 2, 3, 4, 5]
+    sched.add("boom", ("x", 3), 1.0)
+    with pytest.raises(ValueError, match="bad thing") as e:
+        sched.next_done()
+    assert "in leaderboard job boom ['x', 3]" in e.value.__notes__
+    sched.close(failed=True)
+
+
+@pytest.mark.slow
+def test_an_error_in_a_worker_process_reaches_the_caller_with_its_job(tmp_path):
+    cfg = smoke_config(tmp_path, "jobs=2", "agents=[rebel]", "budget.policy_samples=1")
+    with pytest.raises(ConfigError, match="one iteration of 'rebel' costs") as e:
+        lb.run(cfg)
+    assert "in leaderboard job calibrate ['rebel']" in e.value.__notes__
+    # the run directory stays usable: with a budget that pays, the same directory finishes
+    cfg.budget.policy_samples = 16
+    result = lb.run(cfg)
+    assert [(r.agent, r.seed) for r in result["runs"]] == [("rebel", 0)]
