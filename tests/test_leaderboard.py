@@ -282,7 +282,7 @@ def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
 
 
 def test_job_threads_share_the_cores_among_the_jobs(monkeypatch):
-    monkeypatch.setattr(lb.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
     assert lb.job_threads(lb.LeaderboardConfig(jobs=1)) is None  # torch's own default
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2)) == 4 and lb.job_threads(lb.LeaderboardConfig(jobs=16)) == 1
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2, threads=3)) == 3
