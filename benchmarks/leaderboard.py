@@ -523,6 +523,7 @@ class Scheduler:
         self.cfg, self.ctx = cfg, ctx
         self.pending: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self.added = itertools.count()  # ties: the job added first runs first
+        self.started = 0  # jobs started so far
         self.running: dict[Future, tuple[str, tuple[Any, ...]]] = {}
         self.pool: ProcessPoolExecutor | None = None
         if cfg.jobs > 1:
@@ -540,6 +541,7 @@ class Scheduler:
         while self.pending and len(self.running) < self.cfg.jobs:
             self.pending.sort()
             _, _, kind, args = self.pending.pop()
+            self.started += 1
             if self.pool is None:
                 fut: Future = Future()
                 try:
@@ -604,6 +606,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     if not resumed:
         first.write_text(datetime.now(UTC).isoformat(timespec="seconds"))
     started, load_start = datetime.fromisoformat(first.read_text().strip()), os.getloadavg()
+    last = out / "finished_at.txt"  # when the last job of the whole leaderboard finished
+    ended: datetime | None = None  # set once every job is done
     ctx = Context.build(cfg)
     states, store = ctx.states, ctx.store
     done = played(store, states)
@@ -620,7 +624,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         finished = {(r.agent, r.seed) for r in runs}
         rows = summarize(cfg, runs, baseline, states, verifier)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
-                "wall_s": (datetime.now(UTC) - started).total_seconds(), "load_start": load_start,
+                "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
                 "calibration": {a: calibration[a] for a in cfg.agents if a in calibration},
                 "states": len(states), "jobs": cfg.jobs, "threads": threads,
@@ -666,6 +670,11 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         failed = False
     finally:
         sched.close(failed)
+    if sched.started == 0 and last.is_file():  # nothing left to do: only the report is rewritten, its time kept
+        ended = datetime.fromisoformat(last.read_text().strip())
+    else:
+        ended = datetime.now(UTC)
+        last.write_text(ended.isoformat(timespec="seconds"))
     rows, meta = report()
     return {"rows": rows, "runs": runs, "meta": meta}
 

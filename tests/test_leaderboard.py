@@ -11,6 +11,7 @@ import math
 import re
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -256,11 +257,15 @@ def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeyp
                  for p in ("initial", "refuel/seed-0", "rebel/seed-0")}
     assert by_policy["initial"] == by_policy["refuel/seed-0"] == by_policy["rebel/seed-0"] and \
         len(by_policy["initial"]) == 4
-    # a second call finds everything done and only rewrites the report
+    # a second call finds everything done and only rewrites the report, with the time the work took (not since)
+    started = datetime.fromisoformat((Path(cfg.run_dir) / "started_at.txt").read_text())
+    (Path(cfg.run_dir) / "finished_at.txt").write_text((started + timedelta(seconds=100)).isoformat())
     monkeypatch.setattr(lb, "train", lambda *a, **k: pytest.fail("trained again"))
     again = lb.run(cfg, command="pytest")
     assert [r.to_json() for r in again["runs"]] == [r.to_json() for r in result["runs"]]
     assert again["rows"] == result["rows"]
+    assert again["meta"]["wall_s"] == 100.0 and "1.7 min of wall-clock" in \
+        (tmp_path / "results" / "leaderboard.md").read_text()
 
 
 @pytest.mark.slow
