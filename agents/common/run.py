@@ -13,9 +13,8 @@ import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
 from agents.common.config import ConfigError, EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
-from agents.common.evaluation import format_table, save_json, summarize
+from agents.common.evaluation import format_table, play_rows, save_json, summarize
 from agents.common.policy import export_policy
-from agents.common.rollout import play
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.hf import HFEngine
 
@@ -78,8 +77,7 @@ class Evaluator:
     def evaluate(self, engine: Any, name: str) -> dict[str, Any]:
         params = SamplingParams(temperature=self.settings.temperature, top_p=self.sampling.top_p,
                                 max_new_tokens=self.sampling.max_new_tokens)
-        rng = np.random.default_rng(self.settings.seed)
-        raw = play(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed, rng)
+        raw = play_rows(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed)
         raw["scores"] = np.asarray(raw["scores"], dtype=float)
         if self.raw_baseline is None:
             self.raw_baseline = raw

@@ -93,14 +93,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     for t in range(start, cfg.iterations):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
-        pairs, chunk_stats = [], []
-        for _ in range(cfg.dialogues // chunk):
-            got, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, chunk,
-                                       cfg.turn_sampling, n_rows, future=future, prefix=prefix)
-            pairs += got
-            chunk_stats.append(stats)
-        stats = {k: float(np.mean([c[k] for c in chunk_stats])) for k in chunk_stats[0]}
-        stats["env/pairs"] = float(len(pairs))
+        pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
+                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix)
         t_roll = time.time() - t0
         fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
