@@ -66,6 +66,7 @@ from agents.common.policy import (
     load_policy,
     reference_mode,
 )
+from agents.common.policy_engine import sync_policy
 from agents.common.rollout import collect_pairs
 from agents.common.run import (
     Evaluator,
@@ -130,7 +131,7 @@ def run(cfg: DpoConfig) -> dict:
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled
-    engine = policy_engine(model, tokenizer, seed=cfg.seed)
+    engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
         chunk = cfg.rollout_batch or cfg.dialogues
@@ -165,6 +166,7 @@ def run(cfg: DpoConfig) -> dict:
         if saved is not None:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            sync_policy(engine, model)
     if not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -185,6 +187,7 @@ def run(cfg: DpoConfig) -> dict:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
         history = preference_update(model, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]))
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
         if from_task:

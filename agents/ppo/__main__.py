@@ -89,6 +89,7 @@ from agents.common.policy import (
     reference_mode,
     trainable_parameters,
 )
+from agents.common.policy_engine import sync_policy
 from agents.common.rollout import collect_dialogues
 from agents.common.run import (
     Evaluator,
@@ -289,7 +290,7 @@ def run(cfg: PpoConfig) -> dict:
     reference = frozen_reference(model) if cfg.policy.lora_r == 0 else None  # LoRA: the adapter-disabled model
     agent = build_agent(cfg, model)
     pad = pad_id(tokenizer)
-    engine = policy_engine(model, tokenizer, seed=cfg.seed)
+    engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues, task=task)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
@@ -305,6 +306,7 @@ def run(cfg: PpoConfig) -> dict:
         if saved is not None:
             start, kl.value = saved["iteration"], saved["kl_coef"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            sync_policy(engine, model)
     if not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -319,6 +321,7 @@ def run(cfg: PpoConfig) -> dict:
         stats.update(assign_advantages(turns, cfg.dialogues, kl.value, cfg.gamma, cfg.lam, cfg.whiten_advantages))
         history = ppo_update(agent, optimizer, scheduler, turns, cfg.dialogues, cfg, pad,
                              np.random.default_rng([cfg.seed, t, 1]))
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         kl.update(stats["policy/kl_ref"], cfg.dialogues)
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
