@@ -126,3 +126,31 @@ def test_engine_log_probs_match_the_trainer_after_each_adapter_load(policy_on_vl
     assert max(worst) < 1e-3, worst
     assert [g.token_ids for g in gens] != [g.token_ids for g in base]  # the adapter changed what is sampled
     assert not (engine.adapter_dir / "v1").exists() and (engine.adapter_dir / "v2").is_dir()  # old one removed
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_refuel_trains_with_the_policy_on_vllm(tmp_path):
+    """End to end: the embedded policy samples on vLLM, its LoRA adapter is trained and loaded after each update."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "agents.refuel", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "export=false",
+           "policy.model=embedded", "policy.lora_r=8", "policy.lora_alpha=16", "policy.engine=vllm"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "policy samples on vLLM (embedded)" in proc.stderr + proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["env/pairs"] >= 1 for r in rows)
+    saved = load_file(str(tmp_path / "checkpoints" / "last" / "trainable.safetensors"))
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # trained (LoRA B starts at 0)
+    evals = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
+    assert len(evals) == 2

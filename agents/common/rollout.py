@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.common.branching import Branch, Tree, grow, plan_dialogues
+from agents.common.branching import Branch, Plan, Tree, grow, plan_dialogues
+from agents.common.distributed import SINGLE, Ranks, share
 from agents.common.pairs import select_best_worst
 from dialogue_gym.generation.base import SamplingParams
 
@@ -70,7 +71,8 @@ def make_pairs(trees: Sequence[Tree], pairing: str = "both", length_penalty: flo
 
 def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParams, rng: np.random.Generator,
                   dialogues: int, n_rows: int, turn_sampling: str, future: bool, prefix: str, k: int = 2,
-                  pairing: str = "both", length_penalty: float = 0.0) -> tuple[list[Any], dict[str, float]]:
+                  pairing: str = "both", length_penalty: float = 0.0, ranks: Ranks = SINGLE
+                  ) -> tuple[list[Any], dict[str, float]]:
     """Pairs at turn h of ``dialogues`` dialogues, each reply scored by the env.
 
     1. :func:`~agents.common.branching.plan_dialogues`: rows (without replacement), (H', h) per dialogue
@@ -83,16 +85,24 @@ def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParam
     4. :func:`make_pairs` with ``pairing``.
 
     ``rollin.num_envs`` dialogues are played at a time (``rollout_batch``); ``branches`` holds ``k`` sub-envs
-    per dialogue of a chunk.
+    per dialogue of a chunk. Under a launcher each process plays its block of the plan (``ranks``,
+    agents/common/distributed.py) and returns the pairs and statistics of that block.
     """
     plan = plan_dialogues(rng, dialogues, n_rows, rollin.core.config.max_turns, turn_sampling, prefix, future, k)
-    return make_pairs(grow(rollin, branches, engine, params, plan), pairing, length_penalty)
+    return make_pairs(grow(rollin, branches, engine, params, part(plan, ranks)), pairing, length_penalty)
+
+
+def part(plan: Plan, ranks: Ranks) -> Plan:
+    """This process's contiguous block of the plan (the whole plan in one process)."""
+    block = share(len(plan.starts), ranks)
+    return Plan(plan.starts[block], plan.turns[block], plan.horizons[block], plan.k, plan.complete)
 
 
 def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.random.Generator, dialogues: int,
-                      n_rows: int) -> list[Branch]:
+                      n_rows: int, ranks: Ranks = SINGLE) -> list[Branch]:
     """Full dialogues from task rows (drawn as in :func:`collect_pairs`), played from each row's own prefix to the
-    env's horizon with the policy and the user, ``venv.num_envs`` at a time: one branch per dialogue."""
+    env's horizon with the policy and the user, ``venv.num_envs`` at a time: one branch per dialogue (this
+    process's block of them under a launcher)."""
     plan = plan_dialogues(rng, dialogues, n_rows, venv.core.config.max_turns, "uniform", prefix="dataset",
                           future=True, k=1)  # uniform: H' = H; dataset: h = the row's own turn + 1
-    return [t.branches[0] for t in grow(venv, venv, engine, params, plan)]
+    return [t.branches[0] for t in grow(venv, venv, engine, params, part(plan, ranks))]

@@ -13,6 +13,7 @@ import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
 from agents.common.config import ConfigError, EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
+from agents.common.distributed import broadcast, setup
 from agents.common.evaluation import format_table, play_rows, save_json, summarize
 from agents.common.policy import PolicySettings, export_policy
 from agents.common.policy_engine import build_policy_engine
@@ -95,11 +96,12 @@ class Evaluator:
         return format_table(self.results)
 
 
-def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator, engine: Any) -> bool:
+def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator | None, engine: Any) -> bool:
     """Evaluate every ``cfg.eval.every`` iterations; True when ``stop_after`` asks this process to stop now
-    (a simulated interruption: the run continues with ``resume=true``)."""
+    (a simulated interruption: the run continues with ``resume=true``). ``evaluator`` is None on the processes of
+    a multi-process launch that do not evaluate (all but the main one)."""
     last = t + 1 >= cfg.iterations
-    if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and not last:
+    if evaluator is not None and cfg.eval.every and (t + 1) % cfg.eval.every == 0 and not last:
         evaluator.evaluate(engine, f"iteration {t + 1}")
     if cfg.stop_after and done_here >= cfg.stop_after and not last:
         log.info("stopping after %d iteration(s) as asked (stop_after); resume with resume=true", done_here)
@@ -107,9 +109,14 @@ def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator, engi
     return False
 
 
-def finish(name: str, cfg: Any, evaluator: Evaluator, engine: Any, model: Any, tokenizer: Any, run_dir: Path,
+def finish(name: str, cfg: Any, evaluator: Evaluator | None, engine: Any, model: Any, tokenizer: Any, run_dir: Path,
            logger: Any) -> dict[str, Any]:
-    """Final evaluation, the before/after table, the exported policy (``<run_dir>/policy``)."""
+    """Final evaluation, the before/after table, the exported policy (``<run_dir>/policy``); on the processes of a
+    multi-process launch that do not evaluate (``evaluator`` None), only the engine is closed."""
+    if evaluator is None:
+        if hasattr(engine, "close"):
+            engine.close()
+        return {}
     final = evaluator.evaluate(engine, f"{name} after {cfg.iterations} iteration(s)")
     print(f"\n{name} before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
     print(evaluator.table())
@@ -127,5 +134,7 @@ def launch(raw: Any, schema: type, run: Any) -> Any:
 
     setup_logging()
     cfg = merge_schema(raw, schema)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    # under `accelerate launch` every process writes to the main process's run directory (Hydra's timestamped
+    # directory can differ by a second between processes)
+    cfg.run_dir = broadcast(HydraConfig.get().runtime.output_dir, setup())
     return run(cfg)

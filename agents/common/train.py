@@ -12,6 +12,7 @@ import torch
 
 from agents.common.batching import Reply, reply_logprobs
 from agents.common.config import OptimSettings
+from agents.common.distributed import SINGLE, Ranks, all_reduce_gradients, all_reduce_sums
 from agents.common.losses import regression_loss
 from agents.common.policy import trainable_parameters
 
@@ -55,13 +56,17 @@ def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temp
 
 
 def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], pair_loss: Callable,
-                pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
-                ) -> list[dict[str, float]]:
+                pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator,
+                ranks: Ranks = SINGLE) -> list[dict[str, float]]:
     """``optim.epochs`` passes of minibatch updates over pairs, with gradient accumulation.
 
     ``pair_loss(logp_a, logp_b, pairs) -> (loss, metrics)`` gets the (M,) log-probs of each micro-batch's two
     replies under the current weights (``ref_*`` and rewards are on the pairs). REBEL/REFUEL and DPO differ only
     there. Returns one metrics dict per optimizer step.
+
+    Data-parallel (``ranks.world > 1``, every process holding all ``pairs``): process ``r`` takes rows ``r, r + W,
+    ...`` of each minibatch and the gradients are summed across processes before clipping, so every process takes
+    the single-process step (agents/common/distributed.py).
     """
     model.train()
     history = []
@@ -73,14 +78,17 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             micro = max(1, optim.micro_batch_size // 2)  # two sequences per pair
-            for m in range(0, len(batch), micro):
-                mb = batch[m:m + micro]
+            mine = batch[ranks.rank::ranks.world]  # this process's rows of the minibatch (all of it in one process)
+            for m in range(0, len(mine), micro):
+                mb = mine[m:m + micro]
                 logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
                                       optim.micro_batch_size, optim.max_length)
                 loss, metrics = pair_loss(logp[0::2], logp[1::2], mb)
                 (loss * len(mb) / len(batch)).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
+            all_reduce_gradients(params, ranks)
+            sums = all_reduce_sums(sums, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -91,8 +99,8 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
 
 
 def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], eta: float,
-                      pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator
-                      ) -> list[dict[str, float]]:
+                      pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator,
+                      ranks: Ranks = SINGLE) -> list[dict[str, float]]:
     """REBEL/REFUEL: regress each pair's log-ratio difference onto ``eta`` times its reward difference."""
 
     def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
@@ -100,4 +108,4 @@ def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
                                torch.tensor([p.ref_b for p in mb]), torch.tensor([p.reward_a for p in mb]),
                                torch.tensor([p.reward_b for p in mb]), eta)
 
-    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, temperature, optim, rng)
+    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, temperature, optim, rng, ranks)

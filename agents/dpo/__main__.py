@@ -59,6 +59,7 @@ from omegaconf import DictConfig
 
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import OptimSettings, build_task_early
+from agents.common.distributed import SINGLE, Ranks, check_processes, combine_stats, gather, setup
 from agents.common.logging import MetricLogger
 from agents.common.losses import dpo_loss
 from agents.common.policy import (
@@ -89,8 +90,8 @@ DATA_STREAM = 2**31 - 1  # rng stream of offline pair generation (iterations use
 
 
 def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], beta: float,
-                      label_smoothing: float, pad_id: int, optim: OptimSettings, rng: np.random.Generator
-                      ) -> list[dict[str, float]]:
+                      label_smoothing: float, pad_id: int, optim: OptimSettings, rng: np.random.Generator,
+                      ranks: Ranks = SINGLE) -> list[dict[str, float]]:
     """``optim.epochs`` passes of minibatch DPO over the pairs (``a`` chosen, ``b`` rejected, ``ref_*`` filled):
     the shared pair update of agents.common.train with the DPO loss. Returns one metrics dict per step."""
 
@@ -98,7 +99,7 @@ def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
         return dpo_loss(logp_a, logp_b, torch.tensor([p.ref_a for p in mb]), torch.tensor([p.ref_b for p in mb]),
                         beta, label_smoothing)
 
-    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng)
+    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng, ranks)
 
 
 def reference_logprobs(model: Any, reference: Any | None, pairs: Sequence[Pair], use_sft: bool, pad: int,
@@ -123,22 +124,27 @@ def run(cfg: DpoConfig) -> dict:
                  dropped or "none")
     elif online and cfg.data.source != "task":
         log.warning("mode=online samples its pairs through the env; data.source=%s is ignored", cfg.data.source)
+    ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
+    if from_task:
+        check_processes(cfg.dialogues, ranks)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
+    if ranks.device:  # one GPU per process under a launcher
+        model.to(ranks.device)
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
-        chunk = cfg.rollout_batch or cfg.dialogues
+        chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
         rollin = make_vec(cfg.env, chunk, task=task)
         branches = make_vec(cfg.env, cfg.n * chunk, task=task, reward_mode="terminal")
         n_rows = len(rollin.core.rows)
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
 
     fixed: list[Pair] = []
     data_stats: dict[str, float] = {}
@@ -147,18 +153,20 @@ def run(cfg: DpoConfig) -> dict:
             fixed, data_stats = collect_pairs(
                 rollin, branches, engine, params, np.random.default_rng([cfg.seed, DATA_STREAM]), cfg.dialogues,
                 n_rows, cfg.turn_sampling, future=False, prefix="dataset", k=cfg.n, pairing="best_worst",
-                length_penalty=cfg.length_penalty)
+                length_penalty=cfg.length_penalty, ranks=ranks)
+            reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the run
+            fixed, data_stats = gather(fixed, ranks), combine_stats(data_stats, ranks)
             if not fixed:
                 raise RuntimeError(f"every one of the {cfg.dialogues} sampled contexts was a tie; no pair to train on "
                                    "(raise dialogues or n)")
         else:
             fixed = [tokenize_pair(p, tokenizer) for p in prefs]
             data_stats = {"env/pairs": float(len(fixed)), **{f"env/dropped_{k}": float(v) for k, v in dropped.items()}}
-        reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the whole run
+            reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the run
     per_iteration = len(fixed) if fixed else cfg.dialogues
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * steps_per_iteration(per_iteration,
                                                                                                  cfg.optim))
-    logger = MetricLogger(run_dir, resume=cfg.resume)
+    logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
     start = 0
     if cfg.resume:
@@ -167,7 +175,7 @@ def run(cfg: DpoConfig) -> dict:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
             sync_policy(engine, model)
-    if not evaluator.results:
+    if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
     name = "DPO" if online else "offline DPO"
@@ -178,15 +186,16 @@ def run(cfg: DpoConfig) -> dict:
         if online:
             pairs, stats = collect_pairs(rollin, branches, engine, params, rng, cfg.dialogues, n_rows,
                                          cfg.turn_sampling, cfg.future, "on_policy", k=cfg.n, pairing="best_worst",
-                                         length_penalty=cfg.length_penalty)
+                                         length_penalty=cfg.length_penalty, ranks=ranks)
             reference_logprobs(model, reference, pairs, sft, pad, cfg.optim)
+            pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order
         else:
             pairs, stats = fixed, dict(data_stats)
         t_roll = time.time() - t0
         if not pairs:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
         history = preference_update(model, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
-                                    cfg.optim, np.random.default_rng([cfg.seed, t, 1]))
+                                    cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
@@ -195,11 +204,13 @@ def run(cfg: DpoConfig) -> dict:
             metrics["perf/reward_calls"] = float(rollin.core.reward_calls + branches.core.reward_calls)
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
-        logger.log(t + 1, metrics)
-        save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
+        if ranks.main:  # one process logs and saves (all hold the same weights)
+            logger.log(t + 1, metrics)
+            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
-            logger.close()
+            if logger is not None:
+                logger.close()
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)

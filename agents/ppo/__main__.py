@@ -70,6 +70,17 @@ from omegaconf import DictConfig
 from agents.common.batching import Reply, collate
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import build_task_early
+from agents.common.distributed import (
+    SINGLE,
+    Ranks,
+    all_reduce_gradients,
+    all_reduce_sums,
+    check_processes,
+    combine_stats,
+    gather,
+    setup,
+    share,
+)
 from agents.common.logging import MetricLogger
 from agents.common.logprobs import decoder_hidden_states, logprobs_from_hidden, token_logprobs
 from agents.common.losses import (
@@ -143,9 +154,11 @@ def build_agent(cfg: PpoConfig, model: Any) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(modules)
 
 
-def dialogue_turns(branches: Sequence[Any]) -> tuple[list[Turn], dict[str, float]]:
-    """Every assistant turn of the played dialogues (one branch each), in dialogue order, and rollout statistics."""
-    turns = [Turn(reply, d, score) for d, b in enumerate(branches) for reply, score in zip(b.replies, b.rewards)]
+def dialogue_turns(branches: Sequence[Any], first: int = 0) -> tuple[list[Turn], dict[str, float]]:
+    """Every assistant turn of the played dialogues (one branch each, dialogue indices from ``first``), in dialogue
+    order, and rollout statistics."""
+    turns = [Turn(reply, first + d, score) for d, b in enumerate(branches)
+             for reply, score in zip(b.replies, b.rewards)]
     stats = {"env/mean_return": float(np.mean([sum(b.rewards) for b in branches])),
              "env/mean_final_reward": float(np.mean([b.reward for b in branches])),
              "env/mean_turns": float(np.mean([b.turns for b in branches])),
@@ -235,12 +248,14 @@ def assign_advantages(turns: Sequence[Turn], dialogues: int, kl_coef: float, gam
 
 
 def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns: Sequence[Turn], dialogues: int,
-               cfg: PpoConfig, pad: int, rng: np.random.Generator) -> list[dict[str, float]]:
+               cfg: PpoConfig, pad: int, rng: np.random.Generator, ranks: Ranks = SINGLE) -> list[dict[str, float]]:
     """``optim.epochs`` epochs of minibatches of ``optim.batch_size`` dialogues (all their turns).
 
     Micro-batches of ``optim.micro_batch_size`` turns accumulate gradients weighted by their share of the
     minibatch's action tokens, so each step minimises the token mean over the minibatch. Returns one metrics dict
-    per optimizer step.
+    per optimizer step. Data-parallel (``ranks.world > 1``, every process holding all turns): process ``r`` takes
+    dialogues ``r, r + W, ...`` of each minibatch and the gradients are summed across processes before clipping
+    (agents/common/distributed.py), so every process takes the single-process step.
     """
     optim = cfg.optim
     agent.train()
@@ -251,8 +266,9 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
     for _ in range(optim.epochs):
         order = rng.permutation(dialogues)
         for start in range(0, dialogues, optim.batch_size):
-            batch = [t for d in order[start:start + optim.batch_size] for t in groups[d]]
-            tokens = sum(len(t.reply.token_ids) for t in batch)
+            picked = order[start:start + optim.batch_size]
+            tokens = sum(len(t.reply.token_ids) for d in picked for t in groups[d])  # the whole minibatch's
+            batch = [t for d in picked[ranks.rank::ranks.world] for t in groups[d]]  # this process's dialogues
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for m in range(0, len(batch), optim.micro_batch_size):
@@ -269,6 +285,8 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
                          "ratio": pg["ratio"], "value_loss": vf["loss"], "value_clip_fraction": vf["clip_fraction"]}
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * share
+            all_reduce_gradients(params, ranks)
+            sums = all_reduce_sums(sums, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -282,23 +300,27 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
 def run(cfg: PpoConfig) -> dict:
     """Train and evaluate."""
     validate(cfg)
+    ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
+    check_processes(cfg.dialogues, ranks)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
+    if ranks.device:  # one GPU per process under a launcher
+        model.to(ranks.device)
     reference = frozen_reference(model) if cfg.policy.lora_r == 0 else None  # LoRA: the adapter-disabled model
     agent = build_agent(cfg, model)
     pad = pad_id(tokenizer)
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
-    venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues, task=task)
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
+    venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues // ranks.world, task=task)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = len(venv.core.rows)
     total_steps = cfg.iterations * cfg.optim.epochs * math.ceil(cfg.dialogues / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(agent, cfg.optim, total_steps)
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    logger = MetricLogger(run_dir, resume=cfg.resume)
+    logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
     start = 0
     if cfg.resume:
@@ -307,20 +329,22 @@ def run(cfg: PpoConfig) -> dict:
             start, kl.value = saved["iteration"], saved["kl_coef"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
             sync_policy(engine, model)
-    if not evaluator.results:
+    if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
     for t in range(start, cfg.iterations):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
-        turns, stats = dialogue_turns(collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows))
+        played = collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows, ranks)
+        turns, stats = dialogue_turns(played, first=share(cfg.dialogues, ranks).start)
         t_roll = time.time() - t0
         score_turns(agent, reference, turns, pad, cfg.sampling.temperature, cfg.optim.max_length,
                     cfg.optim.micro_batch_size)
+        turns, stats = gather(turns, ranks), combine_stats(stats, ranks)  # every process: all turns, in order
         stats.update(assign_advantages(turns, cfg.dialogues, kl.value, cfg.gamma, cfg.lam, cfg.whiten_advantages))
         history = ppo_update(agent, optimizer, scheduler, turns, cfg.dialogues, cfg, pad,
-                             np.random.default_rng([cfg.seed, t, 1]))
+                             np.random.default_rng([cfg.seed, t, 1]), ranks)
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         kl.update(stats["policy/kl_ref"], cfg.dialogues)
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
@@ -328,11 +352,13 @@ def run(cfg: PpoConfig) -> dict:
                    "perf/user_calls": float(venv.core.user_calls), "perf/reward_calls": float(venv.core.reward_calls)}
         for k in history[0]:
             metrics[k] = float(np.mean([h[k] for h in history]))
-        logger.log(t + 1, metrics)
-        save_checkpoint(run_dir, agent, optimizer, scheduler, {"iteration": t + 1, "kl_coef": kl.value})
+        if ranks.main:  # one process logs and saves (all hold the same weights)
+            logger.log(t + 1, metrics)
+            save_checkpoint(run_dir, agent, optimizer, scheduler, {"iteration": t + 1, "kl_coef": kl.value})
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
-            logger.close()
+            if logger is not None:
+                logger.close()
             return {"stopped_at": t + 1}
 
     return finish("PPO", cfg, evaluator, engine, model, tokenizer, run_dir, logger)

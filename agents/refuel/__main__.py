@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import build_task_early
+from agents.common.distributed import check_processes, combine_stats, gather, setup
 from agents.common.logging import MetricLogger
 from agents.common.policy import load_policy
 from agents.common.policy_engine import sync_policy
@@ -66,20 +67,24 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name: str = "REFUEL") -> dict:
     """Train and evaluate. REBEL reuses this loop with ``future=False`` (immediate reward, no completion)."""
     validate(cfg)
+    ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
+    check_processes(cfg.dialogues, ranks)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
+    if ranks.device:  # one GPU per process under a launcher
+        model.to(ranks.device)
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
-    chunk = cfg.rollout_batch or cfg.dialogues
+    chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
     rollin = make_vec(cfg.env, chunk, task=task)
     branches = make_vec(cfg.env, 2 * chunk, task=task, reward_mode="terminal")
-    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
+    evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = len(rollin.core.rows)
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
     optimizer, scheduler = make_optimizer(model, cfg.optim, total_steps)
-    logger = MetricLogger(run_dir, resume=cfg.resume)
+    logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
     start = 0
     if cfg.resume:
@@ -88,7 +93,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
             sync_policy(engine, model)
-    if not evaluator.results:
+    if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
@@ -96,11 +101,13 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
-                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix)
+                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix, ranks=ranks)
         t_roll = time.time() - t0
         fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
+        pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order
         history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
-                                    cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]))
+                                    cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]),
+                                    ranks)
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
@@ -108,11 +115,13 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
                    "perf/reward_calls": float(rollin.core.reward_calls + branches.core.reward_calls)}
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
-        logger.log(t + 1, metrics)
-        save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
+        if ranks.main:  # one process logs and saves (all hold the same weights)
+            logger.log(t + 1, metrics)
+            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
-            logger.close()
+            if logger is not None:
+                logger.close()
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)

@@ -1,0 +1,71 @@
+"""Data-parallel training under `accelerate launch` (2 CPU processes, gloo): the update equals the single-process
+update on the same data, one process logs and evaluates; bad launches fail at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agents.common.config import ConfigError
+from agents.common.distributed import Ranks, check_processes, combine_stats, gather, setup, share
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(agent: str, run_dir: Path, processes: int, *overrides: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["-m", f"agents.{agent}", "+experiment=smoke", f"hydra.run.dir={run_dir}", "export=false", *overrides]
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "conf" / "accelerate" / "cpu2.yaml"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["refuel", "ppo"])
+def test_two_processes_take_the_single_process_step(agent, tmp_path):
+    log = run(agent, tmp_path / "two", 2, "dialogues=4")
+    run(agent, tmp_path / "one", 1, "dialogues=4")
+    assert "process 0 of 2" in log and "process 1 of 2" in log
+    one, two = (load_file(str(tmp_path / d / "checkpoints" / "last" / "trainable.safetensors")) for d in ("one", "two"))
+    assert set(one) == set(two) and len(one) > 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m2) == 2 and [sorted(r) for r in m1] == [sorted(r) for r in m2]  # one process logged, every key
+    for r1, r2 in zip(m1, m2):
+        for k in r1:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+    evals = json.loads((tmp_path / "two" / "eval.json").read_text())["evaluations"]
+    assert len(evals) == 2  # evaluated once before and once after, by the main process only
+
+
+def test_one_process_is_the_identity():
+    ranks = setup()
+    assert ranks == Ranks() and ranks.main
+    assert gather([1, 2], ranks) == [1, 2] and combine_stats({"env/pairs": 2.0}, ranks) == {"env/pairs": 2.0}
+    assert share(6, Ranks(1, 3)) == slice(2, 4)
+
+
+def test_uneven_dialogues_and_sharding_launchers_fail_at_start_up(monkeypatch):
+    with pytest.raises(ConfigError, match="dialogues=5 does not split evenly over the 2 launched processes"):
+        check_processes(5, Ranks(0, 2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asks for FSDP.*do not shard the model"):
+        setup()
