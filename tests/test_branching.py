@@ -112,6 +112,8 @@ def test_trees_do_not_depend_on_the_chunk_size(engine):
         assert all(b.final.turn == max(hp, t.turn) and b.reward == b.rewards[-1] for b in t.branches)
         assert t.state.turn == t.turn - 1 and t.state.messages == t.branches[0].messages[:len(t.state.messages)]
     assert any(t.branches[0].reply.token_ids != t.branches[1].reply.token_ids for t in whole)
+    assert [t.rollin_replies for t in whole] == [h - 1 for h in plan.turns]  # rows start at turn 0
+    assert whole[0].policy_samples == whole[0].rollin_replies + sum(b.turns for b in whole[0].branches)
     reply = whole[0].branches[0].reply
     assert reply.logprobs is not None and len(reply.logprobs) == len(reply.token_ids)
 

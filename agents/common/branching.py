@@ -167,11 +167,18 @@ class Branch:
 
 @dataclass
 class Tree:
-    """One dialogue of a plan: the state s_h it was branched at, its turn h, and its k branches."""
+    """One dialogue of a plan: the state s_h it was branched at, its turn h, its k branches, and how many policy
+    replies the roll-in to s_h sampled."""
 
     state: DialogueState
     turn: int
     branches: list[Branch]
+    rollin_replies: int = 0
+
+    @property
+    def policy_samples(self) -> int:
+        """Every policy reply this dialogue cost: the roll-in's and every branch's."""
+        return self.rollin_replies + sum(b.turns for b in self.branches)
 
 
 def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
@@ -197,13 +204,15 @@ def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
 
 
 def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Start], turns: Sequence[int]
-            ) -> list[tuple[DialogueState, int]]:
-    """Play each start with the policy until it reaches turn ``turns[i]``; return ``(s_h, h)`` per dialogue."""
+            ) -> list[tuple[DialogueState, int, int]]:
+    """Play each start with the policy until it reaches turn ``turns[i]``; return ``(s_h, h, replies sampled)``
+    per dialogue."""
     if len(starts) > venv.num_envs:
         raise ValueError(f"{len(starts)} dialogues for a vector env of {venv.num_envs}")
     obs = _reset_to_starts(venv, starts)
     states = venv.get_states()
     reached = states[: len(starts)]
+    sampled = [0] * len(starts)
     while True:
         seeds = [policy_turn_seed(starts[i].policy_seed, states[i].turn)
                  if i < len(starts) and not states[i].done and states[i].turn < turns[i] - 1 else None
@@ -212,11 +221,13 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
             break
         gens = act(engine, obs, seeds, params)
         obs, *_ = venv.step([action_text(g) if g is not None else None for g in gens])
+        for i in range(len(starts)):
+            sampled[i] += gens[i] is not None
         states = venv.get_states()
         for i in range(len(starts)):
             if not states[i].done:
                 reached[i] = states[i]
-    return [(s, s.turn + 1) for s in reached]
+    return [(s, s.turn + 1, n) for s, n in zip(reached, sampled)]
 
 
 def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[DialogueState], policy_seeds: Sequence[int],
@@ -283,8 +294,8 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
     for lo in range(0, len(plan.starts), size):
         starts = plan.starts[lo:lo + size]
         reached = roll_in(rollin, engine, params, starts, plan.turns[lo:lo + size])
-        horizons = [max(hp, h) if plan.complete else h for hp, (_, h) in zip(plan.horizons[lo:lo + size], reached)]
-        tree = fork(branches, engine, params, [s for s, _ in reached], [s.policy_seed for s in starts], plan.k,
+        horizons = [max(hp, h) if plan.complete else h for hp, (_, h, _) in zip(plan.horizons[lo:lo + size], reached)]
+        tree = fork(branches, engine, params, [s for s, _, _ in reached], [s.policy_seed for s in starts], plan.k,
                     horizons)
-        out += [Tree(s, h, row) for (s, h), row in zip(reached, tree)]
+        out += [Tree(s, h, row, n) for (s, h, n), row in zip(reached, tree)]
     return out

@@ -3,8 +3,8 @@ processes train on all the pairs with their gradients summed across processes, t
 
 Run (``conf/accelerate/*.yaml`` hold ready launcher configs):
 
-    accelerate launch --config_file conf/accelerate/ddp_8gpu.yaml -m agents.refuel +env=arithmetic
-    accelerate launch --cpu --num_processes 2 -m agents.refuel +experiment=smoke        # 2 CPU processes, gloo
+    accelerate launch --config_file conf/accelerate/ddp_gpu8.yaml -m agents.refuel +env=arithmetic
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m agents.refuel +experiment=smoke   # 2 CPU, gloo
 
 How an iteration is split. Every process draws the same plan (agents/common/branching.py: rows, turns and seeds
 per dialogue, from ``(seed, t)``) and plays its contiguous block of it (:func:`share`). Because every seed is per
@@ -19,7 +19,7 @@ Why not the DDP wrapper's forward hook. The log-prob path calls the decoder and 
 materialises full-vocabulary logits; agents/common/logprobs.py), which bypasses a ``DistributedDataParallel``
 wrapper's forward. The gradient synchronisation is therefore the collective DDP itself runs (one all-reduce of the
 LoRA gradients per optimizer step, in one flat bucket), called explicitly. Full fine-tuning with FSDP would need
-the sharded forward and is not wired (README, "Scaling out").
+the sharded forward and is not wired (README, "Real models and GPUs"); :func:`setup` refuses such a launch.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-COUNT_KEYS = ("env/pairs", "env/ties_dropped", "env/identical_pairs_dropped")  # summed across processes
+# statistics summed across processes (the rest are averaged)
+COUNT_KEYS = ("env/pairs", "env/ties_dropped", "env/identical_pairs_dropped", "env/policy_samples")
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,35 @@ def setup() -> Ranks:
 
             raise ConfigError(f"the accelerate config asks for {what}; the agents train data-parallel with full "
                               "replicas (DDP-style gradient all-reduce, LoRA) and do not shard the model: launch "
-                              "with conf/accelerate/ddp_gpu8.yaml (or gpu1.yaml), see README 'Scaling out'")
+                              "with conf/accelerate/ddp_gpu8.yaml (or gpu1.yaml), see README 'Real models and GPUs'")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    state = PartialState()
-    device = str(state.device) if state.device.type == "cuda" else None
-    logging.getLogger("agents").info("process %d of %d (%s, backend %s)", state.process_index, state.num_processes,
-                                     state.device, state.backend)
-    return Ranks(state.process_index, state.num_processes, device)
+    if dist.is_initialized():  # joined already (launch() and run() both ask)
+        return Ranks(dist.get_rank(), dist.get_world_size(), _device())
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        state = PartialState()  # NCCL, one GPU per process
+        rank, world, device = state.process_index, state.num_processes, str(state.device)
+    else:
+        # accelerate's own CPU multi-process path needs mpirun; its torchrun launcher (MULTI_GPU config, as
+        # conf/accelerate/cpu2.yaml) starts the processes, and on a machine without CUDA they join with gloo here
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        rank, world, device = dist.get_rank(), dist.get_world_size(), None
+    logging.getLogger("agents").info("process %d of %d (%s, backend %s)", rank, world, device or "cpu",
+                                     dist.get_backend())
+    return Ranks(rank, world, device)
+
+
+def _device() -> str | None:
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return str(PartialState().device)
+    return None
 
 
 def check_processes(dialogues: int, ranks: Ranks) -> None:

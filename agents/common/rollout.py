@@ -32,7 +32,8 @@ def make_pairs(trees: Sequence[Tree], pairing: str = "both", length_penalty: flo
     way a pair whose two turn-h replies are token-identical is dropped.
 
     Statistics: ``env/mean_return``, ``env/mean_reply_tokens`` and ``env/cut_replies`` are over every branch's
-    turn-h reply; ``env/reward_chosen``/``env/reward_rejected`` only with ``best_worst``.
+    turn-h reply; ``env/policy_samples`` counts every policy reply of the roll-ins and branches;
+    ``env/reward_chosen``/``env/reward_rejected`` only with ``best_worst``.
     """
     from agents.common.train import Pair
 
@@ -61,6 +62,7 @@ def make_pairs(trees: Sequence[Tree], pairing: str = "both", length_penalty: flo
              "env/identical_pairs_dropped": float(identical),
              "env/mean_return": float(np.mean([x.reward for x in every])) if every else 0.0,
              "env/mean_turn_h": float(np.mean([t.turn for t in trees])) if trees else 0.0,
+             "env/policy_samples": float(sum(t.policy_samples for t in trees)),
              "env/mean_reply_tokens": float(np.mean([len(x.reply.token_ids) for x in every])) if every else 0.0,
              "env/cut_replies": float(np.mean([not x.reply.finished for x in every])) if every else 0.0}
     if pairing == "best_worst":
