@@ -69,3 +69,10 @@ def test_uneven_dialogues_and_sharding_launchers_fail_at_start_up(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP.*do not shard the model"):
         setup()
+
+
+def test_a_vllm_policy_per_process_on_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="policy.engine=vllm with several processes on GPUs is not wired"):
+        check_processes(4, Ranks(0, 2), "vllm")
+    check_processes(4, Ranks(0, 1), "vllm")  # one process: fine

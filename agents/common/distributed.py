@@ -91,10 +91,15 @@ def _device() -> str | None:
     return None
 
 
-def check_processes(dialogues: int, ranks: Ranks) -> None:
-    """Start-up check: the dialogues of an iteration split evenly over the launched processes."""
+def check_processes(dialogues: int, ranks: Ranks, policy_engine: str = "hf") -> None:
+    """Start-up checks of a launch: the dialogues of an iteration split evenly over the processes; a vLLM policy
+    engine per process only on CPU (on GPUs each process's engine would need its own device, not wired)."""
     from agents.common.config import ConfigError
 
+    if ranks.world > 1 and policy_engine == "vllm" and torch.cuda.is_available():
+        raise ConfigError("policy.engine=vllm with several processes on GPUs is not wired (every process would "
+                          "start its engine on the same device): launch one process (conf/accelerate/gpu1.yaml) "
+                          "or use policy.engine=hf")
     if dialogues % ranks.world:
         raise ConfigError(f"dialogues={dialogues} does not split evenly over the {ranks.world} launched processes: "
                           f"make dialogues a multiple of {ranks.world}")

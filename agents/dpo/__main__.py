@@ -125,8 +125,7 @@ def run(cfg: DpoConfig) -> dict:
     elif online and cfg.data.source != "task":
         log.warning("mode=online samples its pairs through the env; data.source=%s is ignored", cfg.data.source)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
-    if from_task:
-        check_processes(cfg.dialogues, ranks)
+    check_processes(cfg.dialogues if from_task else 0, ranks, cfg.policy.engine)  # file pairs: any count
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)

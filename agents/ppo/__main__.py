@@ -301,7 +301,7 @@ def run(cfg: PpoConfig) -> dict:
     """Train and evaluate."""
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
-    check_processes(cfg.dialogues, ranks)
+    check_processes(cfg.dialogues, ranks, cfg.policy.engine)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)

@@ -27,6 +27,9 @@ Deviations from the paper and its reference code:
   5. Evaluation is in-run: fixed held-out states and user seeds, win rate per turn vs the initial policy judged
      by the env's reward (the paper uses GPT-4 as judge).
   6. Optimizer steps follow a cosine schedule across all iterations (the reference restarts it per iteration).
+  7. The task rows of an iteration are drawn without replacement, and every dialogue carries its own env and
+     policy seeds (agents/common/branching.py), so the pairs do not depend on rollout_batch or on how many
+     processes share the iteration (accelerate launch, agents/common/distributed.py).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     """Train and evaluate. REBEL reuses this loop with ``future=False`` (immediate reward, no completion)."""
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
-    check_processes(cfg.dialogues, ranks)
+    check_processes(cfg.dialogues, ranks, cfg.policy.engine)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
