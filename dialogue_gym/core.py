@@ -54,6 +54,8 @@ class EnvConfig:
             available, else CPU; ``$DIALOGUE_GYM_DEVICE`` overrides), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``.
+        engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
+            (HF: static KV cache, compiled on CUDA) or ``{"max_num_seqs": 256}`` (vLLM).
     """
 
     task: Any = "embedded"
@@ -71,6 +73,7 @@ class EnvConfig:
     user_max_new_tokens: int = 96
     device: str = "auto"
     dtype: str = "auto"
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
@@ -87,6 +90,9 @@ class EnvConfig:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
+        if not isinstance(self.engine_options, dict):
+            raise DialogueError(f"engine_options must be a dict of engine keyword arguments, got "
+                                f"{type(self.engine_options).__name__}")
         if self.split not in ("train", "test"):
             raise DialogueError(f"split is {self.split!r}; allowed: train, test")
 
@@ -137,7 +143,7 @@ class DialogueCore:
                 kwargs = {"device": c.device, "dtype": c.dtype}
             elif c.engine == "vllm" and c.dtype != "auto":  # vLLM places its model itself; it takes the dtype
                 kwargs = {"dtype": str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")}
-            self._engine = make_engine(c.engine, c.model, **kwargs)
+            self._engine = make_engine(c.engine, c.model, **kwargs, **dict(c.engine_options or {}))
         return self._engine
 
     def describe(self) -> dict[str, Any]:

@@ -96,6 +96,42 @@ def embedded_model_dir() -> Path:
     return target
 
 
+RANDOM_DIRNAME = "smollm2-135m-random-weights"
+
+
+def random_weights_dir(seed: int = 0) -> Path:
+    """A saved copy of the embedded architecture (SmolLM2-135M config and tokenizer) with random weights.
+
+    For throughput measurements where the real weights may be absent (generation speed does not depend on the
+    weights): only the embedded config and tokenizer are read. Written once under the cache directory,
+    atomically; fp32 on disk (load it in any dtype).
+    """
+    target = cache_dir() / f"{RANDOM_DIRNAME}-{seed}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = embedded_model_dir()
+    config = AutoConfig.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{RANDOM_DIRNAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def load_tokenizer(name: str = EMBEDDED) -> Any:
     """The tokenizer of ``name`` (``"tiny"`` shares the embedded tokenizer)."""
     from transformers import AutoTokenizer

@@ -36,6 +36,7 @@ class EnvSettings:
     user_max_new_tokens: int = 96  # LLM user output cap in tokens
     device: str = "auto"  # device of the env's models (user on HF, judge, reward model): auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # their weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    engine_options: dict[str, Any] = field(default_factory=dict)  # user engine kwargs, e.g. {cache: static} (HF)
 
 
 @dataclass
