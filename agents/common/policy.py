@@ -55,7 +55,9 @@ def load_policy(settings: PolicySettings, seed: int = 0) -> tuple[Any, Any]:
 
         config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             target_modules=list(settings.lora_targets), bias="none", task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]):
+        # The adapters are initialised on the model's device, from its generator: fork (and restore) that one too.
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
             torch.manual_seed(seed)
             model = get_peft_model(model, config, autocast_adapter_dtype=True)  # fp32 adapters on bf16 weights
     if settings.gradient_checkpointing:

@@ -124,13 +124,19 @@ def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dty
     return model, tokenizer
 
 
+def _cuda_devices(model: Any) -> list[torch.device]:
+    """The model's CUDA device, if any: adapters initialised there draw from its generator."""
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
+
+
 def add_lora(model: Any, kind: str, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:
     """Wrap the model with LoRA adapters (for bt, the head is trained in full through peft's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         task_type="SEQ_CLS" if kind == "bt" else "CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices(model), device_type="cuda"):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
