@@ -169,7 +169,8 @@ class HFEngine:
             else CPU); for a given pair, None leaves it where it is and a device string moves it there.
         dtype: weight dtype of a named model: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``,
             ``"bfloat16"``, ``"float16"``. Sampling and log-probs are computed in fp32 either way.
-        max_batch_size: prompts per forward batch; larger batches are split.
+        max_batch_size: prompts per ``generate`` call; larger batches are split. Default: 32 on CPU (where
+            batching beyond that gains little), 256 on CUDA (a GPU needs wide batches to be busy).
         seed: seeds the engine's own stream, used for rows that come without a seed.
         cache: ``"dynamic"`` (transformers' default KV cache) or ``"static"`` (a preallocated cache that
             ``generate`` compiles with ``torch.compile`` on CUDA: several times faster per token there once
@@ -184,12 +185,14 @@ class HFEngine:
     """
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", device: str | None = None,
-                 max_batch_size: int = 32, seed: int = 0, dtype: str | torch.dtype = "auto",
+                 max_batch_size: int | None = None, seed: int = 0, dtype: str | torch.dtype = "auto",
                  cache: str = "dynamic"):
         from dialogue_gym.models import load_model, resolve_device, resolve_dtype
 
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer (or None for the device default), got "
+                             f"{max_batch_size!r}")
         if cache not in CACHES:
             raise ValueError(f"cache is {cache!r}; allowed: {', '.join(CACHES)}")
         if isinstance(model, str):
@@ -202,7 +205,7 @@ class HFEngine:
             self.name = getattr(self.model.config, "_name_or_path", "custom") or "custom"
             if device is not None:
                 self.model.to(resolve_device(device))
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size or (256 if self.device.type == "cuda" else 32)
         self.cache = cache
         self._rng = np.random.default_rng(seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

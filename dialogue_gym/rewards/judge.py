@@ -31,14 +31,14 @@ class LLMJudge:
 
     Args:
         model: model name for :func:`dialogue_gym.models.load_model`, or a ``(model, tokenizer)`` pair.
-        max_batch_size: conversations per forward pass.
+        max_batch_size: conversations per forward pass (default 16 on CPU, 64 on CUDA).
         max_prompt_tokens: longer prompts are cut from the left of the dialogue (the instruction is kept).
         device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
         dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
             computed in fp64 from the digits' logits either way.
     """
 
-    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int = 16,
+    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int | None = None,
                  max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto"):
         if isinstance(model, str):
             from dialogue_gym.models import load_model
@@ -48,7 +48,8 @@ class LLMJudge:
         else:
             self.model, self.tokenizer = model
             self.name = "custom"
-        self.max_batch_size = max_batch_size
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        self.max_batch_size = max_batch_size or (64 if on_cuda else 16)
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
         for d in "123456789":
