@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from agents.common.batching import values_like
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import OptimSettings, build_task_early
 from agents.common.distributed import SINGLE, Ranks, check_processes, combine_stats, gather, setup
@@ -96,8 +97,8 @@ def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
     the shared pair update of agents.common.train with the DPO loss. Returns one metrics dict per step."""
 
     def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
-        return dpo_loss(logp_a, logp_b, torch.tensor([p.ref_a for p in mb]), torch.tensor([p.ref_b for p in mb]),
-                        beta, label_smoothing)
+        return dpo_loss(logp_a, logp_b, values_like([p.ref_a for p in mb], logp_a),
+                        values_like([p.ref_b for p in mb], logp_a), beta, label_smoothing)
 
     return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng, ranks)
 
@@ -130,9 +131,9 @@ def run(cfg: DpoConfig) -> dict:
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     if ranks.device:  # one GPU per process under a launcher
-        model.to(ranks.device)
+        cfg.policy.device = ranks.device
+    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled

@@ -306,9 +306,9 @@ def run(cfg: PpoConfig) -> dict:
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     if ranks.device:  # one GPU per process under a launcher
-        model.to(ranks.device)
+        cfg.policy.device = ranks.device
+    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     reference = frozen_reference(model) if cfg.policy.lora_r == 0 else None  # LoRA: the adapter-disabled model
     agent = build_agent(cfg, model)
     pad = pad_id(tokenizer)

@@ -76,9 +76,9 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     # before any model loads
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     if ranks.device:  # one GPU per process under a launcher
-        model.to(ranks.device)
+        cfg.policy.device = ranks.device
+    model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
     rollin = make_vec(cfg.env, chunk, task=task)
