@@ -137,15 +137,23 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown setup(s) {unknown}; allowed: {', '.join(SETUPS)}")
     load_before = os.getloadavg()
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as out:
         for name in names:
             print(f"running {name} ...", flush=True)
             results.append(run_setup(name, args.dialogues, args.iterations, args.max_new_tokens, Path(out)))
             print(table(results), flush=True)
+            write_report(args, results, "", load_before)  # a partial report survives an interruption
     comparison = compare_rollouts(args.compare, args.max_new_tokens) if args.compare else ""
     if comparison:
         print(comparison, flush=True)
+    write_report(args, results, comparison, load_before)
+    print(f"wrote {RESULTS}")
+
+
+def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comparison: str,
+                 load_before: tuple[float, float, float]) -> None:
+    """``benchmarks/results/train_throughput.md``: the table, the same-seed comparison, machine and load."""
     load_after = os.getloadavg()
     info = machine_info()
     command = "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:])
@@ -154,15 +162,15 @@ def main() -> None:
         f"Command: `{command}`", "",
         f"REFUEL on the arithmetic task (critic user and verifier: no model in the env), embedded SmolLM2-135M "
         f"policy with LoRA r = 16, {args.dialogues} dialogues per iteration, replies of at most "
-        f"{args.max_new_tokens} tokens, horizon 3, batch 8 pairs; the last of {args.iterations} iterations is "
+        f"{args.max_new_tokens} tokens, horizon 3, batch 8 pairs; the last of {args.iterations} iteration(s) is "
         "reported. Ratios are against the first row.", "",
         table(results), "",
         *(["## The same seeds on HF and vLLM", "",
-            f"The initial policy plays the first {args.compare} arithmetic test rows with the same env and policy "
-            "seeds on each engine (horizon 3, every turn verified). Greedy decoding should agree up to near-ties "
-            "that the two engines' float kernels break differently; sampled replies differ because each engine "
-            "draws its own noise from a seed (same distribution, different samples; the log-prob test checks the "
-            "distributions agree).", "", comparison, ""] if comparison else []),
+           f"The initial policy plays the first {args.compare} arithmetic test rows with the same env and policy "
+           "seeds on each engine (horizon 3, every turn verified). Greedy decoding should agree up to near-ties "
+           "that the two engines' float kernels break differently; sampled replies differ because each engine "
+           "draws its own noise from a seed (same distribution, different samples; the log-prob test checks the "
+           "distributions agree).", "", comparison, ""] if comparison else []),
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, torch {info['torch']}, "
         f"python {info['python']}, {info['date']}. Load average (1/5/15 min) before: "
         f"{'/'.join(f'{x:.1f}' for x in load_before)}, after: {'/'.join(f'{x:.1f}' for x in load_after)}.", "",
@@ -174,7 +182,6 @@ def main() -> None:
         text += ["", args.note]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(text) + "\n")
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
