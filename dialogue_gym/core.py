@@ -26,7 +26,7 @@ from dialogue_gym.conversation import (
 )
 
 REWARD_MODES = ("terminal", "per_turn", "delta")
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "openai")
 
 
 @dataclass
@@ -38,7 +38,18 @@ class EnvConfig:
         task_kwargs: keyword arguments for the task (data path, difficulty, ...).
         split: which split reset draws rows from (``"train"`` or ``"test"``).
         model: the model behind the LLM user and the LLM judge (``"embedded"``, ``"tiny"``, path, hub id).
-        engine: generation backend for the LLM user: ``"hf"`` or ``"vllm"``.
+        engine: generation backend of the LLM user (and, unless ``judge_engine`` says otherwise, the LLM judge):
+            ``"hf"``, ``"vllm"`` (in process) or ``"openai"`` (an OpenAI-compatible server at ``base_url``).
+        base_url: the user's server for ``engine="openai"``, e.g. ``http://127.0.0.1:8000/v1``; ``model`` is then
+            the served model name. The API key comes from an environment variable only (``engine_kwargs``'
+            ``api_key_env``, default ``OPENAI_API_KEY``).
+        engine_kwargs: settings of the user's engine (openai: ``api``, ``api_key_env``, ``max_concurrency``,
+            ``timeout_s``, ``max_retries``, ``backoff_s``; vllm: ``gpu_memory_utilization``, ``max_model_len``, ...).
+        judge_model: the LLM judge's model (``reward="judge"``); None: ``model``.
+        judge_engine: the LLM judge's backend; None: ``engine``.
+        judge_base_url: the judge's server when its engine is ``"openai"``; None: ``base_url``.
+        judge_engine_kwargs: settings of the judge's engine; None: ``engine_kwargs`` when the judge's backend is
+            the user's, else none.
         user: user simulator spec (``"llm"``, ``"replay"``, ``"scripted"``, a task-specific name) or instance;
             None takes the task's default.
         reward: reward spec (``"judge"``, ``"verifier"``, a reward-model path, ...) or instance; None takes the
@@ -57,6 +68,12 @@ class EnvConfig:
     split: str = "train"
     model: str = "embedded"
     engine: str = "hf"
+    base_url: str | None = None
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    judge_model: str | None = None
+    judge_engine: str | None = None
+    judge_base_url: str | None = None
+    judge_engine_kwargs: dict[str, Any] | None = None
     user: Any = None
     reward: Any = None
     reward_mode: str = "terminal"
@@ -71,12 +88,57 @@ class EnvConfig:
             raise DialogueError(f"reward_mode is {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
         if self.engine not in ENGINES:
             raise DialogueError(f"engine is {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.judge_engine is not None and self.judge_engine not in ENGINES:
+            raise DialogueError(f"judge_engine is {self.judge_engine!r}; allowed: {', '.join(ENGINES)} or None (the "
+                                "user's engine)")
+        for name in ("engine_kwargs", "judge_engine_kwargs"):
+            value = getattr(self, name)
+            if not (isinstance(value, Mapping) or (value is None and name == "judge_engine_kwargs")):
+                raise DialogueError(f"{name} must be a dict of engine settings, got {type(value).__name__}")
+        self.user_engine_spec()
+        self.judge_engine_spec()
         if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
         if self.split not in ("train", "test"):
             raise DialogueError(f"split is {self.split!r}; allowed: train, test")
+
+
+    def user_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
+        """``(kind, model, kwargs)`` of the LLM user's engine, for :func:`dialogue_gym.generation.make_engine`."""
+        return self.engine, self.model, _engine_kwargs("", self.engine, self.base_url, dict(self.engine_kwargs))
+
+    def judge_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
+        """``(kind, model, kwargs)`` of the LLM judge's engine (``reward="judge"``)."""
+        kind = self.judge_engine or self.engine
+        url = self.judge_base_url if self.judge_base_url is not None else (
+            self.base_url if kind == "openai" and self.engine == "openai" else None)
+        if self.judge_engine_kwargs is not None:
+            kwargs = dict(self.judge_engine_kwargs)
+        else:
+            kwargs = dict(self.engine_kwargs) if kind == self.engine else {}
+        return kind, self.judge_model or self.model, _engine_kwargs("judge_", kind, url, kwargs)
+
+
+def _engine_kwargs(prefix: str, kind: str, base_url: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Checks the server settings of one role and returns its engine's keyword arguments."""
+    if kind != "openai":
+        if base_url is not None:
+            raise DialogueError(f"{prefix}base_url is set but the {prefix or 'user '}engine is {kind!r}; a base URL "
+                                "needs engine 'openai'")
+        return kwargs
+    if base_url is None:
+        raise DialogueError(f"{prefix}engine 'openai' needs {prefix}base_url, the server's API root, e.g. "
+                            "http://127.0.0.1:8000/v1")
+    if "base_url" in kwargs:
+        raise DialogueError(f"give the server as {prefix}base_url, not inside the engine kwargs")
+    from dialogue_gym.generation.openai import check_base_url
+
+    try:
+        return {"base_url": check_base_url(base_url), **kwargs}
+    except ValueError as e:
+        raise DialogueError(f"{prefix}base_url: {e}") from None
 
 
 @dataclass
@@ -101,6 +163,8 @@ class DialogueCore:
         self.config = config
         self.task = build_task(config.task, **config.task_kwargs)
         self._engine: Any = None
+        if config.engine == "openai":  # check the server now: a down server or a missing model fails fast
+            self.engine()
         self.user = build_user(config.user if config.user is not None else self.task.default_user, self.task,
                                self.engine, config)
         self.reward = build_reward(config.reward if config.reward is not None else self.task.default_reward,
@@ -118,7 +182,8 @@ class DialogueCore:
         if self._engine is None:
             from dialogue_gym.generation import make_engine
 
-            self._engine = make_engine(self.config.engine, self.config.model)
+            kind, model, kwargs = self.config.user_engine_spec()
+            self._engine = make_engine(kind, model, **kwargs)
         return self._engine
 
     def describe(self) -> dict[str, Any]:
