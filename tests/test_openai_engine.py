@@ -250,3 +250,30 @@ def test_make_engine_shares_one_engine_per_server_and_model(server):
     a = make_engine("openai", "tiny", base_url=server.url)
     b = make_engine("openai", "tiny", base_url=server.url)
     assert a is b
+
+
+def test_hydra_env_settings_carry_the_servers_and_bad_ones_are_config_errors():
+    from hydra import compose, initialize_config_dir
+
+    from agents.common.config import ConfigError, check_engines, env_kwargs, merge_schema
+    from agents.refuel.config import RefuelConfig, validate
+    from tests.test_agents_regression import CONF
+
+    overrides = ["env.engine=openai", "env.base_url=http://user-node:8000/v1", "env.judge_engine=openai",
+                 "env.judge_base_url=http://judge-node:8001/v1", "env.judge_model=judge-7b",
+                 "+env.engine_kwargs.max_concurrency=64"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = merge_schema(compose(config_name="refuel", overrides=overrides), RefuelConfig)
+    kw = env_kwargs(cfg.env)
+    assert kw["engine"] == "openai" and kw["base_url"] == "http://user-node:8000/v1"
+    assert kw["judge_base_url"] == "http://judge-node:8001/v1" and kw["judge_model"] == "judge-7b"
+    assert kw["engine_kwargs"] == {"max_concurrency": 64} and "judge_engine_kwargs" not in kw
+    validate(cfg)  # no server is asked at validation
+    cfg.env.judge_base_url = None
+    cfg.env.judge_engine = "vllm"
+    with pytest.raises(ConfigError, match="env: judge_base_url is set|env: base_url is set"):
+        cfg.env.judge_base_url = "http://judge-node:8001/v1"
+        check_engines(cfg.env)
+    cfg.env.base_url = None
+    with pytest.raises(ConfigError, match="env: engine 'openai' needs base_url"):
+        validate(cfg)

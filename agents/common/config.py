@@ -26,7 +26,13 @@ class EnvSettings:
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # task settings (data path, difficulty, ...)
     split: str = "train"  # split training rollouts are drawn from (evaluation always uses "test")
     model: str = "embedded"  # model behind the LLM user and the LLM judge
-    engine: str = "hf"  # generation backend of the LLM user: hf or vllm
+    engine: str = "hf"  # backend of the LLM user (and by default the judge): hf, vllm or openai (a server)
+    base_url: str | None = None  # the user's OpenAI-compatible server for engine=openai, e.g. http://host:8000/v1
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # user engine settings (openai: api, timeout_s, ...)
+    judge_model: str | None = None  # model of the LLM judge; None = model
+    judge_engine: str | None = None  # backend of the LLM judge; None = engine
+    judge_base_url: str | None = None  # the judge's server for judge_engine=openai; None = base_url
+    judge_engine_kwargs: dict[str, Any] | None = None  # judge engine settings; None = engine_kwargs (same backend)
     user: str | None = None  # user simulator; None = the task's default
     reward: str | None = None  # reward model; None = the task's default
     reward_mode: str = "terminal"  # terminal, per_turn or delta
@@ -107,6 +113,7 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(env.task in TASKS, f"env.task is {env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check(env.max_turns >= 1, f"env.max_turns (the horizon) must be >= 1, got {env.max_turns}")
     check(env.reward_mode in ("terminal", "per_turn", "delta"), f"env.reward_mode is {env.reward_mode!r}")
+    check_engines(env)
     check(policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {policy.lora_r}")
     check(sampling.temperature > 0, f"sampling.temperature must be > 0 for on-policy sampling, got "
                                     f"{sampling.temperature}")
@@ -115,6 +122,19 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     check(optim.batch_size >= 1 and optim.micro_batch_size >= 1, "optim.batch_size and micro_batch_size must be >= 1")
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
+
+
+def check_engines(env: EnvSettings) -> None:
+    """The user's and the judge's engines and servers (names, URLs), before any model loads or server is asked."""
+    from dialogue_gym.conversation import DialogueError
+    from dialogue_gym.core import EnvConfig
+
+    names = ("engine", "base_url", "engine_kwargs", "judge_model", "judge_engine", "judge_base_url",
+             "judge_engine_kwargs")
+    try:
+        EnvConfig(**{k: getattr(env, k) for k in names}).validate()
+    except DialogueError as e:
+        raise ConfigError(f"env: {e}") from None
 
 
 def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:

@@ -169,7 +169,10 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[Prefe
         from dialogue_gym.rewards import build_reward
 
         task = build_task_early(cfg.env)
-        env_config = EnvConfig(task=task, model=cfg.env.model, engine=cfg.env.engine)
+        env_config = EnvConfig(task=task, model=cfg.env.model, engine=cfg.env.engine, base_url=cfg.env.base_url,
+                               engine_kwargs=dict(cfg.env.engine_kwargs), judge_model=cfg.env.judge_model,
+                               judge_engine=cfg.env.judge_engine, judge_base_url=cfg.env.judge_base_url,
+                               judge_engine_kwargs=cfg.env.judge_engine_kwargs)
         reward = build_reward(cfg.env.reward if cfg.env.reward is not None else task.default_reward, task, env_config)
         train_rows, test_rows = list(task.rows("train")), list(task.rows("test"))
         for name, want, have in (("dialogues", cfg.dialogues, train_rows), ("eval.dialogues", cfg.eval.dialogues,
