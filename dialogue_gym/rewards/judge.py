@@ -124,13 +124,15 @@ class LLMJudge:
 
 
 def make_judge(config: Any) -> LLMJudge:
-    """The LLM judge an env configuration asks for: its model on its engine (``config.judge_engine_spec()``).
+    """The LLM judge an env configuration (:class:`~dialogue_gym.core.EnvConfig`) asks for: its model on its
+    engine (``config.judge_engine_spec()``).
 
     ``"hf"`` loads the model in this process; ``"vllm"`` and ``"openai"`` score on the process-wide engine that
     :func:`dialogue_gym.generation.make_engine` shares, so a judge on the user's model and engine adds no second
     engine (or server connection pool).
     """
-    kind, model, kwargs = config.judge_engine_spec()
+    spec = getattr(config, "judge_engine_spec", None)  # a bare config with only ``model``: the HF judge on it
+    kind, model, kwargs = spec() if spec is not None else ("hf", config.model, {})
     if kind == "hf":
         return LLMJudge(model)
     from dialogue_gym.generation import make_engine
