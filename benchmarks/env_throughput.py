@@ -1,10 +1,15 @@
 """Environment throughput on this machine: native batching vs SyncVectorEnv, HF vs vLLM, context growth, forking.
 
-    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--quick]
+    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32]
+    python -m benchmarks.env_throughput --engines vllm/hf,vllm,openai --sizes 16,32 --sync-sizes "" --steps-only \
+        --out benchmarks/results/env_throughput_http.md      # HTTP engine vs in-process vLLM, judge on vLLM
 
 Everything is measured side by side in one run, with the embedded SmolLM2-135M as the simulated user and the
-LLM judge as the reward; the policy's actions are fixed strings, so the figures are the env's own cost (user
-generation + reward model + bookkeeping). Reported:
+LLM judge as the reward. An engine is ``USER[/JUDGE]``: ``hf``, ``vllm`` (user and judge on the in-process vLLM
+engine), ``vllm/hf`` (user on vLLM, judge on HF), ``openai`` (user and judge through vLLM's OpenAI server on
+loopback, started here with :class:`~dialogue_gym.generation.serve.VLLMServer` after the in-process engines are
+shut down, or the server at ``--server-url``). The policy's actions are fixed strings, so the figures are the
+env's own cost (user generation + reward model + bookkeeping). Reported:
 
 1. env steps/s and user tokens/s for N sub-envs: ``SyncVectorEnv`` of N ``DialogueEnv`` vs ``DialogueVectorEnv``;
 2. the share of step time spent in user generation, in the reward model, and in everything else (env overhead);
@@ -98,8 +103,17 @@ class Timers:
             engine.generate, core.reward.score = gen, score
 
 
+SERVER: dict[str, str] = {}  # base URL of the OpenAI-compatible server serving "embedded", once started
+
+
 def env_kwargs(engine: str, tokens: int) -> dict[str, Any]:
-    return dict(engine=engine, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    user, _, judge = engine.partition("/")
+    kw: dict[str, Any] = dict(engine=user, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    if judge:
+        kw["judge_engine"] = judge
+    if "openai" in (user, judge):
+        kw["base_url" if user == "openai" else "judge_base_url"] = SERVER["url"]
+    return kw
 
 
 def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
@@ -188,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-sizes", default="1,4,16", help="sizes also run as SyncVectorEnv (slow)")
     parser.add_argument("--tokens", type=int, default=48, help="user max new tokens per turn")
     parser.add_argument("--steps", type=int, default=2, help="env steps timed per configuration")
+    parser.add_argument("--steps-only", action="store_true", help="only the steps/s table (no turn or fork runs)")
+    parser.add_argument("--server-url", default="", help="openai engine: use this server (serving 'embedded') "
+                        "instead of starting vLLM's server here")
+    parser.add_argument("--note", default="", help="a line written under the command (e.g. the machine's load)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
@@ -204,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{ceiling:.0f} tokens/s", flush=True)
 
     rows = []
+    server = None
     for engine in engines:
+        if "openai" in engine and not SERVER:
+            server = start_server(args.server_url)
         time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs
         for n in sizes:
             r = time_native(n, engine, args.tokens, args.steps)
@@ -215,19 +236,40 @@ def main(argv: list[str] | None = None) -> None:
                 r = time_sync(n, engine, args.tokens, 1)
                 rows.append(("SyncVectorEnv", engine, n, r))
                 print(f"sync {engine} N={n}: {r}", flush=True)
-    turns = {e: time_turns(16, e, args.tokens) for e in engines}
-    forks = {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    turns = {} if args.steps_only else {e: time_turns(16, e, args.tokens) for e in engines}
+    forks = {} if args.steps_only else {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    if server is not None:
+        server.close()
     write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start)
+
+
+def start_server(url: str) -> Any:
+    """Point the openai engine at ``url``, or shut the in-process vLLM engines down (they hold the same cores and
+    a KV cache) and start vLLM's OpenAI server on the embedded model; returns the server to close, or None."""
+    if url:
+        SERVER["url"] = url
+        return None
+    from dialogue_gym.generation.serve import VLLMServer
+    from dialogue_gym.generation.vllm import shutdown_all
+
+    shutdown_all()
+    t = time.perf_counter()
+    server = VLLMServer("embedded", kv_cache_bytes=2 << 30)
+    SERVER["url"] = server.url
+    print(f"vLLM OpenAI server on the embedded model up in {time.perf_counter() - t:.0f} s at {server.url}", flush=True)
+    return server
 
 
 def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s) -> None:
     lines = ["# Environment throughput", "",
              f"Command: `python -m benchmarks.env_throughput {' '.join(sys.argv[1:])}` (total {total_s / 60:.1f} min)",
+             *(["", args.note] if args.note else []),
              "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
              f"Measured fp32 matmul rate: {gflops:.0f} GFLOP/s. Embedded model: {params / 1e6:.1f} M parameters, so "
              f"the compute ceiling is {ceiling:.0f} generated tokens/s (2 x parameters FLOPs per token).", "",
              f"User turns capped at {args.tokens} new tokens; the policy's actions are fixed strings; the reward is "
-             "the LLM judge (one batched forward per step).", "",
+             "the LLM judge (one batched forward per step). Engine `USER/JUDGE`; one name means both roles on it "
+             "(`vllm`: the judge on vLLM too; `openai`: both through vLLM's OpenAI server on loopback).", "",
              "## Steps/s by vector size", "",
              "| env | engine | N | env steps/s | user tokens/s | % of ceiling | generation | reward model | "
              "env overhead |", "|---|---|---|---|---|---|---|---|---|"]
@@ -243,23 +285,34 @@ def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_
             ratio = native["steps_per_s"] / sync["steps_per_s"]
             target = " (target >= 6x)" if n == 16 else ""
             lines.append(f"- DialogueVectorEnv / SyncVectorEnv steps/s at N={n} (HF): **{ratio:.1f}x**{target}")
+    for n in sorted({n for _, _, n, _ in rows}):
+        if ("DialogueVectorEnv", "openai", n) in by and ("DialogueVectorEnv", "vllm", n) in by:
+            ratio = by[("DialogueVectorEnv", "openai", n)]["steps_per_s"] / by[("DialogueVectorEnv", "vllm", n)][
+                "steps_per_s"]
+            lines.append(f"- HTTP (vLLM server) / in-process vLLM steps/s at N={n}: **{ratio:.2f}x** (target >= 0.85x)")
+        if ("DialogueVectorEnv", "vllm", n) in by and ("DialogueVectorEnv", "vllm/hf", n) in by:
+            ratio = by[("DialogueVectorEnv", "vllm", n)]["steps_per_s"] / by[("DialogueVectorEnv", "vllm/hf", n)][
+                "steps_per_s"]
+            lines.append(f"- judge on vLLM / judge on HF (user on vLLM) steps/s at N={n}: **{ratio:.2f}x**")
     largest = max(n for k, _, n, _ in rows if k == "DialogueVectorEnv")
     best = max((r["tokens_per_s"], e) for k, e, n, r in rows if k == "DialogueVectorEnv" and n == largest)
     lines.append(f"- best engine at N = {largest} ({best[1]}): {best[0]:.0f} tokens/s = "
                  f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling (target >= 40% at N = 32)")
-    lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn; every timed turn gets a user reply)", "",
-              "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
-              "|---|" + "---|" * 6]
-    for e, ts in turns.items():
-        lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
-    lines += ["", "## Forking from a turn-4 state", "",
-              "One step with K branches forked from a turn-4 state vs producing the same K turn-4 replies from scratch "
-              "(reset + 3 turns of roll-in + the step).", "",
-              "| engine | K | fork: one step | from scratch | fork step vs K = 1 |", "|---|---|---|---|---|"]
-    for e, fk in forks.items():
-        for k, r in fk.items():
-            rel = r["fork_s"] / fk[1]["fork_s"]
-            lines.append(f"| {e} | {k} | {r['fork_s']:.1f} s | {r['scratch_s']:.1f} s | {rel:.2f}x |")
+    if turns:
+        lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn; every timed turn gets a user reply)", "",
+                  "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
+                  "|---|" + "---|" * 6]
+        for e, ts in turns.items():
+            lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
+    if forks:
+        lines += ["", "## Forking from a turn-4 state", "",
+                  "One step with K branches forked from a turn-4 state vs producing the same K turn-4 replies from "
+                  "scratch (reset + 3 turns of roll-in + the step).", "",
+                  "| engine | K | fork: one step | from scratch | fork step vs K = 1 |", "|---|---|---|---|---|"]
+        for e, fk in forks.items():
+            for k, r in fk.items():
+                rel = r["fork_s"] / fk[1]["fork_s"]
+                lines.append(f"| {e} | {k} | {r['fork_s']:.1f} s | {r['scratch_s']:.1f} s | {rel:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
