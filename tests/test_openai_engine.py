@@ -277,3 +277,22 @@ def test_hydra_env_settings_carry_the_servers_and_bad_ones_are_config_errors():
     cfg.env.base_url = None
     with pytest.raises(ConfigError, match="env: engine 'openai' needs base_url"):
         validate(cfg)
+
+
+def test_refuel_paper_preset_with_a_served_user_composes():
+    """The README's command: the refuel_paper preset with its 70B user on a server."""
+    from hydra import compose, initialize_config_dir
+
+    from agents.common.config import check_engines, merge_schema
+    from agents.refuel.config import RefuelConfig
+    from tests.test_agents_regression import CONF
+
+    overrides = ["+env=ultrainteract", "+experiment=refuel_paper", "env.task_kwargs.path=/data/ultrainteract_pair",
+                 "env.engine=openai", "env.base_url=http://node-a:8000/v1", "+env.engine_kwargs.max_concurrency=128",
+                 "+env.engine_kwargs.timeout_s=600"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = merge_schema(compose(config_name="refuel", overrides=overrides), RefuelConfig)
+    check_engines(cfg.env)
+    assert cfg.env.model == "meta-llama/Llama-3.1-70B-Instruct" and cfg.env.engine == "openai"
+    assert cfg.env.engine_kwargs == {"max_concurrency": 128, "timeout_s": 600}
+    assert cfg.env.reward.startswith("classifier:")  # the paper's reward model stays in process
