@@ -43,6 +43,7 @@ class FaultServer:
         self.max_in_flight = 0
         self.answer_delay = 0.0
         self.outage: int | None = None
+        self._connections: set[Any] = set()
         self._lock = threading.Lock()
         server = self
 
@@ -65,14 +66,22 @@ class FaultServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop listening and cut the open (keep-alive) connections: the server is gone."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.shutdown(2)
+                except OSError:
+                    pass
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
         with self._lock:
+            self._connections.add(h.connection)
             self.requests.append((method, h.path, dict(h.headers), body))
             fault = self.faults.pop(0) if self.faults and method == "POST" else None
             if self.outage is not None and method == "POST":

@@ -128,6 +128,17 @@ def test_construction_fails_fast_when_the_server_is_down():
     assert time.perf_counter() - t < 30  # no retries with their 10 s backoff
 
 
+def test_a_server_that_goes_away_is_retried_then_named(server):
+    eng = OpenAIEngine("tiny", server.url, backoff_s=0.01, max_retries=2)
+    server.close()  # connections are refused from now on
+    with pytest.raises(ServerError, match=r"POST .*/completions failed after 3 attempts: connection failed") as e:
+        eng.generate(CHATS[:2], PARAMS)
+    assert e.value.status is None and server.url in str(e.value)
+    eng.close()
+    with pytest.raises(RuntimeError, match="this OpenAIEngine was closed"):
+        eng.generate(CHATS[:1], PARAMS)
+
+
 def test_construction_fails_when_the_model_is_not_served(server):
     with pytest.raises(ServerError, match=r"serves \['tiny'\], not 'embedded'; start it with --served-model-name"):
         OpenAIEngine("embedded", server.url)

@@ -65,8 +65,8 @@ def test_judge_over_http_and_on_vllm_equals_the_hf_judge(http, local):
     on_vllm, over_http = LLMJudge("tiny", engine=local), LLMJudge("tiny", engine=http)
     ids = [hf.prompt_ids(c) for c in CONVERSATIONS]
     with torch.no_grad():  # the HF reference: full-vocabulary log-softmax at the digit tokens
-        ref = np.stack([torch.log_softmax(hf.model(torch.tensor([x])).logits[0, -1].double(), -1)[hf.digit_ids].numpy()
-                        for x in ids])
+        logits = [hf.model(torch.tensor([x], device=hf.model.device)).logits[0, -1] for x in ids]
+        ref = np.stack([torch.log_softmax(z.double(), -1)[hf.digit_ids].cpu().numpy() for z in logits])
     np.testing.assert_allclose(local.next_token_logprobs(ids, hf.digit_ids), ref, atol=1e-4)
     np.testing.assert_allclose(http.next_token_logprobs(ids, hf.digit_ids), ref, atol=1e-4)
     expected = hf.score(CONVERSATIONS)

@@ -119,15 +119,13 @@ class OpenAIEngine:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not timeout_s > 0 or not backoff_s >= 0:
             raise ValueError(f"timeout_s must be > 0 and backoff_s >= 0, got {timeout_s!r} and {backoff_s!r}")
-        from dialogue_gym.models import load_tokenizer
-
         self.name = model
         self.api = api
         self.token_prompts = api == "completions"
         self.api_key_env = api_key_env
         self.max_concurrency, self.timeout_s = max_concurrency, float(timeout_s)
         self.max_retries, self.backoff_s = max_retries, float(backoff_s)
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = _tokenizer(model)
         self.eos_ids = sorted({int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set())
         self._rng = np.random.default_rng(seed)
         self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
@@ -147,8 +145,9 @@ class OpenAIEngine:
                 raise
 
     def describe(self) -> dict[str, Any]:
-        """The engine's identity for fingerprints (no key, no key variable)."""
-        return {"engine": "openai", "model": self.name, "base_url": self.base_url, "api": self.api}
+        """What the engine computes, for env fingerprints: the served model and the API, not the server's address
+        (a state saved with one server restores with another serving the same model) and never the key."""
+        return {"engine": "openai", "model": self.name, "api": self.api}
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.name!r}, base_url={self.base_url!r}, api={self.api!r})"
@@ -179,6 +178,7 @@ class OpenAIEngine:
                 ``api="chat"``.
             ServerError: the server failed (after retries) or answered something unusable.
         """
+        self._check_open()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
         if isinstance(prompts, (str, dict)):
@@ -246,6 +246,7 @@ class OpenAIEngine:
         ``api="completions"``: exact full-vocabulary log-probs (vLLM's ``logprob_token_ids``). ``api="chat"``:
         read from the top 20 log-probs of the first generated token; a candidate not among them is ``-inf``.
         """
+        self._check_open()
         for i, p in enumerate(prompts):
             self._check_prompt(i, p)
         cands = [int(c) for c in candidate_ids]
@@ -363,10 +364,11 @@ class OpenAIEngine:
             for t in tasks:
                 t.cancel()
 
-    def _run(self, coro: Any) -> Any:
+    def _check_open(self) -> None:
         if not self._thread.is_alive():
-            coro.close()
             raise RuntimeError("this OpenAIEngine was closed; build a new one")
+
+    def _run(self, coro: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
@@ -386,6 +388,20 @@ class OpenAIEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_tokenizers: dict[str, Any] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def _tokenizer(model: str) -> Any:
+    """The tokenizer of ``model``, loaded once per process (engines on several servers of one model share it)."""
+    from dialogue_gym.models import load_tokenizer
+
+    with _tokenizers_lock:
+        if model not in _tokenizers:
+            _tokenizers[model] = load_tokenizer(model)
+        return _tokenizers[model]
 
 
 def check_base_url(base_url: Any) -> str:
