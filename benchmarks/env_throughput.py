@@ -1,8 +1,10 @@
 """Environment throughput on this machine: native batching vs SyncVectorEnv, HF vs vLLM, context growth, forking.
 
-    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32]
-    python -m benchmarks.env_throughput --engines vllm/hf,vllm,openai --sizes 16,32 --sync-sizes "" --steps-only \
-        --out benchmarks/results/env_throughput_http.md      # HTTP engine vs in-process vLLM, judge on vLLM
+    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--sync-sizes 1,4,16]
+    python -m benchmarks.env_throughput --engines hf --model random --sizes 16,64,256 --sync-sizes 16 \
+        --cache static --raw --out benchmarks/results/env_throughput_gpu.md          # on a CUDA machine
+    python -m benchmarks.env_throughput --engines vllm/hf,vllm,openai --sizes 16,32 --sync-sizes "" \
+        --skip-turns-forks --out benchmarks/results/env_throughput_http.md  # HTTP vs in-process vLLM, judge on vLLM
 
 Everything is measured side by side in one run, with the embedded SmolLM2-135M as the simulated user and the
 LLM judge as the reward. An engine is ``USER[/JUDGE]``: ``hf``, ``vllm`` (user and judge on the in-process vLLM
@@ -13,10 +15,18 @@ env's own cost (user generation + reward model + bookkeeping). Reported:
 
 1. env steps/s and user tokens/s for N sub-envs: ``SyncVectorEnv`` of N ``DialogueEnv`` vs ``DialogueVectorEnv``;
 2. the share of step time spent in user generation, in the reward model, and in everything else (env overhead);
-3. tokens/s as a fraction of the machine's compute ceiling (measured fp32 matmul rate / (2 x parameters));
+3. tokens/s as a fraction of the machine's compute ceiling (the measured matmul rate in the models' dtype --
+   fp32 on CPU, bf16 on CUDA -- divided by 2 x parameters);
 4. step time at turn 1 vs turn 5 as the context grows (N = 16);
 5. forking: one step from a turn-4 state (three turns played) with K = 1, 2, 8 branches, vs reaching the same
    K turn-4 replies from scratch (reset + 3 turns of roll-in + the step).
+
+6. with ``--raw``: plain ``model.generate`` and static-cache ``generate`` at the same batch sizes (200-token
+   prompts, ``--tokens`` new tokens, EOS ignored), the ceiling the env's HF path is compared with.
+
+``--model random`` uses the embedded architecture with random weights (generation speed does not depend on the
+weights; the real ones may be absent on a GPU machine); ``--cache static`` gives the env's HF user engine a
+static KV cache (compiled on CUDA).
 
 Writes ``benchmarks/results/env_throughput.md`` (with machine info and the command).
 """
@@ -60,18 +70,35 @@ def machine_info() -> dict[str, str]:
         mem = f"{kb / 2**20:.1f} GiB"
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": f"{torch.cuda.device_count()} x {props.name}",
+                 "gpu memory": f"{props.total_memory / 2**30:.0f} GiB", "cuda": str(torch.version.cuda)}
+    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return info
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
+    """The best-of-``repeats`` square matmul rate in GFLOP/s on ``device`` in ``dtype`` (the compute ceiling)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 8192)  # a GPU needs a large problem to reach its rate
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    _sync(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -103,17 +130,45 @@ class Timers:
             engine.generate, core.reward.score = gen, score
 
 
-SERVER: dict[str, str] = {}  # base URL of the OpenAI-compatible server serving "embedded", once started
+SETTINGS: dict[str, Any] = {}  # model, device, dtype and HF cache of this run (set by main)
+SERVER: dict[str, str] = {}  # base URL of the OpenAI-compatible server serving the model, once started
 
 
 def env_kwargs(engine: str, tokens: int) -> dict[str, Any]:
     user, _, judge = engine.partition("/")
     kw: dict[str, Any] = dict(engine=user, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    kw["model"] = SETTINGS.get("model", "embedded")
     if judge:
         kw["judge_engine"] = judge
     if "openai" in (user, judge):
         kw["base_url" if user == "openai" else "judge_base_url"] = SERVER["url"]
+    if "hf" in (user, judge):
+        kw |= {"device": SETTINGS.get("device", "auto"), "dtype": SETTINGS.get("dtype", "auto")}
+        if user == "hf" and SETTINGS.get("cache", "dynamic") != "dynamic":
+            kw["engine_options"] = {"cache": SETTINGS["cache"]}
     return kw
+
+
+def time_raw_generate(model: Any, n: int, prompt_len: int, new_tokens: int, cache: str, repeats: int = 2
+                      ) -> dict[str, float]:
+    """Plain ``model.generate`` (greedy, EOS ignored) on ``n`` random ``prompt_len``-token prompts: tokens/s."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (n, prompt_len), generator=g).to(device)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0, **extra)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)  # warm-up/compile
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return {"tokens_per_s": n * new_tokens / best, "wall_s": best}
 
 
 def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
@@ -202,30 +257,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-sizes", default="1,4,16", help="sizes also run as SyncVectorEnv (slow)")
     parser.add_argument("--tokens", type=int, default=48, help="user max new tokens per turn")
     parser.add_argument("--steps", type=int, default=2, help="env steps timed per configuration")
-    parser.add_argument("--steps-only", action="store_true", help="only the steps/s table (no turn or fork runs)")
-    parser.add_argument("--server-url", default="", help="openai engine: use this server (serving 'embedded') "
-                        "instead of starting vLLM's server here")
+    parser.add_argument("--model", default="embedded",
+                        help="the user/judge model: embedded, random (embedded architecture, random weights), a path")
+    parser.add_argument("--device", default="auto", help="device of the HF models: auto, cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="their dtype: auto (bf16 on CUDA, fp32 on CPU), float32, ...")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="HF user engine KV cache")
+    parser.add_argument("--raw", action="store_true", help="also time raw generate (plain and static cache)")
+    parser.add_argument("--skip-turns-forks", action="store_true", help="skip the context-growth and fork tables")
+    parser.add_argument("--server-url", default="", help="openai engine: use this server (serving --model) instead "
+                        "of starting vLLM's server here")
     parser.add_argument("--note", default="", help="a line written under the command (e.g. the machine's load)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    from dialogue_gym.models import random_weights_dir, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model_name = str(random_weights_dir()) if args.model == "random" else args.model
+    SETTINGS.update(model=model_name, device=str(device), dtype=str(dtype).removeprefix("torch."), cache=args.cache)
     engines = [e for e in args.engines.split(",") if e]
     sizes = [int(x) for x in args.sizes.split(",")]
     sync_sizes = [int(x) for x in args.sync_sizes.split(",") if x]
     t_start = time.time()
 
     info = machine_info()
-    gflops = matmul_gflops()
-    model, _ = load_model("embedded")
+    info |= {"model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+             "hf cache": args.cache}
+    gflops = matmul_gflops(device=device, dtype=dtype)
+    model, _ = load_model(model_name, dtype=dtype, device=device)
     params = sum(p.numel() for p in model.parameters())
     ceiling = gflops * 1e9 / (2 * params)
-    print(f"machine: {info}\nfp32 matmul {gflops:.0f} GFLOP/s; {params / 1e6:.1f} M parameters -> ceiling "
-          f"{ceiling:.0f} tokens/s", flush=True)
+    print(f"machine: {info}\n{info['dtype']} matmul {gflops:.0f} GFLOP/s on {device}; {params / 1e6:.1f} M "
+          f"parameters -> ceiling {ceiling:.0f} tokens/s", flush=True)
 
     rows = []
     server = None
     for engine in engines:
         if "openai" in engine and not SERVER:
-            server = start_server(args.server_url)
+            server = start_server(args.server_url, model_name)
         time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs
         for n in sizes:
             r = time_native(n, engine, args.tokens, args.steps)
@@ -236,16 +305,23 @@ def main(argv: list[str] | None = None) -> None:
                 r = time_sync(n, engine, args.tokens, 1)
                 rows.append(("SyncVectorEnv", engine, n, r))
                 print(f"sync {engine} N={n}: {r}", flush=True)
-    turns = {} if args.steps_only else {e: time_turns(16, e, args.tokens) for e in engines}
-    forks = {} if args.steps_only else {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    raw = []
+    if args.raw:
+        for n in sizes:
+            for cache in ("dynamic", "static"):
+                r = time_raw_generate(model, n, 200, args.tokens, cache)
+                raw.append((cache, n, r))
+                print(f"raw generate {cache} N={n}: {r}", flush=True)
+    turns = {} if args.skip_turns_forks else {e: time_turns(16, e, args.tokens) for e in engines}
+    forks = {} if args.skip_turns_forks else {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
     if server is not None:
         server.close()
-    write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start)
+    write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start, raw)
 
 
-def start_server(url: str) -> Any:
+def start_server(url: str, model: str) -> Any:
     """Point the openai engine at ``url``, or shut the in-process vLLM engines down (they hold the same cores and
-    a KV cache) and start vLLM's OpenAI server on the embedded model; returns the server to close, or None."""
+    a KV cache) and start vLLM's OpenAI server on ``model``; returns the server to close, or None."""
     if url:
         SERVER["url"] = url
         return None
@@ -254,19 +330,20 @@ def start_server(url: str) -> Any:
 
     shutdown_all()
     t = time.perf_counter()
-    server = VLLMServer("embedded", kv_cache_bytes=2 << 30)
+    server = VLLMServer(model, kv_cache_bytes=2 << 30)
     SERVER["url"] = server.url
-    print(f"vLLM OpenAI server on the embedded model up in {time.perf_counter() - t:.0f} s at {server.url}", flush=True)
+    print(f"vLLM OpenAI server on {model} up in {time.perf_counter() - t:.0f} s at {server.url}", flush=True)
     return server
 
 
-def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s) -> None:
+def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s, raw=()) -> None:
     lines = ["# Environment throughput", "",
              f"Command: `python -m benchmarks.env_throughput {' '.join(sys.argv[1:])}` (total {total_s / 60:.1f} min)",
              *(["", args.note] if args.note else []),
              "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
-             f"Measured fp32 matmul rate: {gflops:.0f} GFLOP/s. Embedded model: {params / 1e6:.1f} M parameters, so "
-             f"the compute ceiling is {ceiling:.0f} generated tokens/s (2 x parameters FLOPs per token).", "",
+             f"Measured {info['dtype']} matmul rate on {info['device']}: {gflops:.0f} GFLOP/s. Model: "
+             f"{params / 1e6:.1f} M parameters, so the compute ceiling is {ceiling:.0f} generated tokens/s "
+             "(2 x parameters FLOPs per token).", "",
              f"User turns capped at {args.tokens} new tokens; the policy's actions are fixed strings; the reward is "
              "the LLM judge (one batched forward per step). Engine `USER/JUDGE`; one name means both roles on it "
              "(`vllm`: the judge on vLLM too; `openai`: both through vLLM's OpenAI server on loopback).", "",
@@ -297,22 +374,35 @@ def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_
     largest = max(n for k, _, n, _ in rows if k == "DialogueVectorEnv")
     best = max((r["tokens_per_s"], e) for k, e, n, r in rows if k == "DialogueVectorEnv" and n == largest)
     lines.append(f"- best engine at N = {largest} ({best[1]}): {best[0]:.0f} tokens/s = "
-                 f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling (target >= 40% at N = 32)")
-    if turns:
-        lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn; every timed turn gets a user reply)", "",
-                  "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
-                  "|---|" + "---|" * 6]
-        for e, ts in turns.items():
-            lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
-    if forks:
-        lines += ["", "## Forking from a turn-4 state", "",
-                  "One step with K branches forked from a turn-4 state vs producing the same K turn-4 replies from "
-                  "scratch (reset + 3 turns of roll-in + the step).", "",
-                  "| engine | K | fork: one step | from scratch | fork step vs K = 1 |", "|---|---|---|---|---|"]
-        for e, fk in forks.items():
-            for k, r in fk.items():
-                rel = r["fork_s"] / fk[1]["fork_s"]
-                lines.append(f"| {e} | {k} | {r['fork_s']:.1f} s | {r['scratch_s']:.1f} s | {rel:.2f}x |")
+                 f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling "
+                 "(target on the 2-core CPU: >= 40% at N = 32)")
+    if raw:
+        lines += ["", "## Raw generate (no env): 200-token prompts, EOS ignored", "",
+                  "| cache | N | tokens/s | env HF user tokens/s at N | env / raw |", "|---|---|---|---|---|"]
+        for cache, n, r in raw:
+            env_r = by.get(("DialogueVectorEnv", "hf", n))
+            env_tps = env_r["tokens_per_s"] if env_r else float("nan")
+            share = env_tps / r["tokens_per_s"]
+            lines.append(f"| {cache} | {n} | {r['tokens_per_s']:.0f} | {env_tps:.0f} | {share:.2f} |")
+        if info["device"].startswith("cuda"):
+            lines.append("")
+            lines.append("Targets on one H100/H200 (embedded architecture, 48-token user turns): >= 15,000 user "
+                         "tokens/s at N = 256 in the env, and at least half of raw static-cache generate at that N.")
+    lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn; every timed turn gets a user reply)", "",
+              "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
+              "|---|" + "---|" * 6]
+    if not turns:
+        lines.append("| (skipped) |" + " |" * 6)
+    for e, ts in turns.items():
+        lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
+    lines += ["", "## Forking from a turn-4 state", "",
+              "One step with K branches forked from a turn-4 state vs producing the same K turn-4 replies from scratch "
+              "(reset + 3 turns of roll-in + the step).", "",
+              "| engine | K | fork: one step | from scratch | fork step vs K = 1 |", "|---|---|---|---|---|"]
+    for e, fk in forks.items():
+        for k, r in fk.items():
+            rel = r["fork_s"] / fk[1]["fork_s"]
+            lines.append(f"| {e} | {k} | {r['fork_s']:.1f} s | {r['scratch_s']:.1f} s | {rel:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -41,15 +41,13 @@ class EnvConfig:
         engine: generation backend of the LLM user (and, unless ``judge_engine`` says otherwise, the LLM judge):
             ``"hf"``, ``"vllm"`` (in process) or ``"openai"`` (an OpenAI-compatible server at ``base_url``).
         base_url: the user's server for ``engine="openai"``, e.g. ``http://127.0.0.1:8000/v1``; ``model`` is then
-            the served model name. The API key comes from an environment variable only (``engine_kwargs``'
+            the served model name. The API key comes from an environment variable only (``engine_options``'
             ``api_key_env``, default ``OPENAI_API_KEY``).
-        engine_kwargs: settings of the user's engine (openai: ``api``, ``api_key_env``, ``max_concurrency``,
-            ``timeout_s``, ``max_retries``, ``backoff_s``; vllm: ``gpu_memory_utilization``, ``max_model_len``, ...).
         judge_model: the LLM judge's model (``reward="judge"``); None: ``model``.
         judge_engine: the LLM judge's backend; None: ``engine``.
         judge_base_url: the judge's server when its engine is ``"openai"``; None: ``base_url``.
-        judge_engine_kwargs: settings of the judge's engine; None: ``engine_kwargs`` when the judge's backend is
-            the user's, else none.
+        judge_engine_options: keyword arguments of the judge's engine; None: ``engine_options`` when the judge's
+            backend is the user's, else none.
         user: user simulator spec (``"llm"``, ``"replay"``, ``"scripted"``, a task-specific name) or instance;
             None takes the task's default.
         reward: reward spec (``"judge"``, ``"verifier"``, a reward-model path, ...) or instance; None takes the
@@ -61,6 +59,13 @@ class EnvConfig:
         user_temperature: LLM user sampling temperature.
         user_top_p: LLM user nucleus mass.
         user_max_new_tokens: LLM user output cap in tokens.
+        device: where the env's own models (LLM user on HF, judge, reward models) run: ``"auto"`` (CUDA when
+            available, else CPU; ``$DIALOGUE_GYM_DEVICE`` overrides), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``.
+        engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
+            (HF: static KV cache, compiled on CUDA), ``{"max_num_seqs": 256}`` (vLLM), or ``{"max_concurrency":
+            64, "timeout_s": 300, "api": "chat", "api_key_env": "MY_KEY"}`` (openai).
     """
 
     task: Any = "embedded"
@@ -69,11 +74,10 @@ class EnvConfig:
     model: str = "embedded"
     engine: str = "hf"
     base_url: str | None = None
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
     judge_model: str | None = None
     judge_engine: str | None = None
     judge_base_url: str | None = None
-    judge_engine_kwargs: dict[str, Any] | None = None
+    judge_engine_options: dict[str, Any] | None = None
     user: Any = None
     reward: Any = None
     reward_mode: str = "terminal"
@@ -82,8 +86,17 @@ class EnvConfig:
     user_temperature: float = 0.8
     user_top_p: float = 1.0
     user_max_new_tokens: int = 96
+    device: str = "auto"
+    dtype: str = "auto"
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+        try:  # before any model loads: a CUDA device on a machine without one, an unknown dtype
+            resolve_dtype(self.dtype, resolve_device(self.device))
+        except DeviceError as e:
+            raise DialogueError(str(e)) from None
         if self.reward_mode not in REWARD_MODES:
             raise DialogueError(f"reward_mode is {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
         if self.engine not in ENGINES:
@@ -91,54 +104,60 @@ class EnvConfig:
         if self.judge_engine is not None and self.judge_engine not in ENGINES:
             raise DialogueError(f"judge_engine is {self.judge_engine!r}; allowed: {', '.join(ENGINES)} or None (the "
                                 "user's engine)")
-        for name in ("engine_kwargs", "judge_engine_kwargs"):
-            value = getattr(self, name)
-            if not (isinstance(value, Mapping) or (value is None and name == "judge_engine_kwargs")):
-                raise DialogueError(f"{name} must be a dict of engine settings, got {type(value).__name__}")
-        self.user_engine_spec()
-        self.judge_engine_spec()
         if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
+        for name in ("engine_options", "judge_engine_options"):
+            value = getattr(self, name)
+            if not (isinstance(value, Mapping) or (value is None and name == "judge_engine_options")):
+                raise DialogueError(f"{name} must be a dict of engine keyword arguments, got {type(value).__name__}")
+        self.user_engine_spec()
+        self.judge_engine_spec()
         if self.split not in ("train", "test"):
             raise DialogueError(f"split is {self.split!r}; allowed: train, test")
 
-
     def user_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
         """``(kind, model, kwargs)`` of the LLM user's engine, for :func:`dialogue_gym.generation.make_engine`."""
-        return self.engine, self.model, _engine_kwargs("", self.engine, self.base_url, dict(self.engine_kwargs))
+        return self.engine, self.model, self._engine_kwargs("", self.engine, self.base_url, self.engine_options)
 
     def judge_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
-        """``(kind, model, kwargs)`` of the LLM judge's engine (``reward="judge"``)."""
+        """``(kind, model, kwargs)`` of the LLM judge's engine (``reward="judge"``); equal to the user's when they
+        name the same model and backend, so both share one engine."""
         kind = self.judge_engine or self.engine
         url = self.judge_base_url if self.judge_base_url is not None else (
             self.base_url if kind == "openai" and self.engine == "openai" else None)
-        if self.judge_engine_kwargs is not None:
-            kwargs = dict(self.judge_engine_kwargs)
-        else:
-            kwargs = dict(self.engine_kwargs) if kind == self.engine else {}
-        return kind, self.judge_model or self.model, _engine_kwargs("judge_", kind, url, kwargs)
+        options = self.judge_engine_options
+        if options is None:
+            options = self.engine_options if kind == self.engine else {}
+        return kind, self.judge_model or self.model, self._engine_kwargs("judge_", kind, url, options)
 
+    def _engine_kwargs(self, prefix: str, kind: str, base_url: str | None, options: Any) -> dict[str, Any]:
+        """One role's engine keyword arguments: placement (HF: device and dtype; vLLM: a dtype other than auto),
+        the server (openai, checked), then the options."""
+        from dialogue_gym.models import resolve_dtype
 
-def _engine_kwargs(prefix: str, kind: str, base_url: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Checks the server settings of one role and returns its engine's keyword arguments."""
-    if kind != "openai":
-        if base_url is not None:
+        if kind != "openai" and base_url is not None:
             raise DialogueError(f"{prefix}base_url is set but the {prefix or 'user '}engine is {kind!r}; a base URL "
                                 "needs engine 'openai'")
-        return kwargs
-    if base_url is None:
-        raise DialogueError(f"{prefix}engine 'openai' needs {prefix}base_url, the server's API root, e.g. "
-                            "http://127.0.0.1:8000/v1")
-    if "base_url" in kwargs:
-        raise DialogueError(f"give the server as {prefix}base_url, not inside the engine kwargs")
-    from dialogue_gym.generation.openai import check_base_url
+        kwargs: dict[str, Any] = {}
+        if kind == "hf":
+            kwargs = {"device": self.device, "dtype": self.dtype}
+        elif kind == "vllm" and self.dtype != "auto":  # vLLM places its model itself; it takes the dtype
+            kwargs = {"dtype": str(resolve_dtype(self.dtype, "cpu")).removeprefix("torch.")}
+        elif kind == "openai":
+            if base_url is None:
+                raise DialogueError(f"{prefix}engine 'openai' needs {prefix}base_url, the server's API root, e.g. "
+                                    "http://127.0.0.1:8000/v1")
+            if "base_url" in (options or {}):
+                raise DialogueError(f"give the server as {prefix}base_url, not inside the engine options")
+            from dialogue_gym.generation.openai import check_base_url
 
-    try:
-        return {"base_url": check_base_url(base_url), **kwargs}
-    except ValueError as e:
-        raise DialogueError(f"{prefix}base_url: {e}") from None
+            try:
+                kwargs = {"base_url": check_base_url(base_url)}
+            except ValueError as e:
+                raise DialogueError(f"{prefix}base_url: {e}") from None
+        return {**kwargs, **dict(options or {})}
 
 
 @dataclass

@@ -211,7 +211,7 @@ def test_env_config_checks_the_server_settings(server):
 def make_env(server: FaultServer, **kw):
     return gym.make_vec("MultiTurnDialogue-v0", num_envs=3, autoreset_mode="Disabled", engine="openai",
                         base_url=server.url, model="tiny", reward="judge", reward_mode="per_turn", max_turns=4,
-                        engine_kwargs={"backoff_s": 0.01, "timeout_s": 5, "max_retries": 1,
+                        engine_options={"backoff_s": 0.01, "timeout_s": 5, "max_retries": 1,
                                        "api_key_env": "DG_TEST_KEY"}, **kw)
 
 
@@ -272,13 +272,13 @@ def test_hydra_env_settings_carry_the_servers_and_bad_ones_are_config_errors():
 
     overrides = ["env.engine=openai", "env.base_url=http://user-node:8000/v1", "env.judge_engine=openai",
                  "env.judge_base_url=http://judge-node:8001/v1", "env.judge_model=judge-7b",
-                 "+env.engine_kwargs.max_concurrency=64"]
+                 "+env.engine_options.max_concurrency=64"]
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = merge_schema(compose(config_name="refuel", overrides=overrides), RefuelConfig)
     kw = env_kwargs(cfg.env)
     assert kw["engine"] == "openai" and kw["base_url"] == "http://user-node:8000/v1"
     assert kw["judge_base_url"] == "http://judge-node:8001/v1" and kw["judge_model"] == "judge-7b"
-    assert kw["engine_kwargs"] == {"max_concurrency": 64} and "judge_engine_kwargs" not in kw
+    assert kw["engine_options"] == {"max_concurrency": 64} and "judge_engine_options" not in kw
     validate(cfg)  # no server is asked at validation
     cfg.env.judge_base_url = None
     cfg.env.judge_engine = "vllm"
@@ -299,11 +299,11 @@ def test_refuel_paper_preset_with_a_served_user_composes():
     from tests.test_agents_regression import CONF
 
     overrides = ["+env=ultrainteract", "+experiment=refuel_paper", "env.task_kwargs.path=/data/ultrainteract_pair",
-                 "env.engine=openai", "env.base_url=http://node-a:8000/v1", "+env.engine_kwargs.max_concurrency=128",
-                 "+env.engine_kwargs.timeout_s=600"]
+                 "env.engine=openai", "env.base_url=http://node-a:8000/v1", "+env.engine_options.max_concurrency=128",
+                 "+env.engine_options.timeout_s=600"]
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = merge_schema(compose(config_name="refuel", overrides=overrides), RefuelConfig)
     check_engines(cfg.env)
     assert cfg.env.model == "meta-llama/Llama-3.1-70B-Instruct" and cfg.env.engine == "openai"
-    assert cfg.env.engine_kwargs == {"max_concurrency": 128, "timeout_s": 600}
+    assert cfg.env.engine_options == {"max_concurrency": 128, "timeout_s": 600}
     assert cfg.env.reward.startswith("classifier:")  # the paper's reward model stays in process

@@ -81,7 +81,7 @@ def test_env_over_http_equals_the_env_on_in_process_vllm(vllm_server, local):
     common = dict(num_envs=3, autoreset_mode="Disabled", model="tiny", reward="judge", reward_mode="per_turn",
                   max_turns=3, user_max_new_tokens=16)
     runs = []
-    for kw in ({"engine": "openai", "base_url": vllm_server}, {"engine": "vllm", "engine_kwargs": TINY_VLLM}):
+    for kw in ({"engine": "openai", "base_url": vllm_server}, {"engine": "vllm", "engine_options": TINY_VLLM}):
         venv = gym.make_vec("MultiTurnDialogue-v0", **common, **kw)
         obs, _ = venv.reset(seed=3)
         scores = []

@@ -28,11 +28,10 @@ class EnvSettings:
     model: str = "embedded"  # model behind the LLM user and the LLM judge
     engine: str = "hf"  # backend of the LLM user (and by default the judge): hf, vllm or openai (a server)
     base_url: str | None = None  # the user's OpenAI-compatible server for engine=openai, e.g. http://host:8000/v1
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # user engine settings (openai: api, timeout_s, ...)
     judge_model: str | None = None  # model of the LLM judge; None = model
     judge_engine: str | None = None  # backend of the LLM judge; None = engine
     judge_base_url: str | None = None  # the judge's server for judge_engine=openai; None = base_url
-    judge_engine_kwargs: dict[str, Any] | None = None  # judge engine settings; None = engine_kwargs (same backend)
+    judge_engine_options: dict[str, Any] | None = None  # judge engine kwargs; None = engine_options (same backend)
     user: str | None = None  # user simulator; None = the task's default
     reward: str | None = None  # reward model; None = the task's default
     reward_mode: str = "terminal"  # terminal, per_turn or delta
@@ -40,6 +39,10 @@ class EnvSettings:
     user_temperature: float = 0.8  # LLM user sampling temperature (REFUEL: 0.8)
     user_top_p: float = 1.0  # LLM user nucleus mass
     user_max_new_tokens: int = 96  # LLM user output cap in tokens
+    device: str = "auto"  # device of the env's models (user on HF, judge, reward model): auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # their weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    engine_options: dict[str, Any] = field(default_factory=dict)  # user engine kwargs: {cache: static} (HF), openai:
+    # {max_concurrency: 64, timeout_s: 300, max_retries: 3, api: completions|chat, api_key_env: OPENAI_API_KEY}
 
 
 @dataclass
@@ -110,6 +113,8 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     """Range checks shared by every agent (before any model loads)."""
     from dialogue_gym.tasks import TASKS
 
+    check_placement("policy", policy.device, policy.dtype)
+    check_placement("env", env.device, env.dtype)
     check(env.task in TASKS, f"env.task is {env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check(env.max_turns >= 1, f"env.max_turns (the horizon) must be >= 1, got {env.max_turns}")
     check(env.reward_mode in ("terminal", "per_turn", "delta"), f"env.reward_mode is {env.reward_mode!r}")
@@ -124,13 +129,27 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
 
 
+def check_placement(where: str, device: str, dtype: str) -> None:
+    """``<where>.device`` names a device this machine has and ``<where>.dtype`` a known dtype (ConfigError)."""
+    from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+    try:
+        dev = resolve_device(device)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.device: {e}") from None
+    try:
+        resolve_dtype(dtype, dev)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.dtype: {e}") from None
+
+
 def check_engines(env: EnvSettings) -> None:
     """The user's and the judge's engines and servers (names, URLs), before any model loads or server is asked."""
     from dialogue_gym.conversation import DialogueError
     from dialogue_gym.core import EnvConfig
 
-    names = ("engine", "base_url", "engine_kwargs", "judge_model", "judge_engine", "judge_base_url",
-             "judge_engine_kwargs")
+    names = ("engine", "base_url", "engine_options", "judge_model", "judge_engine", "judge_base_url",
+             "judge_engine_options")
     try:
         EnvConfig(**{k: getattr(env, k) for k in names}).validate()
     except DialogueError as e:

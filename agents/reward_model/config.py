@@ -13,6 +13,7 @@ from agents.common.config import (
     SamplingSettings,
     check,
     check_engines,
+    check_placement,
 )
 from agents.common.policy import PolicySettings
 
@@ -64,6 +65,8 @@ def validate(cfg: RewardModelConfig) -> None:
     from dialogue_gym.tasks import TASKS
 
     check(cfg.kind in KINDS, f"kind is {cfg.kind!r}; allowed: {', '.join(KINDS)}")
+    check_placement("policy", cfg.policy.device, cfg.policy.dtype)
+    check_placement("env", cfg.env.device, cfg.env.dtype)
     check(cfg.env.task in TASKS, f"env.task is {cfg.env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check_engines(cfg.env)
     check(cfg.policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {cfg.policy.lora_r}")

@@ -34,15 +34,19 @@ class LLMJudge:
 
     Args:
         model: model name for :func:`dialogue_gym.models.load_model`, or a ``(model, tokenizer)`` pair.
-        max_batch_size: conversations per forward pass.
+        max_batch_size: conversations per forward pass (default 16 on CPU, 64 on CUDA).
         max_prompt_tokens: longer prompts are cut from the left of the dialogue (the instruction is kept).
+        device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
+        dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
+            computed in fp64 from the digits' logits either way.
         engine: score through this engine instead of an HF model in this process: any object with a
             ``tokenizer``, ``describe()`` and ``next_token_logprobs(prompts, candidate_ids) -> (B, K)`` (VLLMEngine,
-            OpenAIEngine); ``model`` is then only its name.
+            OpenAIEngine); ``model`` is then only its name, and ``device``/``dtype`` are the engine's business.
     """
 
-    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int = 16,
-                 max_prompt_tokens: int = 2048, engine: Any = None):
+    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int | None = None,
+                 max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto",
+                 engine: Any = None):
         self.engine = engine
         if engine is not None:
             self.name, self.model, self.tokenizer = str(model), None, engine.tokenizer
@@ -50,11 +54,12 @@ class LLMJudge:
             from dialogue_gym.models import load_model
 
             self.name = model
-            self.model, self.tokenizer = load_model(model)
+            self.model, self.tokenizer = load_model(model, dtype=dtype, device=device)
         else:
             self.model, self.tokenizer = model
             self.name = "custom"
-        self.max_batch_size = max_batch_size
+        on_cuda = self.model is not None and next(self.model.parameters()).device.type == "cuda"
+        self.max_batch_size = max_batch_size or (64 if on_cuda else 16)
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
         for d in "123456789":
@@ -89,21 +94,24 @@ class LLMJudge:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        values = torch.arange(1, 10, dtype=torch.float64)
+        values = torch.arange(1, 10, dtype=torch.float64, device=device)
+        digits = torch.tensor(self.digit_ids, dtype=torch.long, device=device)
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
             width = max(len(prompts[i]) for i in chunk)
+            # Built on the host (many small row copies), then moved to the model's device in one transfer.
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(chunk):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
                 mask[r, width - len(prompts[i]):] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1, :]
-            probs = torch.softmax(logits[:, self.digit_ids].double(), dim=-1).cpu()  # (B, 9)
+            probs = torch.softmax(logits[:, digits].double(), dim=-1)  # (B, 9) fp64 on the model's device
+            expected = (probs * values).sum(-1).cpu()  # (B,)
             for r, i in enumerate(chunk):
-                scores[i] = float((probs[r] * values).sum())
+                scores[i] = float(expected[r])
         return scores
 
     def _score_on_engine(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
@@ -132,9 +140,10 @@ def make_judge(config: Any) -> LLMJudge:
     engine (or server connection pool).
     """
     spec = getattr(config, "judge_engine_spec", None)  # a bare config with only ``model``: the HF judge on it
-    kind, model, kwargs = spec() if spec is not None else ("hf", config.model, {})
+    placement = {"device": getattr(config, "device", "auto"), "dtype": getattr(config, "dtype", "auto")}
+    kind, model, kwargs = spec() if spec is not None else ("hf", config.model, placement)
     if kind == "hf":
-        return LLMJudge(model)
+        return LLMJudge(model, device=kwargs["device"], dtype=kwargs["dtype"])
     from dialogue_gym.generation import make_engine
 
     return LLMJudge(model, engine=make_engine(kind, model, **kwargs))
