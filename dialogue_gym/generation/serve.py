@@ -29,20 +29,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(model: str, port: int, *, host: str = "127.0.0.1", served_name: str | None = None,
-                   kv_cache_bytes: int | None = None, max_model_len: int = 2048, cpu: bool = True,
+                   kv_cache_bytes: int | None = None, max_model_len: int | None = None, cpu: bool = True,
                    extra: tuple[str, ...] = ()) -> list[str]:
     """The command line of vLLM's OpenAI server for ``model`` (a name for ``resolve_model_source``, or a
     directory), served under ``served_name`` (default: ``model``).
 
     Args:
         kv_cache_bytes: an explicit KV-cache size (``--kv-cache-memory-bytes``); None lets vLLM size it.
+        max_model_len: context length; None: the model's, as VLLMEngine. With chunked prefill off it is also the
+            most prompt tokens one engine step prefills, so a smaller value spreads a batch's prefill over more
+            steps than the in-process engine takes.
         cpu: add the CPU settings (fp32, eager mode, chunked prefill off).
     """
     from dialogue_gym.generation.vllm import resolve_model_source
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_source(model),
            "--served-model-name", served_name or model, "--host", host, "--port", str(port),
-           "--max-model-len", str(max_model_len), "--logprobs-mode", "processed_logprobs"]
+           "--logprobs-mode", "processed_logprobs"]
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(int(max_model_len))]
     if cpu:
         cmd += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill"]
     if kv_cache_bytes is not None:
@@ -64,7 +69,7 @@ class VLLMServer:
     """
 
     def __init__(self, model: str, *, served_name: str | None = None, port: int | None = None,
-                 kv_cache_bytes: int | None = 256 << 20, max_model_len: int = 2048, cpu: bool = True,
+                 kv_cache_bytes: int | None = 256 << 20, max_model_len: int | None = None, cpu: bool = True,
                  extra: tuple[str, ...] = (), start_timeout_s: float = 300.0, log_path: str | Path | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
