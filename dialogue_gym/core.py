@@ -151,7 +151,7 @@ class EnvConfig:
                                     "http://127.0.0.1:8000/v1")
             if "base_url" in (options or {}):
                 raise DialogueError(f"give the server as {prefix}base_url, not inside the engine options")
-            from dialogue_gym.generation.openai import check_base_url
+            from dialogue_gym.generation.http_common import check_base_url
 
             try:
                 kwargs = {"base_url": check_base_url(base_url)}

@@ -46,30 +46,16 @@ import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, is_token_prompt, prompt_token_ids
+from dialogue_gym.generation.http_common import ServerError, check_base_url, retry_after, snippet, tokenizer_for
 
 APIS = ("completions", "chat")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 CHAT_TOP_LOGPROBS = 20  # the most OpenAI's chat API (and vLLM's default max_logprobs) allows
 MAX_RETRY_AFTER_S = 30.0
-
-
-class ServerError(RuntimeError):
-    """An OpenAI-compatible server failed or answered something unusable.
-
-    Attributes:
-        url: the server's base URL.
-        model: the served model name.
-        status: the last HTTP status, or None when there was no HTTP answer (refused, timed out, bad body).
-    """
-
-    def __init__(self, message: str, url: str, model: str, status: int | None = None):
-        super().__init__(message)
-        self.url, self.model, self.status = url, model, status
 
 
 class _Retryable(Exception):
@@ -125,7 +111,7 @@ class OpenAIEngine:
         self.api_key_env = api_key_env
         self.max_concurrency, self.timeout_s = max_concurrency, float(timeout_s)
         self.max_retries, self.backoff_s = max_retries, float(backoff_s)
-        self.tokenizer = _tokenizer(model)
+        self.tokenizer = tokenizer_for(model)
         self.eos_ids = sorted({int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set())
         self._rng = np.random.default_rng(seed)
         self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
@@ -319,18 +305,18 @@ class OpenAIEngine:
             except httpx.TransportError as e:
                 raise _Retryable(f"connection failed ({type(e).__name__}: {e})") from None
         if r.status_code in RETRY_STATUSES:
-            raise _Retryable(f"HTTP {r.status_code}: {_snippet(r.text)}", r.status_code, _retry_after(r))
+            raise _Retryable(f"HTTP {r.status_code}: {snippet(r.text)}", r.status_code, retry_after(r))
         if r.status_code == 401:
             hint = f"; set ${self.api_key_env}" if not os.environ.get(self.api_key_env) else ""
             raise self._error(f"{method} {self.base_url}{path}: HTTP 401 (unauthorised){hint}", 401)
         if r.status_code != 200:
-            raise self._error(f"{method} {self.base_url}{path}: HTTP {r.status_code}: {_snippet(r.text)}",
+            raise self._error(f"{method} {self.base_url}{path}: HTTP {r.status_code}: {snippet(r.text)}",
                               r.status_code)
         try:
             return json.loads(r.content)
         except ValueError as e:
             raise self._error(f"{method} {self.base_url}{path}: malformed JSON in an HTTP 200 answer ({e}): "
-                              f"{_snippet(r.text)}", 200) from None
+                              f"{snippet(r.text)}", 200) from None
 
     def _one_choice(self, data: Any) -> dict[str, Any]:
         choices = data.get("choices") if isinstance(data, dict) else None
@@ -390,35 +376,6 @@ class OpenAIEngine:
         self.close()
 
 
-_tokenizers: dict[str, Any] = {}
-_tokenizers_lock = threading.Lock()
-
-
-def _tokenizer(model: str) -> Any:
-    """The tokenizer of ``model``, loaded once per process (engines on several servers of one model share it)."""
-    from dialogue_gym.models import load_tokenizer
-
-    with _tokenizers_lock:
-        if model not in _tokenizers:
-            _tokenizers[model] = load_tokenizer(model)
-        return _tokenizers[model]
-
-
-def check_base_url(base_url: Any) -> str:
-    """A base URL as ``http(s)://host[:port]/path`` without a trailing slash; credentials in it are refused
-    (they would end up in configs and fingerprints: put the key in the environment variable)."""
-    if not isinstance(base_url, str) or not base_url.strip():
-        raise ValueError(f"base_url must be the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1, got "
-                         f"{base_url!r}")
-    parts = urlsplit(base_url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url is {base_url!r}; expected http(s)://HOST[:PORT]/v1")
-    if parts.username or parts.password or parts.query:
-        raise ValueError("base_url must not carry credentials or a query string; put the API key in the "
-                         "environment variable named by api_key_env")
-    return base_url.strip().rstrip("/")
-
-
 def _field(data: dict[str, Any], path: tuple[str, ...], engine: OpenAIEngine, hint: str = "") -> Any:
     cur: Any = data
     for key in path:
@@ -438,15 +395,3 @@ def _token_id(token: Any, engine: OpenAIEngine) -> int:
     if isinstance(token, str) and token.startswith("token_id:") and token[9:].lstrip("-").isdigit():
         return int(token[9:])
     raise engine._error(f"token {token!r} is not a 'token_id:N' string (return_tokens_as_token_ids)")
-
-
-def _retry_after(r: Any) -> float | None:
-    try:
-        return float(r.headers.get("retry-after"))
-    except (TypeError, ValueError):
-        return None
-
-
-def _snippet(text: str, n: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "..."
