@@ -105,6 +105,8 @@ class DialogueCore:
                                self.engine, config)
         self.reward = build_reward(config.reward if config.reward is not None else self.task.default_reward,
                                    self.task, config)
+        # The task's verifier (None for tasks without one) decides whether a last allowed turn solved the task.
+        self.verifier = self.task.make_reward("verifier")
         self.rows = list(self.task.rows(config.split))
         if not self.rows:
             raise DialogueError(f"task {self.task.name!r} has no rows in split {config.split!r}")
@@ -214,7 +216,8 @@ class DialogueCore:
             s.turn += 1
             s.truncated = s.turn >= s.max_turns
         scored_conversations = [list(s.messages) for s in states]  # ending with the new assistant reply
-        asking = [i for i, s in enumerate(states) if not s.truncated]
+        self._end_solved([s for s in states if s.truncated])
+        asking = [i for i, s in enumerate(states) if not s.done]
         user_turns: dict[int, Any] = {}
         if asking:
             for i, t in zip(asking, self._ask_user([states[i] for i in asking])):
@@ -253,6 +256,20 @@ class DialogueCore:
                 info["score"] = score
             results.append(StepResult(float(reward), s.terminated, s.truncated, info))
         return results
+
+    def _end_solved(self, last: Sequence[DialogueState]) -> None:
+        """Mark states whose last allowed turn solved the task as ``terminated`` (not ``truncated``).
+
+        The user is not asked after the final turn, so without this a correct last answer would read as a cut-off
+        episode and a learner that bootstraps on truncation would bootstrap past a solved problem. The task's
+        verifier decides (no user call); tasks without one keep ``truncated``.
+        """
+        if self.verifier is None or not last:
+            return
+        solved = np.asarray(self.verifier.score([list(s.messages) for s in last], [s.profile for s in last]))
+        for s, v in zip(last, solved.reshape(-1)):
+            if v > 0:
+                s.terminated, s.truncated = True, False
 
     def _ask_user(self, states: Sequence[DialogueState]) -> list[Any]:
         seeds = []

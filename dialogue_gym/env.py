@@ -73,8 +73,10 @@ class DialogueEnv(gym.Env):
       answers first.
 
     ## Episode End
-    ``terminated``: the user (or the task's verifier) ended the conversation. ``truncated``: ``max_turns``
-    assistant turns were taken.
+    ``terminated``: the episode reached a terminal state: the user (or the task's verifier) ended the
+    conversation, or the reply of the last allowed turn solved the task (the task's verifier decides; the user is
+    not asked after the last turn). ``truncated``: ``max_turns`` assistant turns were taken and the last one did
+    not end the episode that way (never both).
 
     ## Arguments
     Keyword arguments are the fields of :class:`dialogue_gym.core.EnvConfig` (``task``, ``user``, ``reward``,
