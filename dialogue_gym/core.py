@@ -36,7 +36,8 @@ class EnvConfig:
     Attributes:
         task: task name (``"embedded"``, ``"arithmetic"``, ``"ultrainteract"``, ``"anthropic_hh"``) or instance.
         task_kwargs: keyword arguments for the task (data path, difficulty, ...).
-        split: which split reset draws rows from (``"train"`` or ``"test"``).
+        split: which split reset draws rows from (``"train"``, ``"test"``, or ``"validation"`` where the task has
+            one).
         model: the model behind the LLM user and the LLM judge (``"embedded"``, ``"tiny"``, path, hub id).
         engine: generation backend for the LLM user: ``"hf"`` or ``"vllm"``.
         user: user simulator spec (``"llm"``, ``"replay"``, ``"scripted"``, a task-specific name) or instance;
@@ -75,8 +76,8 @@ class EnvConfig:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
-        if self.split not in ("train", "test"):
-            raise DialogueError(f"split is {self.split!r}; allowed: train, test")
+        if self.split not in ("train", "test", "validation"):
+            raise DialogueError(f"split is {self.split!r}; allowed: train, test, validation")
 
 
 @dataclass
