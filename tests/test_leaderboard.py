@@ -13,7 +13,6 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import gymnasium as gym
 import pytest
@@ -22,8 +21,10 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 import dialogue_gym  # noqa: F401
+from agents.common.checkpoint import completed_iterations, export_checkpoint_policy
 from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
+from benchmarks.leaderboard import jobs as lb_jobs
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -120,12 +121,13 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
              for s, r in zip(states, baseline)]  # plays exactly like the initial policy
     runs = [lb.AgentRun("refuel", 0, 3, 3, "completed", Usage(policy_samples=10, policy_tokens=50,
                                                                scored_conversations=4, reward_calls=2), 30.0, 2.0,
-                        seed0),
+                        records=seed0),
             lb.AgentRun("refuel", 1, 3, 2, "budget", Usage(policy_samples=12, policy_tokens=70,
-                                                            scored_conversations=6, reward_calls=4), 50.0, 4.0, seed1)]
+                                                            scored_conversations=6, reward_calls=4), 50.0, 4.0,
+                        records=seed1)]
     cfg = lb.LeaderboardConfig(agents=["refuel", "ppo"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
                                results_dir=str(tmp_path), eval=lb.EvalProtocol(states=2, n_boot=200))
-    rows = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
+    rows, paired = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
     get = {(r["policy"], r["seed"], r["turn"]): r for r in rows}
     # seed 0: h=1 win (1 > 0) and tie (0 = 0) -> .75; h=2 win (1 > 0) and loss (0 < 1) -> .5; seed 1: all ties
     assert get["refuel", "0", 1]["win"] == 0.75 and get["refuel", "0", 2]["win"] == 0.5
@@ -145,13 +147,13 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     meta = {"started": "2026-01-01T00:00:00", "wall_s": 60.0, "load_start": (1.0, 1.0, 1.0),
             "load_end": (2.0, 2.0, 2.0), "command": "python -m benchmarks.leaderboard x=1", "calibration": {},
             "states": 2, "pending": ["ppo/seed-0", "ppo/seed-1"]}
-    lb.write_report(cfg, rows, runs, meta)  # a partial report: ppo has not run yet
+    lb.write_report(cfg, rows, paired, runs, meta)  # a partial report: ppo has not run yet
     md = (tmp_path / "leaderboard.md").read_text()
     assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
     assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
     assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
-    assert "| refuel | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
-    assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
+    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
+    assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
     with (tmp_path / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 8 and table[0]["policy"] == "initial" and float(table[2]["win"]) == 0.625
@@ -191,6 +193,7 @@ def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
     with pytest.raises(ConfigError, match=message):
         lb.validate(cfg)
+        lb.check_agents(cfg)
 
 
 @pytest.mark.parametrize("preset", ["cpu", "paper", "smoke"])
@@ -231,12 +234,12 @@ def test_a_budget_stop_is_exported_from_the_last_checkpoint(tmp_path):
     save_file({**{f"policy.{n}": p.detach().contiguous() for n, p in trainable_parameters(model).items()},
                "value_head.weight": torch.zeros(1, 4)}, str(last / "trainable.safetensors"))
     (last / "state.json").write_text(json.dumps({"iteration": 2}))
-    lb.export_checkpoint(SimpleNamespace(policy=settings, seed=0), tmp_path)
+    export_checkpoint_policy(tmp_path, settings, 0)
     got, _ = load_model(str(tmp_path / "policy"), shared=False)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(got.state_dict()[name], expected[name])
     assert not torch.allclose(got.state_dict()[name], load_model("tiny")[0].state_dict()[name])
-    assert lb.completed_iterations(tmp_path) == 2 and lb.completed_iterations(tmp_path / "none") == 0
+    assert completed_iterations(tmp_path) == 2 and completed_iterations(tmp_path / "none") == 0
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeyp
     # a second call finds everything done and only rewrites the report, with the time the work took (not since)
     started = datetime.fromisoformat((Path(cfg.run_dir) / "started_at.txt").read_text())
     (Path(cfg.run_dir) / "finished_at.txt").write_text((started + timedelta(seconds=100)).isoformat())
-    monkeypatch.setattr(lb, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(lb_jobs, "train", lambda *a, **k: pytest.fail("trained again"))
     again = lb.run(cfg, command="pytest")
     assert [r.to_json() for r in again["runs"]] == [r.to_json() for r in result["runs"]]
     assert again["rows"] == result["rows"]
@@ -287,7 +290,7 @@ def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
 
 
 def test_job_threads_share_the_cores_among_the_jobs(monkeypatch):
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
+    monkeypatch.setattr(lb_jobs.os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
     assert lb.job_threads(lb.LeaderboardConfig(jobs=1)) is None  # torch's own default
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2)) == 4 and lb.job_threads(lb.LeaderboardConfig(jobs=16)) == 1
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2, threads=3)) == 3
@@ -322,7 +325,7 @@ def test_scheduler_runs_the_longest_expected_job_first_and_names_a_failing_one(t
         done.append((kind, *args))
         return len(done)
 
-    monkeypatch.setattr(lb, "do_job", fake_job)
+    monkeypatch.setattr(lb_jobs, "do_job", fake_job)
     sched = lb.Scheduler(lb.LeaderboardConfig(jobs=1), ctx=None)
     for kind, args, estimate in [("train", ("a", 0), 5.0), ("train", ("b", 0), 50.0), ("calibrate", ("c",), math.inf),
                                  ("train", ("a", 1), 5.0), ("calibrate", ("d",), math.inf)]:

@@ -263,6 +263,9 @@ def run(cfg: DpoConfig) -> dict:
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
 
 
+Config = DpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="dpo")
 def main(raw: DictConfig) -> None:
     launch(raw, DpoConfig, run)

@@ -343,6 +343,9 @@ def run(cfg: PpoConfig) -> dict:
     return finish("PPO", cfg, evaluator, engine, model, tokenizer, run_dir, logger)
 
 
+Config = PpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="ppo")
 def main(raw: DictConfig) -> None:
     launch(raw, PpoConfig, run)

@@ -121,6 +121,9 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
 
 
+Config = RefuelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="refuel")
 def main(raw: DictConfig) -> None:
     launch(raw, RefuelConfig, run)
