@@ -196,7 +196,7 @@ def test_bad_settings_are_named(change, message):
         lb.check_agents(cfg)
 
 
-@pytest.mark.parametrize("preset", ["cpu", "paper", "smoke"])
+@pytest.mark.parametrize("preset", ["cpu", "cpu_clarify", "paper", "smoke", "smoke_clarify"])
 def test_presets_compose_and_validate(preset, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         raw = compose(config_name="leaderboard", overrides=[f"+leaderboard={preset}"])
@@ -352,3 +352,74 @@ def test_an_error_in_a_worker_process_reaches_the_caller_with_its_job(tmp_path):
     cfg.budget.policy_samples = 16
     result = lb.run(cfg)
     assert [(r.agent, r.seed) for r in result["runs"]] == [("rebel", 0)]
+
+
+# ---- the learning-rate sweep and the job backends ------------------------------------------------------------------
+
+def test_the_sweep_lr_is_imposed_and_a_sweep_needs_a_validation_split(tmp_path):
+    cfg = smoke_config(tmp_path)
+    assert lb.agent_config(cfg, "rebel", 0, tmp_path, None, lr=3e-4).optim.lr == 3e-4
+    assert lb.agent_config(cfg, "rebel", 0, tmp_path, None).optim.lr == 1e-4  # the agent's own
+    cfg.sweep.lrs = [1e-4, 1e-3]
+    lb.check_sweep(cfg)  # arithmetic has a validation split
+    cfg.env = lb.EnvSettings(task="embedded", model="tiny")
+    with pytest.raises(ConfigError, match="task 'embedded' has 0 validation rows"):
+        lb.check_sweep(cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sweep=lb.SweepSettings(lrs=[1e-4, 1e-4])), "sweep.lrs must be distinct learning rates > 0"),
+    (dict(sweep=lb.SweepSettings(lrs=[0.0])), "sweep.lrs must be distinct"),
+    (dict(sweep=lb.SweepSettings(lrs=[1e-4], seed=0)), "sweep.seed 0 is one of the reported seeds"),
+    (dict(sweep=lb.SweepSettings(metric="best")), "sweep.metric is 'best'; allowed: auto, success, score"),
+    (dict(backend="slurm"), "backend is 'slurm'; allowed: local, submitit"),
+    (dict(report_name="a/b"), "report_name must be a plain file name stem"),
+    (dict(backend="submitit", submitit=lb.SubmititSettings(cluster="k8s")), "submitit.cluster is 'k8s'"),
+])
+def test_bad_sweep_and_backend_settings_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        lb.validate(lb.LeaderboardConfig(**{"agents": ["refuel"], **change}))
+
+
+@pytest.mark.slow
+def test_clarify_smoke_sweeps_on_validation_then_reports_paired_differences(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke_clarify", "agents=[rebel]",
+                                                               "budget.policy_samples=16"])
+    raw.results_dir = str(tmp_path / "results")
+    cfg = merge_schema(raw, lb.LeaderboardConfig)
+    cfg.run_dir = str(tmp_path / "run")
+    result = lb.run(cfg, command="pytest")
+    sweep = result["meta"]["sweep"]["rebel"]
+    assert set(sweep["results"]) == {1e-4, 1e-3} and sweep["chosen"] in (1e-4, 1e-3)
+    assert [(r.agent, r.seed, r.lr) for r in result["runs"]] == [("rebel", 0, sweep["chosen"]),
+                                                                  ("rebel", 1, sweep["chosen"])]
+    run_dir = Path(cfg.run_dir)
+    # sweep runs are evaluated on the validation states only; the test store holds the reported policies only
+    val = RolloutStore(run_dir / "sweep_dialogues.jsonl").dialogues()
+    assert {d.policy for d in val} == {"rebel/lr-0.0001", "rebel/lr-0.001"}
+    assert all(d.start.startswith("sweep-") for d in val)
+    assert {s.tags["split"] for s in RolloutStore(run_dir / "sweep_states.jsonl").states()} == {"validation"}
+    test = RolloutStore(run_dir / "eval_dialogues.jsonl").dialogues()
+    assert {d.policy for d in test} == {"initial", "rebel/seed-0", "rebel/seed-1"}
+    assert {(p["a"], p["b"]) for p in result["paired"]} == {("rebel", "initial")}
+    md = (tmp_path / "results" / "leaderboard_clarify.md").read_text()
+    assert "## Learning-rate sweep (validation split)" in md and "## Paired differences in success" in md
+    with (tmp_path / "results" / "leaderboard_clarify.csv").open() as f:
+        seeds = {r["seed"] for r in csv.DictReader(f) if r["policy"] == "rebel"}
+    assert seeds == {"all", "0", "1"}
+    assert (tmp_path / "results" / "leaderboard_clarify_paired.csv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_submitit_local_backend_gives_the_rows_of_the_local_backend(tmp_path):
+    pytest.importorskip("submitit")
+    results = {}
+    for backend in ("local", "submitit"):
+        cfg = smoke_config(tmp_path / backend, "agents=[rebel]", "threads=1", "budget.policy_samples=16",
+                           f"backend={backend}", "submitit.cluster=local", "jobs=2")
+        results[backend] = lb.run(cfg, command="pytest")
+    assert any((tmp_path / "submitit" / "run" / "submitit").glob("*_result.pkl"))  # the jobs went through submitit
+    quality = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    assert quality(results["submitit"]["rows"]) == quality(results["local"]["rows"])
+    assert results["submitit"]["paired"] == results["local"]["paired"]

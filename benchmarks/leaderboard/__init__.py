@@ -67,12 +67,12 @@ from benchmarks.leaderboard.protocol import (
     turn_seed,
 )
 from benchmarks.leaderboard.report import results_path, write_report
-from benchmarks.leaderboard.runner import run
+from benchmarks.leaderboard.runner import check_sweep, run
 from benchmarks.leaderboard.stats import hierarchical_ci, hierarchical_means, paired_difference
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
            "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "calibrate",
-           "check_agents", "completed_iterations", "compose_agent_config", "do_job", "eval_env", "evaluate",
-           "export_checkpoint_policy", "hierarchical_ci", "hierarchical_means", "job_threads", "paired_difference",
-           "play_states", "played", "results_path", "run", "score_matrix", "success_matrix", "summarize", "train",
-           "train_and_evaluate", "turn_seed", "validate", "write_report"]
+           "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "do_job", "eval_env",
+           "evaluate", "export_checkpoint_policy", "hierarchical_ci", "hierarchical_means", "job_threads",
+           "paired_difference", "play_states", "played", "results_path", "run", "score_matrix", "success_matrix",
+           "summarize", "train", "train_and_evaluate", "turn_seed", "validate", "write_report"]
