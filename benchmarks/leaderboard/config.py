@@ -57,7 +57,6 @@ class SubmititSettings:
     gpus_per_node: int = 0  # GPUs per job
     cpus_per_task: int = 2  # CPU cores per job
     mem_gb: int = 16  # memory per job
-    poll_s: float = 2.0  # how often finished jobs are looked for
 
 
 @dataclass

@@ -164,7 +164,7 @@ class SubmititBackend:
         if s.partition is not None:
             params["slurm_partition"] = s.partition
         self.executor.update_parameters(**params)
-        self.threads, self.poll_s, self.jobs = threads, s.poll_s, []
+        self.threads, self.jobs = threads, []
 
     def submit(self, cfg: LeaderboardConfig, kind: str, args: tuple[Any, ...]) -> Future:
         job = self.executor.submit(_submitit_job, cfg, kind, args, self.threads)
