@@ -86,6 +86,18 @@ def test_two_agents_get_identical_states_and_user_seeds(tmp_path):
     assert [r.messages[2] for r in other] != [r.messages[2] for r in a]
 
 
+def test_a_dialogue_solved_on_its_last_turn_is_stored_as_terminated(tmp_path):
+    venv = eval_venv(1)
+    state = make_states(venv.core, 1, seed=0)
+    answer = state[0].state.profile["answer"]
+    records = lb.play_states(venv, FixedEngine(["I am not sure.", f"The answer is {answer:g}."]), SamplingParams(),
+                             state, "p")
+    assert records[0].terminated and not records[0].truncated and records[0].rewards == [0.0, 1.0]
+    store = RolloutStore(tmp_path / "d.jsonl")
+    store.append(records)
+    assert store.dialogues()[0].terminated and not store.dialogues()[0].truncated
+
+
 def test_policy_seeds_depend_on_the_state_and_turn_only():
     venv = eval_venv(3)
     states = make_states(venv.core, 3, seed=0)
