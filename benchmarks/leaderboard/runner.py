@@ -21,6 +21,7 @@ from benchmarks.leaderboard.config import LeaderboardConfig, validate
 from benchmarks.leaderboard.jobs import Context, Scheduler, job_threads, run_dir_of
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
+from dialogue_gym.progress import Progress
 from dialogue_gym.rollouts import DialogueRecord
 
 log = logging.getLogger("benchmarks.leaderboard")
@@ -141,6 +142,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         sweep_finished(sched, name)
 
     sched = Scheduler(cfg, ctx)
+    bar = Progress(desc="leaderboard jobs", unit="job")
     failed = True
     try:
         if baseline is None:
@@ -155,6 +157,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                 sched.add("calibrate", (name,), math.inf)  # first: each unblocks an agent's runs
         while (finished := sched.next_done()) is not None:
             kind, args, result = finished
+            bar.update(1)
+            bar.set_postfix(done=f"{kind} {'/'.join(map(str, args))}", pending=len(sched.pending))
             if kind == "baseline":
                 baseline_s = result
                 baseline = played(store, states)["initial"]
@@ -173,6 +177,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                 report()  # so an interrupted leaderboard still leaves the results it has
         failed = False
     finally:
+        bar.close()
         sched.close(failed)
     if sched.started == 0 and last.is_file():  # nothing left to do: only the report is rewritten, its time kept
         ended = datetime.fromisoformat(last.read_text().strip())
