@@ -28,6 +28,10 @@ class PolicySettings:
         lora_dropout: dropout on the LoRA input.
         lora_targets: module names that get LoRA adapters.
         gradient_checkpointing: trade compute for memory in training forward passes.
+        engine: where the policy samples: ``hf`` (the model being trained) or ``vllm`` (a vLLM engine on the base
+            weights with the current LoRA adapter loaded after each update; agents/common/policy_engine.py).
+        engine_memory: with ``engine=vllm``, vLLM's ``gpu_memory_utilization`` for the policy engine (on CPU: the
+            share of the NUMA node's memory for weights and KV cache).
     """
 
     model: str = "embedded"
@@ -36,6 +40,8 @@ class PolicySettings:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     gradient_checkpointing: bool = False
+    engine: str = "hf"
+    engine_memory: float = 0.15
 
 
 def load_policy(settings: PolicySettings, seed: int = 0) -> tuple[Any, Any]:
