@@ -16,7 +16,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from agents.common.branching import Start, policy_turn_seed
 from agents.common.config import env_kwargs
+from agents.common.evaluation import play
 from benchmarks.leaderboard.config import LeaderboardConfig
 from benchmarks.leaderboard.stats import metric_rows, paired_rows, policy_matrices
 from dialogue_gym.budget import Usage
@@ -66,45 +68,29 @@ def eval_env(cfg: LeaderboardConfig, n: int, split: str = "test") -> Any:
 
 
 def turn_seed(policy_seed: int, turn: int) -> int:
-    """The policy's sampling seed at ``turn`` of a dialogue from a stored state (independent of batching)."""
-    return int(np.random.default_rng([policy_seed, turn]).integers(0, 2**63 - 1))
+    """The policy's sampling seed at ``turn`` of a dialogue from a stored state (independent of batching): the
+    branching primitive's seed of branch 0, :func:`agents.common.branching.policy_turn_seed`."""
+    return policy_turn_seed(policy_seed, turn)
 
 
 def play_states(venv: Any, engine: Any, params: SamplingParams, states: list[StateRecord], policy: str,
                 tags: dict[str, Any] | None = None) -> list[DialogueRecord]:
     """Play every stored state to its end with the policy: one record per state, every turn scored.
 
-    ``venv`` needs ``len(states)`` sub-envs, autoreset DISABLED and ``reward_mode="per_turn"``.
+    The dialogues come from the agents' own branching primitive (:func:`agents.common.evaluation.play`: one branch
+    per state, k = 1, completed to the horizon), so the leaderboard plays exactly as the agents roll out.
+    ``venv`` needs at least ``len(states)`` sub-envs (the chunk size), autoreset DISABLED and
+    ``reward_mode="per_turn"``.
     """
-    n = len(states)
-    if venv.num_envs != n:
-        raise ValueError(f"{n} states for a vector env of {venv.num_envs} sub-envs")
-    obs, _ = venv.reset(options={"states": [s.state for s in states]})
-    gens: list[list[Any]] = [[] for _ in range(n)]
-    rewards: list[list[float]] = [[] for _ in range(n)]
-    done = np.zeros(n, dtype=bool)
-    while not done.all():
-        idx = [int(i) for i in np.flatnonzero(~done)]
-        turns = [s.turn for s in venv.get_states()]
-        out = engine.generate([obs[i] for i in idx], params, return_logprobs=True,
-                              seeds=[turn_seed(states[i].policy_seed, turns[i]) for i in idx])
-        actions: list[str | None] = [None] * n
-        for i, g in zip(idx, out):
-            actions[i] = g.text if g.text.strip() else "..."  # a blank reply still takes its turn
-            gens[i].append(g)
-        obs, _, term, trunc, info = venv.step(actions)
-        for i in idx:
-            rewards[i].append(float(info["score"][i]))
-            done[i] = bool(term[i] or trunc[i])
-    final = venv.get_states()
+    branches = play(venv, engine, params, [Start(policy_seed=s.policy_seed, state=s.state) for s in states])
     hashes = config_hashes(venv.core)
-    return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=f.messages, rewards=rewards[i],
-                           token_ids=[list(g.token_ids) for g in gens[i]],
-                           logprobs=[list(g.logprobs) for g in gens[i]], terminated=f.terminated,
-                           truncated=f.truncated, start=s.id, start_hash=s.state_hash,
-                           state_fingerprint=f.config_fingerprint, config=hashes,
+    return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
+                           rewards=[float(x) for x in b.scores], token_ids=[list(r.token_ids) for r in b.replies],
+                           logprobs=[list(r.logprobs or []) for r in b.replies], terminated=b.final.terminated,
+                           truncated=b.final.truncated, start=s.id, start_hash=s.state_hash,
+                           state_fingerprint=b.final.config_fingerprint, config=hashes,
                            seeds={"policy": s.policy_seed}, tags=dict(tags or {}))
-            for i, (s, f) in enumerate(zip(states, final))]
+            for s, b in zip(states, branches)]
 
 
 def evaluate(cfg: LeaderboardConfig, venv: Any, model_name: str, states: list[StateRecord], store: RolloutStore,
