@@ -84,7 +84,8 @@ class DialogueEnv(gym.Env):
     (``"human"`` prints, ``"ansi"`` returns the transcript).
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version. Since 2026-11-27 a last allowed turn that solves the task (its verifier accepts the
+      reply) reports ``terminated=True, truncated=False``; before, ``truncated=True``.
     """
 
     metadata = {"render_modes": ["human", "ansi"], "render_fps": 1}
