@@ -172,6 +172,18 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=1, autoreset_mode="Disabled", split="test",
+                        reward_mode="per_turn", task="clarify", max_turns=3,
+                        task_kwargs={"n_train": 5, "n_validation": 5, "n_test": 5})
+    states = make_states(venv.core, 3, seed=0)
+    records = [record(states[0], "p", ["How many?", "The answer is 3.", "Hmm"], [0.0, 0.0, 0.0]),
+               record(states[1], "p", ["The answer is 2.", "Which number?"], [0.0, 0.0]),
+               record(states[2], "p", ["Let me think"], [1.0])]
+    got = lb.behaviour_matrix(records, states, venv.core.task.asks, 3)
+    assert got.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 0]]  # 0 after a dialogue ended
+
+
 # ---- agents and settings ----------------------------------------------------------------------------------------
 
 def test_agent_config_imposes_the_shared_settings(tmp_path):

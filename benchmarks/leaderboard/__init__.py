@@ -57,6 +57,7 @@ from benchmarks.leaderboard.config import (
 from benchmarks.leaderboard.jobs import Context, Scheduler, do_job, job_threads, train_and_evaluate
 from benchmarks.leaderboard.protocol import (
     AgentRun,
+    behaviour_matrix,
     eval_env,
     evaluate,
     play_states,
@@ -71,8 +72,9 @@ from benchmarks.leaderboard.runner import check_sweep, run
 from benchmarks.leaderboard.stats import hierarchical_ci, hierarchical_means, paired_difference
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
-           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "calibrate",
-           "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "do_job", "eval_env",
-           "evaluate", "export_checkpoint_policy", "hierarchical_ci", "hierarchical_means", "job_threads",
-           "paired_difference", "play_states", "played", "results_path", "run", "score_matrix", "success_matrix",
-           "summarize", "train", "train_and_evaluate", "turn_seed", "validate", "write_report"]
+           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents",
+           "behaviour_matrix", "calibrate", "check_agents", "check_sweep", "completed_iterations",
+           "compose_agent_config", "do_job", "eval_env", "evaluate", "export_checkpoint_policy", "hierarchical_ci",
+           "hierarchical_means", "job_threads", "paired_difference", "play_states", "played", "results_path", "run",
+           "score_matrix", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
+           "write_report"]

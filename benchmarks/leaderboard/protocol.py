@@ -145,26 +145,41 @@ def _after_assistant_turn(messages: list[dict[str, str]], turn: int) -> list[dic
     return list(messages)
 
 
+def behaviour_matrix(records: list[DialogueRecord], states: list[StateRecord], asks: Any, horizon: int
+                     ) -> np.ndarray:
+    """(n, horizon) 1.0 where the reply at turn h (from the stored state) shows the task's behaviour of interest
+    (``task.asks(reply)``: clarify's "asks or holds back its answer"), 0.0 otherwise and after the dialogue ended."""
+    out = np.zeros((len(records), horizon))
+    for i, (r, s) in enumerate(zip(records, states)):
+        replies = [m["content"] for m in r.messages[len(s.state.messages):] if m["role"] == "assistant"]
+        for k, reply in enumerate(replies[:horizon]):
+            out[i, k] = float(asks(reply))
+    return out
+
+
 def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
-              states: list[StateRecord], verifier: Any | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+              states: list[StateRecord], verifier: Any | None, asks: Any | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The report's numbers: ``(rows, paired)``.
 
     ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
     verifier) success by turn h, each with its 95% interval (hierarchical bootstrap over seeds, then states; see
     :mod:`benchmarks.leaderboard.stats`), and the mean cost per seed. The initial policy's win rate is 0.5 by
-    definition. ``paired``: differences agent - initial and agent - agent on the same states, with intervals.
+    definition. With ``asks`` (the task's behaviour test, e.g. clarify's), also the share of turn-h replies that show
+    it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals.
     """
     horizon = max(cfg.env.max_turns - s.state.turn for s in states)
     base = score_matrix(baseline, horizon)
     success = (lambda records: success_matrix(records, states, verifier, horizon)) if verifier else None
-    groups = {"initial": policy_matrices([baseline], base, horizon, score_matrix, success)}
+    behaviour = (lambda records: behaviour_matrix(records, states, asks, horizon)) if asks else None
+    groups = {"initial": policy_matrices([baseline], base, horizon, score_matrix, success, behaviour)}
     seeds: dict[str, list[int]] = {}
-    rows = metric_rows("initial", [], groups["initial"], cfg.eval.n_boot)[:horizon]  # the initial policy: "all"
+    rows = metric_rows("initial", [], groups["initial"], cfg.eval.n_boot)  # the initial policy: "all" only
     for name in cfg.agents:
         mine = [r for r in runs if r.agent == name]
         if not mine:
             continue
-        groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success)
+        groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success, behaviour)
         seeds[name] = [r.seed for r in mine]
         cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
         rows += [{**row, **cost[row["seed"]]} for row in

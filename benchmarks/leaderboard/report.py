@@ -15,8 +15,9 @@ from benchmarks.leaderboard.protocol import AgentRun
 from benchmarks.machine import machine_info
 
 CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
-              "success_lo", "success_hi", "lr", "runs", "iterations", "completed", "stopped_by_budget",
-              "policy_samples", "policy_tokens", "scored_conversations", "reward_calls", "train_s", "eval_s")
+              "success_lo", "success_hi", "asks", "asks_lo", "asks_hi", "lr", "runs", "iterations", "completed",
+              "stopped_by_budget", "policy_samples", "policy_tokens", "scored_conversations", "reward_calls", "train_s",
+              "eval_s")
 PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "excludes_0")
 
 
@@ -142,6 +143,8 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[di
     lines = _header(cfg, meta) + _protocol(cfg, meta)
     metrics = [("success", "Task success by turn h (verifier)")] if "success" in rows[0] else []
     metrics += [("score", "Mean score at turn h (judge)")]
+    if "asks" in rows[0]:
+        metrics += [("asks", "Turn-h replies that ask or hold back their answer (the behaviour the task rewards)")]
     for key, heading in metrics:
         lines += [f"## {heading}", "", f"| policy | {hs} |", sep]
         for name in ["initial", *agents]:

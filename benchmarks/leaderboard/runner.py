@@ -79,6 +79,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     ctx = Context.build(cfg)
     states, store = ctx.eval.states, ctx.eval.store
     verifier = ctx.eval.venv.core.task.make_reward("verifier")
+    asks = getattr(ctx.eval.venv.core.task, "asks", None)  # the task's behaviour of interest (clarify), if any
     if cfg.sweep.metric == "success" and verifier is None:
         raise ConfigError(f"sweep.metric is success, but task {cfg.env.task!r} has no verifier; use score or auto")
     done = played(store, states)
@@ -96,7 +97,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
         runs.sort(key=lambda r: order[(r.agent, r.seed)])
         finished = {(r.agent, r.seed) for r in runs}
-        rows, paired = summarize(cfg, runs, baseline, states, verifier)
+        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,

@@ -55,15 +55,17 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
 
 
 def policy_matrices(records: list[list[Any]], base_scores: np.ndarray, horizon: int, score_matrix: Any,
-                    success: Any | None) -> dict[str, np.ndarray]:
+                    success: Any | None, asks: Any | None = None) -> dict[str, np.ndarray]:
     """(seeds, states, horizon) matrices of one policy, one seed per entry of ``records``: ``score`` (carried
-    forward), ``win`` (vs the initial policy's ``base_scores``: 1, 0.5 tie, 0) and ``success`` (when ``success``
-    maps records to a (states, horizon) matrix)."""
+    forward), ``win`` (vs the initial policy's ``base_scores``: 1, 0.5 tie, 0), and ``success`` / ``asks`` where
+    those callables map records to a (states, horizon) matrix."""
     played = [score_matrix(r, horizon) for r in records]
     out = {"score": np.stack([carry_forward(m) for m in played]),
            "win": np.stack([win_outcomes(m, base_scores) for m in played])}
     if success is not None:
         out["success"] = np.stack([success(r) for r in records])
+    if asks is not None:
+        out["asks"] = np.stack([asks(r) for r in records])
     return out
 
 
@@ -75,7 +77,7 @@ def metric_rows(name: str, seeds: list[str], mats: dict[str, np.ndarray], n_boot
     for label, pick in [("all", slice(None))] + [(s, slice(k, k + 1)) for k, s in enumerate(seeds)]:
         for h in range(horizon):
             row: dict[str, Any] = {"policy": name, "seed": label, "turn": h + 1}
-            for key, offset in (("win", 100), ("score", 0), ("success", 200)):
+            for key, offset in (("win", 100), ("score", 0), ("success", 200), ("asks", 400)):
                 if key in mats:
                     row[key], row[f"{key}_lo"], row[f"{key}_hi"] = hierarchical_ci(
                         mats[key][pick, :, h], n_boot=n_boot, seed=offset + h)

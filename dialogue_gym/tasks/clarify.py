@@ -246,6 +246,10 @@ class ClarifyTask:
     def make_reward(self, spec: str) -> Any | None:
         return VerifierReward(discount=self.discount) if spec == "verifier" else None
 
+    def asks(self, reply: str) -> bool:
+        """The behaviour this task exists to teach (:func:`asks_or_holds_back`); the leaderboard reports its rate."""
+        return asks_or_holds_back(reply)
+
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "steps": self.steps, "withheld": self.withheld, "distractors": self.distractors,
                 "vague": self.vague, **{f"n_{k}": v for k, v in self.sizes.items()}, "seed": self.seed,
