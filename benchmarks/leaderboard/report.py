@@ -191,16 +191,16 @@ def _cost(cfg: LeaderboardConfig, agents: list[str], pooled: Any, meta: dict[str
 
 
 def _sweep(meta: dict[str, Any]) -> list[str]:
-    sweep = meta.get("sweep") or {}
+    sweep, lrs = meta.get("sweep") or {}, meta.get("sweep_lrs") or []
     if not sweep:
         return []
     lines = ["## Learning-rate sweep (validation split)", "",
              f"{meta.get('sweep_metric')} at the last turn on the validation states, one run per learning rate at "
              "the same budget; the chosen rate (bold) trained every reported seed.", "",
-             "| agent | " + " | ".join(f"lr {lr}" for lr in next(iter(sweep.values()))["results"]) + " |",
-             "|---" * (1 + len(next(iter(sweep.values()))["results"])) + "|"]
+             "| agent | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
     for name, s in sweep.items():
-        cells = [f"**{v:.3f}**" if lr == s.get("chosen") else f"{v:.3f}" for lr, v in s["results"].items()]
+        cells = ["—" if lr not in s["results"] else f"**{s['results'][lr]:.3f}**" if lr == s.get("chosen")
+                 else f"{s['results'][lr]:.3f}" for lr in lrs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -103,6 +103,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
                 "calibration": {a: calibration[a] for a in cfg.agents if a in calibration},
                 "sweep": {a: sweep[a] for a in cfg.agents if a in sweep}, "sweep_metric": sweep_metric,
+                "sweep_lrs": list(cfg.sweep.lrs),
                 "states": len(states), "jobs": cfg.jobs, "threads": threads,
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
         write_report(cfg, rows, paired, runs, meta)
