@@ -40,7 +40,7 @@ class EvalProtocol:
 class SweepSettings:
     """Each agent's learning rate chosen on the validation split, at the same budget as its real runs."""
 
-    lrs: list[float] = field(default_factory=list)  # rates tried per agent, best first on ties (empty: own lr)
+    lrs: list[float] = field(default_factory=list)  # rates tried per agent (ties: the one listed first; empty: own lr)
     seed: int = 1000  # training seed of the sweep runs (kept apart from the reported seeds)
     states: int = 32  # stored validation states every sweep run is evaluated on
     metric: str = "auto"  # chosen by its mean at the last turn: success (verifier), score, or auto (success if any)
