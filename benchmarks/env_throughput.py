@@ -34,13 +34,10 @@ Writes ``benchmarks/results/env_throughput.md`` (with machine info and the comma
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,36 +45,12 @@ import gymnasium as gym
 import torch
 
 import dialogue_gym  # noqa: F401
+from benchmarks.machine import machine_info
 from dialogue_gym.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_throughput.md"
 ACTIONS = ["Could you tell me a little more about what you need?", "Here is a short answer with one example.",
            "Let me explain step by step.", "That is a good question; the key idea is simple."]
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f"{kb / 2**20:.1f} GiB"
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
-            "python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": f"{torch.cuda.device_count()} x {props.name}",
-                 "gpu memory": f"{props.total_memory / 2**30:.0f} GiB", "cuda": str(torch.version.cuda)}
-    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return info
 
 
 def _sync(device: torch.device) -> None:

@@ -128,7 +128,7 @@ def run_step(step: Step, device: str, log_dir: Path) -> None:
 
 
 def write_report(path: Path, steps: list[Step], device: str, log_dir: Path, total_s: float) -> None:
-    from benchmarks.env_throughput import machine_info
+    from benchmarks.machine import machine_info
 
     info = machine_info()
     lines = ["# GPU check", "", f"Command: `python -m benchmarks.gpu_check {' '.join(sys.argv[1:])}` "

@@ -126,8 +126,9 @@ class DialogueState:
         rng: PCG64 state of the episode RNG (draws the user's and the judge's per-turn seeds).
         config_fingerprint: hash of the env configuration this state belongs to.
         last_score: reward-model score of the previous turn (for the ``delta`` reward mode).
-        terminated: the user or the task ended the conversation.
-        truncated: ``max_turns`` was reached.
+        terminated: the user or the task ended the conversation (a last allowed turn that solves the task
+            included).
+        truncated: ``max_turns`` was reached without that.
         version: schema version of the snapshot.
     """
 

@@ -36,7 +36,8 @@ class EnvConfig:
     Attributes:
         task: task name (``"embedded"``, ``"arithmetic"``, ``"ultrainteract"``, ``"anthropic_hh"``) or instance.
         task_kwargs: keyword arguments for the task (data path, difficulty, ...).
-        split: which split reset draws rows from (``"train"`` or ``"test"``).
+        split: which split reset draws rows from (``"train"``, ``"test"``, or ``"validation"`` where the task has
+            one).
         model: the model behind the LLM user and the LLM judge (``"embedded"``, ``"tiny"``, path, hub id).
         engine: generation backend of the LLM user (and, unless ``judge_engine`` says otherwise, the LLM judge):
             ``"hf"``, ``"vllm"`` (in process) or ``"openai"`` (an OpenAI-compatible server at ``base_url``).
@@ -114,8 +115,8 @@ class EnvConfig:
                 raise DialogueError(f"{name} must be a dict of engine keyword arguments, got {type(value).__name__}")
         self.user_engine_spec()
         self.judge_engine_spec()
-        if self.split not in ("train", "test"):
-            raise DialogueError(f"split is {self.split!r}; allowed: train, test")
+        if self.split not in ("train", "test", "validation"):
+            raise DialogueError(f"split is {self.split!r}; allowed: train, test, validation")
 
     def user_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
         """``(kind, model, kwargs)`` of the LLM user's engine, for :func:`dialogue_gym.generation.make_engine`."""
@@ -188,6 +189,8 @@ class DialogueCore:
                                self.engine, config)
         self.reward = build_reward(config.reward if config.reward is not None else self.task.default_reward,
                                    self.task, config)
+        # The task's verifier (None for tasks without one) decides whether a last allowed turn solved the task.
+        self.verifier = self.task.make_reward("verifier")
         self.rows = list(self.task.rows(config.split))
         if not self.rows:
             raise DialogueError(f"task {self.task.name!r} has no rows in split {config.split!r}")
@@ -298,7 +301,8 @@ class DialogueCore:
             s.turn += 1
             s.truncated = s.turn >= s.max_turns
         scored_conversations = [list(s.messages) for s in states]  # ending with the new assistant reply
-        asking = [i for i, s in enumerate(states) if not s.truncated]
+        self._end_solved([s for s in states if s.truncated])
+        asking = [i for i, s in enumerate(states) if not s.done]
         user_turns: dict[int, Any] = {}
         if asking:
             for i, t in zip(asking, self._ask_user([states[i] for i in asking])):
@@ -337,6 +341,20 @@ class DialogueCore:
                 info["score"] = score
             results.append(StepResult(float(reward), s.terminated, s.truncated, info))
         return results
+
+    def _end_solved(self, last: Sequence[DialogueState]) -> None:
+        """Mark states whose last allowed turn solved the task as ``terminated`` (not ``truncated``).
+
+        The user is not asked after the final turn, so without this a correct last answer would read as a cut-off
+        episode and a learner that bootstraps on truncation would bootstrap past a solved problem. The task's
+        verifier decides (no user call); tasks without one keep ``truncated``.
+        """
+        if self.verifier is None or not last:
+            return
+        solved = np.asarray(self.verifier.score([list(s.messages) for s in last], [s.profile for s in last]))
+        for s, v in zip(last, solved.reshape(-1)):
+            if v > 0:
+                s.terminated, s.truncated = True, False
 
     def _ask_user(self, states: Sequence[DialogueState]) -> list[Any]:
         seeds = []

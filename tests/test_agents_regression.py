@@ -82,33 +82,21 @@ def test_rebel_pairs_use_immediate_reward_and_refuel_the_future(monkeypatch):
 
     seen = {}
 
-    def fake_fork(venv, engine, params, states, k, horizons, rng):
-        seen["horizons"] = list(horizons)
-        seen["turns"] = [s.turn + 1 for s in states]
+    def fake_grow(rollin, branches, engine, params, plan):
+        seen["horizons"] = [max(hp, h) if plan.complete else h for hp, h in zip(plan.horizons, plan.turns)]
+        seen["turns"], seen["k"] = list(plan.turns), plan.k
         raise Reached
 
     class Venv:
         num_envs = 6
         core = type("C", (), {"config": type("E", (), {"max_turns": 5})()})()
 
-    def fake_roll_in(venv, engine, params, turns, rng, options, seed):
-        from dialogue_gym.conversation import DialogueState, new_rng_state
-
-        out = []
-        for h in turns:
-            msgs = []
-            for _ in range(h - 1):
-                msgs += [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-            msgs.append({"role": "user", "content": "q"})
-            out.append((DialogueState(msgs, h - 1, 5, "r", {}, new_rng_state(0), "f"), h))
-        return out
-
-    monkeypatch.setattr(rollout, "fork", fake_fork)
-    monkeypatch.setattr(rollout, "roll_in", fake_roll_in)
+    monkeypatch.setattr(rollout, "grow", fake_grow)
     for future in (True, False):
         with pytest.raises(Reached):
-            rollout.collect_pairs(Venv(), None, None, None, np.random.default_rng(0), 6, "reference", 10, future,
-                                      "on_policy")
+            rollout.collect_pairs(Venv(), None, None, None, np.random.default_rng(0), 6, 10, "reference", future,
+                                  "on_policy")
+        assert seen["k"] == 2
         if future:
             assert all(H >= h for H, h in zip(seen["horizons"], seen["turns"]))
             assert any(H > h for H, h in zip(seen["horizons"], seen["turns"]))

@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from agents.common.batching import Reply, collate, reply_logprobs
+from agents.common.branching import Branch, Tree
 from agents.common.config import ConfigError, merge_schema
 from agents.common.logging import read_metrics
 from agents.common.policy import PolicySettings, load_policy, trainable_parameters
-from agents.common.rollout import Branch
 from agents.common.train import Pair
 from agents.dpo.config import DpoConfig
 from agents.dpo.data import Preference, load_preferences, parse_record, tokenize_pair
@@ -150,31 +150,33 @@ def _state(h: int) -> DialogueState:
 
 
 def _wire(monkeypatch, rewards, texts=None):
-    """Fake roll_in (state at the asked turn) and fork (given rewards/texts per branch); records the calls."""
-    import agents.dpo.__main__ as dpo_main
+    """Fake the branching primitive (trees at the planned turns, with given rewards/texts per branch) and call DPO's
+    pair collection (collect_pairs with k = n, best vs worst); records the plan."""
+    import agents.common.rollout as rollout
 
     seen = {}
 
-    def fake_roll_in(venv, engine, params, turns, rng, options, seed):
-        seen["turns"] = list(turns)
-        seen.setdefault("roll_in_sizes", []).append(len(turns))
-        return [(_state(h), h) for h in turns]
-
-    def fake_fork(venv, engine, params, states, k, horizons, rng):
-        seen["k"], seen["horizons"] = k, list(horizons)
+    def fake_grow(rollin, branches, engine, params, plan):
+        seen["turns"], seen["k"], seen["starts"] = list(plan.turns), plan.k, len(plan.starts)
+        seen["horizons"] = [max(hp, h) if plan.complete else h for hp, h in zip(plan.horizons, plan.turns)]
         out = []
-        for i in range(len(states)):
+        for i, h in enumerate(plan.turns):
             row = []
-            for j in range(k):
+            for j in range(plan.k):
                 text = texts[i][j] if texts else f"reply {i} {j}"
                 reply = Reply([1, 2], [10 + j, 2] if not texts else [len(text), 2], text)
-                row.append(Branch(reply, rewards[i][j], [], 1, [reply], [rewards[i][j]]))
-            out.append(row)
+                row.append(Branch(reply, rewards[i % len(rewards)][j], [], 1, [reply], [rewards[i % len(rewards)][j]]))
+            out.append(Tree(_state(h), h, row))
         return out
 
-    monkeypatch.setattr(dpo_main, "roll_in", fake_roll_in)
-    monkeypatch.setattr(dpo_main, "fork", fake_fork)
-    return dpo_main.collect_preferences, seen
+    monkeypatch.setattr(rollout, "grow", fake_grow)
+
+    def collect(rollin, branches, engine, params, rng, dialogues, n, n_rows, turn_sampling, future, prefix,
+                length_penalty):
+        return rollout.collect_pairs(rollin, branches, engine, params, rng, dialogues, n_rows, turn_sampling, future,
+                                     prefix, k=n, pairing="best_worst", length_penalty=length_penalty)
+
+    return collect, seen
 
 
 def test_online_pairs_are_best_vs_worst_of_n_and_ties_are_dropped(monkeypatch):
@@ -191,11 +193,13 @@ def test_online_pairs_are_best_vs_worst_of_n_and_ties_are_dropped(monkeypatch):
     assert [p.turn for p in pairs] == [seen["turns"][0], seen["turns"][2]]
 
 
-def test_contexts_are_collected_rollout_batch_at_a_time(monkeypatch):
+def test_every_context_of_the_iteration_is_planned_at_once(monkeypatch):
+    """The chunking (rollout_batch) happens inside the primitive, after the whole plan is drawn
+    (tests/test_branching.py checks that the trees do not depend on the chunk size)."""
     collect, seen = _wire(monkeypatch, [[0.0, 1.0]] * 2)
     pairs, stats = collect(_Venv(2), _Venv(4), None, None, np.random.default_rng(0), 6, 2, 10, "reference", False,
                            "on_policy", 0.0)
-    assert seen["roll_in_sizes"] == [2, 2, 2] and len(pairs) == 6 and stats["env/pairs"] == 6
+    assert seen["starts"] == 6 and len(pairs) == 6 and stats["env/pairs"] == 6
 
 
 def test_immediate_reward_ends_branches_at_h_and_future_completes_them(monkeypatch):

@@ -24,16 +24,19 @@ class Reply:
         token_ids: the sampled reply ids (end-of-turn token included when produced).
         text: the decoded reply (what the env received).
         finished: the reply ended with a stop token (False: cut at max_new_tokens).
+        logprobs: the engine's log-prob of each sampled token at the sampling temperature, when it gave them.
     """
 
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
     finished: bool = True
+    logprobs: list[float] | None = None
 
     @classmethod
     def from_generation(cls, g: Any) -> Reply:
-        return cls(list(g.prompt_token_ids), list(g.token_ids), g.text, bool(g.finished))
+        logprobs = list(g.logprobs) if getattr(g, "logprobs", None) is not None else None
+        return cls(list(g.prompt_token_ids), list(g.token_ids), g.text, bool(g.finished), logprobs)
 
 
 def collate(replies: Sequence[Reply], pad_id: int, max_length: int | None = None

@@ -51,8 +51,7 @@ class SamplingSettings:
 
     temperature: float = 0.8  # policy sampling temperature; log-probs are computed at the same temperature
     top_p: float = 1.0  # nucleus mass
-    max_new_tokens: int = 96  # reply length cap in tokens
-    engine: str = "hf"  # policy generation backend (hf; vllm needs weight syncing, see README)
+    max_new_tokens: int = 96  # reply length cap in tokens (the policy's engine is policy.engine)
 
 
 @dataclass
@@ -122,8 +121,7 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {policy.lora_r}")
     check(sampling.temperature > 0, f"sampling.temperature must be > 0 for on-policy sampling, got "
                                     f"{sampling.temperature}")
-    check(sampling.engine == "hf", f"sampling.engine is {sampling.engine!r}; the policy samples with 'hf' "
-                                   "(the env's user can use vllm through env.engine)")
+    check_policy_engine(policy, sampling)
     check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     check(optim.batch_size >= 1 and optim.micro_batch_size >= 1, "optim.batch_size and micro_batch_size must be >= 1")
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
@@ -154,6 +152,36 @@ def check_engines(env: EnvSettings) -> None:
         EnvConfig(**{k: getattr(env, k) for k in names}).validate()
     except DialogueError as e:
         raise ConfigError(f"env: {e}") from None
+def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> None:
+    """``policy.engine``: ``hf``, or ``vllm`` when vLLM is installed and can serve the policy's LoRA adapter."""
+    import importlib.util
+
+    from agents.common.policy_engine import VLLM_LORA_RANKS
+
+    check(policy.engine in ("hf", "vllm"), f"policy.engine is {policy.engine!r}; allowed: hf, vllm")
+    if policy.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        from dialogue_gym.generation.vllm import INSTALL_HINT
+
+        raise ConfigError(f"policy.engine=vllm needs vLLM, which is not installed. {INSTALL_HINT} Or set "
+                          "policy.engine=hf.")
+    check(policy.lora_r > 0, "policy.engine=vllm loads the trained LoRA adapter into the engine after each update; "
+                             "full fine-tuning (policy.lora_r=0) is not synced to vLLM here: set policy.lora_r > 0 "
+                             "or policy.engine=hf")
+    check(policy.lora_r <= max(VLLM_LORA_RANKS), f"policy.lora_r={policy.lora_r} is above the largest LoRA rank "
+                                                 f"vLLM serves ({max(VLLM_LORA_RANKS)}): lower policy.lora_r or "
+                                                 "set policy.engine=hf")
+    check(0 < policy.engine_memory <= 1, f"policy.engine_memory must be in (0, 1], got {policy.engine_memory}")
+    check(sampling.top_p == 1.0, f"policy.engine=vllm with sampling.top_p={sampling.top_p}: vLLM's log-probs are "
+                                 "renormalised within the nucleus and would not match the trainer's; use "
+                                 "sampling.top_p=1.0 or policy.engine=hf")
+    if policy.model == "tiny":
+        import torch
+
+        check(torch.cuda.is_available(), "policy.model=tiny has attention heads 16 wide, which vLLM's CPU "
+                                         "attention cannot serve with a LoRA adapter; use policy.model=embedded "
+                                         "(or another model) with policy.engine=vllm, or policy.engine=hf")
 
 
 def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:

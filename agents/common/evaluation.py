@@ -5,6 +5,9 @@ same user seeds. A policy's turn-h outcome is the score of its conversation at t
 dialogue ended (a solved arithmetic problem stays solved). The win rate at turn h compares, dialogue by
 dialogue, the policy's turn-h outcome with the initial policy's: 1 for higher, 0.5 for a tie, 0 for lower.
 Intervals are percentile bootstrap 95% over dialogues.
+
+Play goes through the agents' branching primitive (:func:`agents.common.branching.grow` with k = 1): :func:`play`
+plays task rows or stored states to their end, every turn scored, with the same seeding rules as training.
 """
 
 from __future__ import annotations
@@ -14,6 +17,49 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agents.common.branching import Branch, Plan, Start, grow
+from dialogue_gym.generation.base import SamplingParams
+
+
+def row_starts(task_indices: list[int], seed: int) -> list[Start]:
+    """Evaluation starts at task rows: row ``i`` of the list resets with env seed ``seed + i`` (as a vector env
+    reset with ``seed`` does) and samples the policy from ``default_rng([seed, i])``."""
+    return [Start(policy_seed=int(np.random.default_rng([seed, i]).integers(0, 2**63 - 1)), row=int(r),
+                  env_seed=seed + i) for i, r in enumerate(task_indices)]
+
+
+def play(venv: Any, engine: Any, params: SamplingParams, starts: list[Start]) -> list[Branch]:
+    """Play each start (a task row or a stored state) to the env's horizon or the user's end: one branch each.
+
+    ``venv`` is a DISABLED vector env with at least ``len(starts)`` sub-envs (the chunk size); give it
+    ``reward_mode="per_turn"`` to have every turn scored (``Branch.scores``). The policy's reply at absolute turn
+    ``t`` is sampled with ``policy_turn_seed(start.policy_seed, t)``.
+    """
+    horizon = venv.core.config.max_turns
+    turns = [s.state.turn + 1 if s.state is not None else 1 for s in starts]
+    plan = Plan(list(starts), turns, [horizon] * len(starts), k=1, complete=True)
+    return [t.branches[0] for t in grow(venv, venv, engine, params, plan)]
+
+
+def play_rows(venv: Any, engine: Any, params: SamplingParams, task_indices: list[int], seed: int) -> dict[str, Any]:
+    """Full dialogues from the given task rows with fixed seeds (:func:`row_starts`); per-turn scores.
+
+    Returns:
+        ``{"scores": (n, H) array indexed by absolute turn (NaN where not played or not scored), "ended_at": (n,)
+        turns played, "terminated": (n,) bool, "tokens": policy tokens generated, "conversations": final
+        messages}``.
+    """
+    horizon = venv.core.config.max_turns
+    played = play(venv, engine, params, row_starts(task_indices, seed))
+    scores = np.full((len(played), horizon), np.nan)
+    for i, b in enumerate(played):
+        first = b.final.turn - b.turns  # the row's own turn
+        scores[i, first:b.final.turn] = b.scores
+    return {"scores": scores, "ended_at": np.array([b.final.turn for b in played], dtype=int),
+            "terminated": np.array([b.final.terminated for b in played], dtype=bool),
+            "tokens": sum(len(r.token_ids) for b in played for r in b.replies),
+            "conversations": [b.messages for b in played]}
 
 
 def carry_forward(scores: np.ndarray) -> np.ndarray:
@@ -57,7 +103,8 @@ def summarize(result: dict[str, Any], baseline: dict[str, Any] | None, name: str
     if "terminated" in result:
         term = np.asarray(result["terminated"], dtype=bool)
         ended = np.asarray(result["ended_at"])
-        out["ended_by_user_by_turn"] = [float((term & (ended <= h + 1)).mean()) for h in range(horizon)]
+        # terminal by turn h: the user ended the dialogue or its last allowed turn solved the task (the env's rule)
+        out["terminated_by_turn"] = [float((term & (ended <= h + 1)).mean()) for h in range(horizon)]
     if baseline is not None:
         wins = win_outcomes(scores, np.asarray(baseline["scores"], dtype=float))
         out["win_rate"] = [float(wins[:, h].mean()) for h in range(horizon)]

@@ -32,6 +32,10 @@ class PolicySettings:
             available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: base weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. LoRA adapters are kept in fp32; log-probs and losses are computed in fp32.
+        engine: where the policy samples: ``hf`` (the model being trained) or ``vllm`` (a vLLM engine on the base
+            weights with the current LoRA adapter loaded after each update; agents/common/policy_engine.py).
+        engine_memory: with ``engine=vllm``, vLLM's ``gpu_memory_utilization`` for the policy engine (on CPU: the
+            share of the NUMA node's memory for weights and KV cache).
     """
 
     model: str = "embedded"
@@ -42,6 +46,8 @@ class PolicySettings:
     gradient_checkpointing: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "hf"
+    engine_memory: float = 0.15
 
 
 def load_policy(settings: PolicySettings, seed: int = 0) -> tuple[Any, Any]:

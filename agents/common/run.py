@@ -13,11 +13,10 @@ import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
 from agents.common.config import ConfigError, EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
-from agents.common.evaluation import format_table, save_json, summarize
-from agents.common.policy import export_policy
-from agents.common.rollout import play
+from agents.common.evaluation import format_table, play_rows, save_json, summarize
+from agents.common.policy import PolicySettings, export_policy
+from agents.common.policy_engine import build_policy_engine
 from dialogue_gym.generation import SamplingParams
-from dialogue_gym.generation.hf import HFEngine
 
 log = logging.getLogger("agents")
 
@@ -41,9 +40,10 @@ def sampling_params(s: SamplingSettings, temperature: float | None = None) -> Sa
                           max_new_tokens=s.max_new_tokens)
 
 
-def policy_engine(model: Any, tokenizer: Any, seed: int) -> HFEngine:
-    """The policy's generation engine on the model being trained (it samples the current weights)."""
-    return HFEngine((model, tokenizer), seed=seed)
+def policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, seed: int) -> Any:
+    """The policy's generation engine (``policy.engine``): HF on the model being trained, or vLLM with the LoRA
+    adapter synced by :func:`agents.common.policy_engine.sync_policy` after each update."""
+    return build_policy_engine(settings, model, tokenizer, seed)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -78,8 +78,7 @@ class Evaluator:
     def evaluate(self, engine: Any, name: str) -> dict[str, Any]:
         params = SamplingParams(temperature=self.settings.temperature, top_p=self.sampling.top_p,
                                 max_new_tokens=self.sampling.max_new_tokens)
-        rng = np.random.default_rng(self.settings.seed)
-        raw = play(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed, rng)
+        raw = play_rows(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed)
         raw["scores"] = np.asarray(raw["scores"], dtype=float)
         if self.raw_baseline is None:
             self.raw_baseline = raw
@@ -117,6 +116,8 @@ def finish(name: str, cfg: Any, evaluator: Evaluator, engine: Any, model: Any, t
     if cfg.export:
         export_policy(model, tokenizer, run_dir / "policy")
     logger.close()
+    if hasattr(engine, "close"):  # a vLLM policy engine: stop its processes now, not at interpreter exit
+        engine.close()
     return final
 
 

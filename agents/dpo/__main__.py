@@ -21,7 +21,8 @@ mode=offline: fixed pairs, trained for ``iterations`` passes (each ``optim.epoch
     env scores every reply (a fork of n branches that end right after the reply), best vs worst is the pair;
   - file / hub: (context, chosen, rejected) records, see agents/dpo/data.py for the layouts.
 mode=online, each iteration t (the recipe's loop, multi-turn):
-  1. for each of ``dialogues`` task rows draw (H', h) (``turn_sampling``) and roll in with π_t to s_h;
+  1. for each of ``dialogues`` task rows (drawn without replacement) draw (H', h) (``turn_sampling``) and roll in
+     with π_t to s_h (the shared branching primitive, agents/common/branching.py, as REFUEL);
   2. fork s_h into n branches and sample a turn-h reply on each from π_t;
   3. the env scores each reply: its immediate reward (default), or with ``future=true`` the terminal score after
      completing the branch to H' with π_t and the user (REFUEL's Q estimate);
@@ -61,13 +62,13 @@ from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import OptimSettings, build_task_early
 from agents.common.logging import MetricLogger
 from agents.common.losses import dpo_loss
-from agents.common.pairs import sample_turn, select_best_worst
 from agents.common.policy import (
     frozen_reference,
     load_policy,
     reference_mode,
 )
-from agents.common.rollout import fork, roll_in
+from agents.common.policy_engine import sync_policy
+from agents.common.rollout import collect_pairs
 from agents.common.run import (
     Evaluator,
     after_iteration,
@@ -81,74 +82,11 @@ from agents.common.run import (
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
-from dialogue_gym.generation import SamplingParams
 
 log = logging.getLogger("agents.dpo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 LOGPROB_TEMPERATURE = 1.0  # DPO's implicit reward is β·log π/π_ref of the model's own distribution
 DATA_STREAM = 2**31 - 1  # rng stream of offline pair generation (iterations use streams 0, 1, ...)
-
-
-def collect_preferences(rollin: Any, branches: Any, engine: Any, params: SamplingParams, rng: np.random.Generator,
-                        dialogues: int, n: int, n_rows: int, turn_sampling: str, future: bool, prefix: str,
-                        length_penalty: float) -> tuple[list[Pair], dict[str, float]]:
-    """Best-vs-worst of ``n`` env-scored replies at one state per dialogue (online DPO's pairs).
-
-    1. draw (H', h) per dialogue and task rows, all from ``rng``;
-    2. ``prefix="on_policy"``: roll in with the policy to s_h; ``prefix="dataset"``: s_h is the task row as
-       stored (offline generation), so h = the row's turn + 1;
-    3. fork each s_h into ``n`` branches; ``future=False`` ends each branch right after its turn-h reply (the
-       env scores the reply, immediate reward); ``future=True`` completes it to H' and takes the terminal score;
-    4. :func:`select_best_worst` on reward − ``length_penalty``·characters: chosen = best, rejected = worst;
-       ties (all scores equal) and token-identical best/worst replies are dropped.
-
-    Steps 1-3 run on ``rollin.num_envs`` dialogues at a time (``rollout_batch``; it divides ``dialogues``), with
-    ``branches`` holding ``n`` sub-envs per dialogue of a batch.
-
-    Returns:
-        The pairs (``a`` chosen, ``b`` rejected, with their rewards and turn h) and ``env/`` statistics.
-    """
-    horizon = rollin.core.config.max_turns
-    if prefix not in ("on_policy", "dataset"):
-        raise ValueError(f"prefix is {prefix!r}; allowed: on_policy, dataset")
-    states: list[tuple[Any, int]] = []
-    tree: list[list[Any]] = []
-    for _ in range(0, dialogues, rollin.num_envs):
-        size = rollin.num_envs
-        drawn = [sample_turn(rng, horizon, turn_sampling) for _ in range(size)]
-        if prefix == "on_policy":
-            rows = [int(r) for r in rng.integers(0, n_rows, size=size)]
-            turns = [h for _, h in drawn]
-        else:
-            rows = [int(r) for r in rng.choice(n_rows, size=size, replace=size > n_rows)]
-            turns = [1] * size
-        got = roll_in(rollin, engine, params, turns, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
-        horizons = [max(hp, h) if future else h for (hp, _), (_, h) in zip(drawn, got)]
-        tree += fork(branches, engine, params, [s for s, _ in got], n, horizons, rng)
-        states += got
-    pairs: list[Pair] = []
-    ties = identical = 0
-    rewards = np.array([[b.reward for b in row] for row in tree])  # (dialogues, n)
-    for (_, h), row in zip(states, tree):
-        picked = select_best_worst([b.reward for b in row], [len(b.reply.text) for b in row], length_penalty)
-        if picked is None:
-            ties += 1
-            continue
-        best, worst = row[picked[0]], row[picked[1]]
-        if best.reply.token_ids == worst.reply.token_ids:
-            identical += 1
-            continue
-        pairs.append(Pair(best.reply, worst.reply, best.reward, worst.reward, h))
-    replies = [b.reply for row in tree for b in row]
-    stats = {"env/pairs": float(len(pairs)), "env/ties_dropped": float(ties),
-             "env/identical_pairs_dropped": float(identical),
-             "env/mean_return": float(rewards.mean()),
-             "env/reward_chosen": float(np.mean([p.reward_a for p in pairs])) if pairs else 0.0,
-             "env/reward_rejected": float(np.mean([p.reward_b for p in pairs])) if pairs else 0.0,
-             "env/mean_turn_h": float(np.mean([h for _, h in states])),
-             "env/mean_reply_tokens": float(np.mean([len(r.token_ids) for r in replies])),
-             "env/cut_replies": float(np.mean([not r.finished for r in replies]))}
-    return pairs, stats
 
 
 def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], beta: float,
@@ -194,7 +132,7 @@ def run(cfg: DpoConfig) -> dict:
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled
-    engine = policy_engine(model, tokenizer, seed=cfg.seed)
+    engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
         chunk = cfg.rollout_batch or cfg.dialogues
@@ -207,9 +145,10 @@ def run(cfg: DpoConfig) -> dict:
     data_stats: dict[str, float] = {}
     if not online:  # the fixed pairs, before any checkpoint is restored (so a resumed run rebuilds the same ones)
         if from_task:
-            fixed, data_stats = collect_preferences(
+            fixed, data_stats = collect_pairs(
                 rollin, branches, engine, params, np.random.default_rng([cfg.seed, DATA_STREAM]), cfg.dialogues,
-                cfg.n, n_rows, cfg.turn_sampling, future=False, prefix="dataset", length_penalty=cfg.length_penalty)
+                n_rows, cfg.turn_sampling, future=False, prefix="dataset", k=cfg.n, pairing="best_worst",
+                length_penalty=cfg.length_penalty)
             if not fixed:
                 raise RuntimeError(f"every one of the {cfg.dialogues} sampled contexts was a tie; no pair to train on "
                                    "(raise dialogues or n)")
@@ -228,6 +167,7 @@ def run(cfg: DpoConfig) -> dict:
         if saved is not None:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            sync_policy(engine, model)
     if not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -237,8 +177,9 @@ def run(cfg: DpoConfig) -> dict:
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         if online:
-            pairs, stats = collect_preferences(rollin, branches, engine, params, rng, cfg.dialogues, cfg.n, n_rows,
-                                               cfg.turn_sampling, cfg.future, "on_policy", cfg.length_penalty)
+            pairs, stats = collect_pairs(rollin, branches, engine, params, rng, cfg.dialogues, n_rows,
+                                         cfg.turn_sampling, cfg.future, "on_policy", k=cfg.n, pairing="best_worst",
+                                         length_penalty=cfg.length_penalty)
             reference_logprobs(model, reference, pairs, sft, pad, cfg.optim)
         else:
             pairs, stats = fixed, dict(data_stats)
@@ -247,6 +188,7 @@ def run(cfg: DpoConfig) -> dict:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
         history = preference_update(model, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]))
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
         if from_task:
@@ -262,6 +204,9 @@ def run(cfg: DpoConfig) -> dict:
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = DpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="dpo")

@@ -11,7 +11,8 @@ Run:
 
 Each iteration:
   1. roll out ``dialogues`` full dialogues (train split, horizon H = env.max_turns) with the current policy and
-     the simulated user, through the env only (rollout.roll_in to the task rows, then rollout.fork with k=1);
+     the simulated user, through the env only (the shared branching primitive with k=1 from each row's own
+     prefix, agents/common/branching.py; rows drawn without replacement);
   2. for every assistant turn, one forward pass over (the turn's prompt ids, its sampled ids) gives the old
      log-probs and values of its tokens; the reference policy's log-probs come from the adapter-disabled model;
   3. per-token rewards: −β·(log π − log π_ref) on every assistant token, plus the env's reward after each turn on
@@ -88,7 +89,8 @@ from agents.common.policy import (
     reference_mode,
     trainable_parameters,
 )
-from agents.common.rollout import fork, roll_in
+from agents.common.policy_engine import sync_policy
+from agents.common.rollout import collect_dialogues
 from agents.common.run import (
     Evaluator,
     after_iteration,
@@ -101,7 +103,6 @@ from agents.common.run import (
 )
 from agents.common.train import make_optimizer
 from agents.ppo.config import PpoConfig, validate
-from dialogue_gym.generation import SamplingParams
 
 log = logging.getLogger("agents.ppo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -142,16 +143,8 @@ def build_agent(cfg: PpoConfig, model: Any) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(modules)
 
 
-def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.random.Generator, dialogues: int,
-                      n_rows: int) -> tuple[list[Turn], dict[str, float]]:
-    """Full dialogues from random train rows, played to the env's horizon with the policy and the user,
-    ``venv.num_envs`` at a time (``rollout_batch``; it divides ``dialogues``)."""
-    size, horizon = venv.num_envs, venv.core.config.max_turns
-    branches = []
-    for _ in range(0, dialogues, size):
-        rows = [int(r) for r in rng.integers(0, n_rows, size=size)]
-        starts = roll_in(venv, engine, params, [1] * size, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
-        branches += [row[0] for row in fork(venv, engine, params, [s for s, _ in starts], 1, [horizon] * size, rng)]
+def dialogue_turns(branches: Sequence[Any]) -> tuple[list[Turn], dict[str, float]]:
+    """Every assistant turn of the played dialogues (one branch each), in dialogue order, and rollout statistics."""
     turns = [Turn(reply, d, score) for d, b in enumerate(branches) for reply, score in zip(b.replies, b.rewards)]
     stats = {"env/mean_return": float(np.mean([sum(b.rewards) for b in branches])),
              "env/mean_final_reward": float(np.mean([b.reward for b in branches])),
@@ -297,7 +290,7 @@ def run(cfg: PpoConfig) -> dict:
     reference = frozen_reference(model) if cfg.policy.lora_r == 0 else None  # LoRA: the adapter-disabled model
     agent = build_agent(cfg, model)
     pad = pad_id(tokenizer)
-    engine = policy_engine(model, tokenizer, seed=cfg.seed)
+    engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues, task=task)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume)
@@ -313,6 +306,7 @@ def run(cfg: PpoConfig) -> dict:
         if saved is not None:
             start, kl.value = saved["iteration"], saved["kl_coef"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            sync_policy(engine, model)
     if not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -320,13 +314,14 @@ def run(cfg: PpoConfig) -> dict:
     for t in range(start, cfg.iterations):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
-        turns, stats = collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows)
+        turns, stats = dialogue_turns(collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows))
         t_roll = time.time() - t0
         score_turns(agent, reference, turns, pad, cfg.sampling.temperature, cfg.optim.max_length,
                     cfg.optim.micro_batch_size)
         stats.update(assign_advantages(turns, cfg.dialogues, kl.value, cfg.gamma, cfg.lam, cfg.whiten_advantages))
         history = ppo_update(agent, optimizer, scheduler, turns, cfg.dialogues, cfg, pad,
                              np.random.default_rng([cfg.seed, t, 1]))
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         kl.update(stats["policy/kl_ref"], cfg.dialogues)
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
@@ -341,6 +336,9 @@ def run(cfg: PpoConfig) -> dict:
             return {"stopped_at": t + 1}
 
     return finish("PPO", cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = PpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="ppo")

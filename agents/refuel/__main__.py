@@ -44,6 +44,7 @@ from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import build_task_early
 from agents.common.logging import MetricLogger
 from agents.common.policy import load_policy
+from agents.common.policy_engine import sync_policy
 from agents.common.rollout import collect_pairs
 from agents.common.run import (
     Evaluator,
@@ -70,7 +71,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
-    engine = policy_engine(model, tokenizer, seed=cfg.seed)
+    engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     chunk = cfg.rollout_batch or cfg.dialogues
     rollin = make_vec(cfg.env, chunk, task=task)
     branches = make_vec(cfg.env, 2 * chunk, task=task, reward_mode="terminal")
@@ -86,6 +87,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         if saved is not None:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            sync_policy(engine, model)
     if not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -93,18 +95,13 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     for t in range(start, cfg.iterations):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
-        pairs, chunk_stats = [], []
-        for _ in range(cfg.dialogues // chunk):
-            got, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, chunk,
-                                       cfg.turn_sampling, n_rows, future=future, prefix=prefix)
-            pairs += got
-            chunk_stats.append(stats)
-        stats = {k: float(np.mean([c[k] for c in chunk_stats])) for k in chunk_stats[0]}
-        stats["env/pairs"] = float(len(pairs))
+        pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
+                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix)
         t_roll = time.time() - t0
         fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
                                     cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]))
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(rollin.core.user_calls + branches.core.user_calls),
@@ -119,6 +116,9 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = RefuelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="refuel")

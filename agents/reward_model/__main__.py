@@ -422,6 +422,9 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+Config = RewardModelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="reward_model")
 def main(raw: DictConfig) -> None:
     setup_logging()

@@ -297,8 +297,11 @@ class VLLMEngine:
         }
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int] | None = None,
-                 return_logprobs: bool = False) -> list[Generation]:
+                 return_logprobs: bool = False, lora_request: Any = None) -> list[Generation]:
         """Generate one continuation per prompt (see :class:`~dialogue_gym.generation.base.GenerationEngine`).
+
+        ``lora_request`` (a ``vllm.lora.request.LoRARequest``, on an engine started with ``enable_lora=True``)
+        samples every prompt with that adapter on the base weights.
 
         Raises:
             ValueError: empty prompts, token ids outside the vocabulary, a prompt that leaves no room to
@@ -336,7 +339,8 @@ class VLLMEngine:
             )
             for s in seeds
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], requests, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], requests, use_tqdm=False,
+                                    lora_request=lora_request)
         gens = []
         for x, out in zip(ids, outputs):
             o = out.outputs[0]

