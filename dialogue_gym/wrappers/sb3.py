@@ -35,8 +35,8 @@ class DialogueSB3VecEnv(VecEnv):
     """
 
     def __init__(self, batched: BatchedWrapper, seed: int | None = None):
+        self.batched = batched  # first: VecEnv.__init__ reads attributes through get_attr
         super().__init__(batched.num_envs, batched.observation_space, batched.action_space)
-        self.batched = batched
         self._first_seed = seed
         self._actions: np.ndarray | None = None
 
