@@ -34,6 +34,7 @@ import torch
 
 import dialogue_gym  # noqa: F401
 from dialogue_gym.models import load_model
+from dialogue_gym.progress import track
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_throughput.md"
 ACTIONS = ["Could you tell me a little more about what you need?", "Here is a short answer with one example.",
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{ceiling:.0f} tokens/s", flush=True)
 
     rows = []
-    for engine in engines:
+    for engine in track(engines, desc="env_throughput engines", unit="engine"):
         time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs
         for n in sizes:
             r = time_native(n, engine, args.tokens, args.steps)

@@ -81,6 +81,7 @@ from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, p
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
 from dialogue_gym.generation import SamplingParams
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.dpo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -112,7 +113,7 @@ def collect_preferences(rollin: Any, branches: Any, engine: Any, params: Samplin
         raise ValueError(f"prefix is {prefix!r}; allowed: on_policy, dataset")
     states: list[tuple[Any, int]] = []
     tree: list[list[Any]] = []
-    for _ in range(0, dialogues, rollin.num_envs):
+    for _ in track(range(0, dialogues, rollin.num_envs), desc="rollout", unit=f"chunk of {rollin.num_envs}"):
         size = rollin.num_envs
         drawn = [sample_turn(rng, horizon, turn_sampling) for _ in range(size)]
         if prefix == "on_policy":
@@ -232,7 +233,8 @@ def run(cfg: DpoConfig) -> dict:
 
     name = "DPO" if online else "offline DPO"
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         if online:

@@ -102,6 +102,7 @@ from agents.common.run import (
 from agents.common.train import make_optimizer
 from agents.ppo.config import PpoConfig, validate
 from dialogue_gym.generation import SamplingParams
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.ppo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -148,7 +149,7 @@ def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.ra
     ``venv.num_envs`` at a time (``rollout_batch``; it divides ``dialogues``)."""
     size, horizon = venv.num_envs, venv.core.config.max_turns
     branches = []
-    for _ in range(0, dialogues, size):
+    for _ in track(range(0, dialogues, size), desc="rollout", unit=f"chunk of {size}"):
         rows = [int(r) for r in rng.integers(0, n_rows, size=size)]
         starts = roll_in(venv, engine, params, [1] * size, rng, {"task_indices": rows}, seed=int(rng.integers(2**31)))
         branches += [row[0] for row in fork(venv, engine, params, [s for s, _ in starts], 1, [horizon] * size, rng)]
@@ -317,7 +318,8 @@ def run(cfg: PpoConfig) -> dict:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc="PPO iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         turns, stats = collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows)

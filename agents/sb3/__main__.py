@@ -96,10 +96,12 @@ def play_eval(batched: Any, act: Any, dialogues: int, seed: int) -> dict[str, np
     obs, _ = batched.reset(seed=seed, options={"task_indices": list(range(dialogues))})
     returns = np.zeros(dialogues)
     turns = np.zeros(dialogues, dtype=int)
-    while not batched.done.all():
-        obs, rewards, _, _, infos = batched.step(act(obs))
-        returns += rewards
-        turns += np.array([bool(i.get("turn_ended")) for i in infos], dtype=int)
+    with Progress(total=dialogues, desc="evaluation", unit="dialogue", interval=10) as bar:
+        while not batched.done.all():
+            obs, rewards, _, _, infos = batched.step(act(obs))
+            returns += rewards
+            turns += np.array([bool(i.get("turn_ended")) for i in infos], dtype=int)
+            bar.update(int(batched.done.sum()) - bar.n)
     return {"returns": returns, "turns": turns}
 
 
