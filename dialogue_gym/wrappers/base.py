@@ -106,7 +106,7 @@ class BatchedWrapper:
         Returns:
             observations (leading dim N), rewards (N,), terminated (N,), truncated (N,), one info dict per row.
         """
-        actions = np.asarray(actions).reshape(self.num_envs, *np.shape(self.action_space.sample()))
+        actions = np.asarray(actions).reshape(self.num_envs, *(self.action_space.shape or ()))
         n = self.num_envs
         rewards, terminated, truncated = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         infos: list[dict[str, Any]] = [{} for _ in range(n)]
