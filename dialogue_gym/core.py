@@ -50,6 +50,12 @@ class EnvConfig:
         user_temperature: LLM user sampling temperature.
         user_top_p: LLM user nucleus mass.
         user_max_new_tokens: LLM user output cap in tokens.
+        device: where the env's own models (LLM user on HF, judge, reward models) run: ``"auto"`` (CUDA when
+            available, else CPU; ``$DIALOGUE_GYM_DEVICE`` overrides), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``.
+        engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
+            (HF: static KV cache, compiled on CUDA) or ``{"max_num_seqs": 256}`` (vLLM).
     """
 
     task: Any = "embedded"
@@ -65,8 +71,17 @@ class EnvConfig:
     user_temperature: float = 0.8
     user_top_p: float = 1.0
     user_max_new_tokens: int = 96
+    device: str = "auto"
+    dtype: str = "auto"
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+        try:  # before any model loads: a CUDA device on a machine without one, an unknown dtype
+            resolve_dtype(self.dtype, resolve_device(self.device))
+        except DeviceError as e:
+            raise DialogueError(str(e)) from None
         if self.reward_mode not in REWARD_MODES:
             raise DialogueError(f"reward_mode is {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
         if self.engine not in ENGINES:
@@ -75,6 +90,9 @@ class EnvConfig:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
+        if not isinstance(self.engine_options, dict):
+            raise DialogueError(f"engine_options must be a dict of engine keyword arguments, got "
+                                f"{type(self.engine_options).__name__}")
         if self.split not in ("train", "test"):
             raise DialogueError(f"split is {self.split!r}; allowed: train, test")
 
@@ -117,8 +135,15 @@ class DialogueCore:
         """The shared generation engine of the LLM user (built on first use)."""
         if self._engine is None:
             from dialogue_gym.generation import make_engine
+            from dialogue_gym.models import resolve_dtype
 
-            self._engine = make_engine(self.config.engine, self.config.model)
+            c = self.config
+            kwargs: dict[str, Any] = {}
+            if c.engine == "hf":
+                kwargs = {"device": c.device, "dtype": c.dtype}
+            elif c.engine == "vllm" and c.dtype != "auto":  # vLLM places its model itself; it takes the dtype
+                kwargs = {"dtype": str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")}
+            self._engine = make_engine(c.engine, c.model, **kwargs, **dict(c.engine_options or {}))
         return self._engine
 
     def describe(self) -> dict[str, Any]:

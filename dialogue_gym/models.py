@@ -96,6 +96,42 @@ def embedded_model_dir() -> Path:
     return target
 
 
+RANDOM_DIRNAME = "smollm2-135m-random-weights"
+
+
+def random_weights_dir(seed: int = 0) -> Path:
+    """A saved copy of the embedded architecture (SmolLM2-135M config and tokenizer) with random weights.
+
+    For throughput measurements where the real weights may be absent (generation speed does not depend on the
+    weights): only the embedded config and tokenizer are read. Written once under the cache directory,
+    atomically; fp32 on disk (load it in any dtype).
+    """
+    target = cache_dir() / f"{RANDOM_DIRNAME}-{seed}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = embedded_model_dir()
+    config = AutoConfig.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{RANDOM_DIRNAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def load_tokenizer(name: str = EMBEDDED) -> Any:
     """The tokenizer of ``name`` (``"tiny"`` shares the embedded tokenizer)."""
     from transformers import AutoTokenizer
@@ -123,32 +159,102 @@ def tiny_config(vocab_size: int) -> Any:
     )
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; or any torch device string."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+DEVICE_ENV = "DIALOGUE_GYM_DEVICE"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
 
 
-def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared: bool = True,
-               device: str = "auto") -> tuple[Any, Any]:
+class DeviceError(ValueError):
+    """A device or dtype setting that cannot work on this machine (named before any model loads)."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device a setting names, checked against this machine.
+
+    ``"auto"`` (or None) is ``$DIALOGUE_GYM_DEVICE`` when set, else CUDA when available, else CPU; anything
+    else is a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    Raises:
+        DeviceError: the string is not a device, or names CUDA (or an ordinal) this machine does not have.
+    """
+    if isinstance(device, torch.device):
+        spec = str(device)
+    elif device is None or device == "auto":
+        spec = os.environ.get(DEVICE_ENV, "").strip() or ("cuda" if torch.cuda.is_available() else "cpu")
+        if spec == "auto":
+            spec = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        spec = str(device).strip()
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"device is {spec!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N' or another torch "
+                          "device string") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device is {spec!r} but this machine has no usable CUDA device (torch "
+                              f"{torch.__version__}, torch.cuda.is_available() is False); use device=cpu or "
+                              "device=auto, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device is {spec!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device is {spec!r} but MPS is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "auto"
+                  ) -> torch.dtype:
+    """The weight dtype a setting names: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere.
+
+    Raises:
+        DeviceError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype is {dtype}; allowed: auto, float32, bfloat16, float16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name not in DTYPES:
+        raise DeviceError(f"dtype is {dtype!r}; allowed: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                          "bfloat16, float16")
+    return DTYPES[name]
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a model's (first) parameter: where every tensor that meets the model must be made."""
+    return next(model.parameters()).device
+
+
+def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: bool = True,
+               device: str | torch.device = "auto") -> tuple[Any, Any]:
     """Load a causal language model and its tokenizer.
 
     Args:
         name: ``"embedded"``, ``"tiny"``, a local directory, or a hub id.
-        dtype: weight dtype.
-        shared: return the same (model, tokenizer) objects for repeated calls with the same name and dtype, so
+        dtype: weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), a name (``"float32"``,
+            ``"bfloat16"``, ``"float16"``) or a torch dtype.
+        shared: return the same (model, tokenizer) objects for repeated calls with the same name, dtype and
+            device, so
             a simulated user and a judge on one model load it once. Pass False for a private copy (e.g. a
             policy you will train).
-        device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
+        device: ``"auto"`` (``$DIALOGUE_GYM_DEVICE``, else CUDA when available, else CPU) or a torch device string.
 
     Raises:
+        DeviceError: the device is not available here or the dtype is unknown (checked before loading).
         ModelNotFoundError: the model is not available locally and could not be fetched; the message says
             how to provide it.
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
-    key = (name, str(dtype), str(resolve_device(device)))
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = (name, str(torch_dtype), str(dev))
     if shared:
         with _cache_lock:
             if key in _loaded:
@@ -159,12 +265,12 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32, shared:
         tokenizer = load_tokenizer(TINY)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch_dtype)
     else:
         source = str(embedded_model_dir()) if name == EMBEDDED else _resolve(name)
         tokenizer = _from_pretrained(__import__("transformers").AutoTokenizer, source, name)
-        model = _from_pretrained(AutoModelForCausalLM, source, name, dtype=dtype)
-    model.to(resolve_device(device))
+        model = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype)
+    model.to(dev)
     model.eval()
     if shared:
         with _cache_lock:

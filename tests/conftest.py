@@ -1,4 +1,9 @@
-"""Shared test settings: no hub access, helpers for cheap reward models."""
+"""Shared test settings: no hub access, the suite's device, helpers for cheap reward models.
+
+The device: ``pytest --device cpu|cuda|cuda:N|auto`` (or ``DIALOGUE_GYM_DEVICE``; default ``auto``: CUDA when
+available, else CPU) is where every model in the suite loads, in this process and in the agents' subprocesses
+(through ``DIALOGUE_GYM_DEVICE``, which ``dialogue_gym.models.resolve_device("auto")`` reads).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="device for the whole suite: auto (CUDA when available, else CPU), cpu, cuda, cuda:N; "
+                          "default: $DIALOGUE_GYM_DEVICE or auto")
+
+
+def pytest_configure(config):
+    chosen = config.getoption("--device") or os.environ.get("DIALOGUE_GYM_DEVICE") or "auto"
+    os.environ["DIALOGUE_GYM_DEVICE"] = chosen  # inherited by the agents' subprocesses
+    from dialogue_gym.models import DeviceError, resolve_device
+
+    try:
+        config._dialogue_gym_device = resolve_device("auto")
+    except DeviceError as e:  # fail the session at once, with the reason, when the device is not there
+        raise pytest.UsageError(f"--device / DIALOGUE_GYM_DEVICE: {e}") from None
+
+
+def pytest_report_header(config):
+    return f"dialogue-gym test device: {config._dialogue_gym_device}"
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig):
+    """The torch device every model of the suite runs on."""
+    return pytestconfig._dialogue_gym_device
 
 
 class LengthReward:

@@ -151,6 +151,13 @@ def _cfg(*overrides: str, name: str = "refuel"):
         (["+env=ultrainteract"], "UltraInteract"),
         (["sampling.temperature=0"], "sampling.temperature must be > 0"),
         (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
+        (["policy.dtype=int8"], "policy.dtype: dtype is 'int8'; allowed: auto"),
+        (["env.dtype=fp8"], "env.dtype: dtype is 'fp8'"),
+        (["policy.device=gpu0"], "policy.device: device is 'gpu0'; allowed"),
+        pytest.param(["policy.device=cuda"], "policy.device: device is 'cuda' but this machine has no usable CUDA",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
+        pytest.param(["env.device=cuda:0"], "env.device: device is 'cuda:0' but this machine has no usable CUDA",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
     ],
 )
 def test_bad_configuration_fails_before_any_model_loads(overrides, fragment, no_model_loads, tmp_path):

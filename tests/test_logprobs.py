@@ -19,9 +19,10 @@ from agents.common.logprobs import (
     sequence_logprobs,
     token_logprobs,
 )
-from dialogue_gym.models import load_model
+from dialogue_gym.models import load_model, resolve_device
 
 PAD = 2
+DEVICE = resolve_device("auto")  # the suite's device (tests/conftest.py: --device / DIALOGUE_GYM_DEVICE)
 
 # A three-turn dialogue as token segments (ids are arbitrary vocabulary entries, drawn below):
 # [user1 ×3][asst1 ×3][user2 ×2][asst2 ×4][user3 ×2][asst3 ×2] -> T = 16; turn h = 2 is positions 8..11.
@@ -29,21 +30,40 @@ SEGMENTS = {"user1": (0, 3), "asst1": (3, 6), "user2": (6, 8), "asst2": (8, 12),
 T_DIALOGUE = 16
 
 
+@pytest.fixture(autouse=True)
+def _tensors_on_the_suite_device():
+    """Every tensor these tests build lands on the model's device (random draws stay on the CPU generator)."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+def cpu_draw(shape, std, seed_or_generator) -> torch.Tensor:
+    """Normal draws from a seeded CPU generator (the same numbers on every device), moved to DEVICE."""
+    g = seed_or_generator if isinstance(seed_or_generator, torch.Generator) else torch.Generator().manual_seed(
+        seed_or_generator)
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=g).to(DEVICE)
+
+
+def cpu_randint(low, high, shape, seed) -> torch.Tensor:
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(DEVICE)
+
+
 @pytest.fixture(scope="module")
 def model():
-    m, _ = load_model("tiny", shared=False)
+    # fp32 on every device: these tests check the arithmetic of the log-prob functions to 1e-5
+    m, _ = load_model("tiny", shared=False, dtype="float32", device=DEVICE)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.3 if "embed" in name else 0.15, generator=g)
+                p.copy_(cpu_draw(p.shape, 0.3 if "embed" in name else 0.15, g))
     m.eval()
     return m
 
 
 def dialogue(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 5000, (1, T_DIALOGUE), generator=g)
+    return cpu_randint(3, 5000, (1, T_DIALOGUE), seed)
 
 
 def span_mask(*names: str, length: int = T_DIALOGUE) -> torch.Tensor:
@@ -66,8 +86,7 @@ def naive_token_logprobs(model, ids, attention_mask, temperature=1.0, position_i
 
 def test_equals_naive_full_log_softmax(model):
     # three rows, right-padded to 10: lengths 10, 7, 4; masks pick different spans
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 5000, (3, 10), generator=g)
+    ids = cpu_randint(3, 5000, (3, 10), 3)
     am = torch.ones(3, 10, dtype=torch.long)
     am[1, 7:] = 0
     am[2, 4:] = 0
@@ -142,7 +161,7 @@ def test_left_padding_invariance(model):
     with torch.inference_mode():
         alone = sequence_logprobs(model, ids, am, lm)
         # the same dialogue left-padded by 5 in a batch with a longer, unpadded row
-        other = torch.randint(3, 5000, (1, T_DIALOGUE + 5), generator=torch.Generator().manual_seed(9))
+        other = cpu_randint(3, 5000, (1, T_DIALOGUE + 5), 9)
         padded = torch.cat([torch.full((1, 5), PAD), ids], dim=1)
         batch_ids = torch.cat([padded, other])
         batch_am = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), am], 1), torch.ones(1, T_DIALOGUE + 5)])
@@ -166,7 +185,7 @@ def test_position_ids_from_attention_mask():
 
 
 def test_lm_head_sees_only_masked_positions_in_chunks(model):
-    ids = torch.randint(3, 5000, (4, 16), generator=torch.Generator().manual_seed(5))
+    ids = cpu_randint(3, 5000, (4, 16), 5)
     am = torch.ones_like(ids)
     lm = torch.zeros_like(ids)
     lm[:, 9:14] = 1  # 4 rows × 5 positions = 20 targets
@@ -224,7 +243,7 @@ def test_peft_wrapped_model(model):
     with torch.no_grad():  # LoRA B starts at 0 (no change); make the adapter matter
         for name, p in wrapped.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+                p.copy_(cpu_draw(p.shape, 0.5, 2))
     ids, am, lm = dialogue(), torch.ones(1, T_DIALOGUE, dtype=torch.long), span_mask("asst2")
     with torch.inference_mode():
         base_value = sequence_logprobs(model, ids, am, lm).item()

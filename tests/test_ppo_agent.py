@@ -63,11 +63,11 @@ def test_one_forward_gives_token_logprobs_and_values_read_one_position_earlier()
     with torch.no_grad():
         agent["value_head"].weight.normal_()  # a non-zero head, so positions matter
         agent["value_head"].bias.fill_(0.5)
-        ids, attention, mask = _tensors(_turns()[:3], pad=0, max_length=256, device="cpu")
+        ids, attention, mask = _tensors(_turns()[:3], pad=0, max_length=256, device=next(model.parameters()).device)
         logp, values = policy_and_values(agent, ids, attention, mask, temperature=0.8)
         assert torch.allclose(logp, token_logprobs(model, ids, attention, mask, 0.8), atol=1e-6)
         hidden = decoder_hidden_states(model, ids, attention)
-        head = agent["value_head"](hidden).squeeze(-1)  # (B, T)
+        head = agent["value_head"](hidden.float()).squeeze(-1)  # (B, T)
         rows, cols = mask.nonzero(as_tuple=True)
         assert torch.allclose(values[rows, cols], head[rows, cols - 1], atol=1e-6)  # V(state before token t)
         assert bool((values[mask == 0] == 0).all())

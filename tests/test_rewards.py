@@ -70,7 +70,7 @@ def rm(rm_dir):
 def per_position_scores(model, ids: list[int]) -> torch.Tensor:
     """The head's output at every position of one unpadded sequence: (T,)."""
     with torch.no_grad():
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
+        hidden = model.model(input_ids=torch.tensor([ids], device=model.device)).last_hidden_state
         return model.score(hidden)[0, :, 0]
 
 

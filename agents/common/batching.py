@@ -60,13 +60,19 @@ def collate(replies: Sequence[Reply], pad_id: int, max_length: int | None = None
     return ids, attention, loss
 
 
+def values_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32 tensor of host numbers on ``like``'s device (references and rewards that meet log-probs)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=like.device)
+
+
 def reply_logprobs(model: Any, replies: Sequence[Reply], pad_id: int, temperature: float = 1.0,
                    batch_size: int = 8, max_length: int | None = None) -> torch.Tensor:
-    """(N,) summed log-probs of each reply's tokens given its prompt (gradients flow unless disabled)."""
+    """(N,) fp32 summed log-probs of each reply's tokens given its prompt, on the model's device (gradients flow
+    unless disabled)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(replies), batch_size):
         ids, attention, loss = collate(replies[start:start + batch_size], pad_id, max_length)
         out.append(sequence_logprobs(model, ids.to(device), attention.to(device), loss.to(device),
                                      temperature=temperature))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=device)

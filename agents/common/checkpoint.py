@@ -2,6 +2,12 @@
 
 Written to a temporary directory and renamed into place, so an interrupted save never leaves a broken
 checkpoint: ``<run>/checkpoints/last`` is always complete.
+
+Layout of ``checkpoints/last``: ``trainable.safetensors`` (the trained tensors), ``training_state.pt`` (the
+optimizer's and scheduler's state dicts and the torch RNG states: tensors and plain numbers only, loaded with
+``torch.load(weights_only=True)``, which refuses to run code a tampered file carries), ``rng.json`` (the numpy
+and Python RNG states) and ``state.json`` (the run's counters). Tensors load on the CPU and are copied to the
+device of the parameters they belong to, so a checkpoint written on a GPU resumes on a CPU and vice versa.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ def save_checkpoint(run_dir: str | Path, model: Any, optimizer: Any, scheduler: 
         weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate()}, tmp / "training_state.pt")
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "training_state.pt")
+        (tmp / "rng.json").write_text(json.dumps(host_rng_state()))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         old = target.with_name(".last-old")
         if target.exists():
@@ -61,12 +69,33 @@ def load_checkpoint(run_dir: str | Path, model: Any, optimizer: Any, scheduler: 
                            "was it written by a run with a different model or LoRA setting?")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
-    blob = torch.load(target / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+            p.copy_(weights[n])  # safetensors loads on the CPU; copy_ moves to the parameter's device
+    # weights_only: tensors and plain containers only; a pickled object in a tampered file is refused, not run.
+    blob = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])  # moves each state tensor to its parameter's device
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    np.random.set_state(blob["numpy_rng"])
-    random.setstate(blob["python_rng"])
+    cuda_states = blob.get("cuda_rng") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    set_host_rng_state(json.loads((target / "rng.json").read_text()))
     return json.loads((target / "state.json").read_text())
+
+
+def host_rng_state() -> dict[str, Any]:
+    """numpy's global and Python's ``random`` states as JSON-able data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+
+
+def set_host_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`host_rng_state` returned."""
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

@@ -34,6 +34,9 @@ class EnvSettings:
     user_temperature: float = 0.8  # LLM user sampling temperature (REFUEL: 0.8)
     user_top_p: float = 1.0  # LLM user nucleus mass
     user_max_new_tokens: int = 96  # LLM user output cap in tokens
+    device: str = "auto"  # device of the env's models (user on HF, judge, reward model): auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # their weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    engine_options: dict[str, Any] = field(default_factory=dict)  # user engine kwargs, e.g. {cache: static} (HF)
 
 
 @dataclass
@@ -104,6 +107,8 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     """Range checks shared by every agent (before any model loads)."""
     from dialogue_gym.tasks import TASKS
 
+    check_placement("policy", policy.device, policy.dtype)
+    check_placement("env", env.device, env.dtype)
     check(env.task in TASKS, f"env.task is {env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check(env.max_turns >= 1, f"env.max_turns (the horizon) must be >= 1, got {env.max_turns}")
     check(env.reward_mode in ("terminal", "per_turn", "delta"), f"env.reward_mode is {env.reward_mode!r}")
@@ -115,6 +120,20 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     check(optim.batch_size >= 1 and optim.micro_batch_size >= 1, "optim.batch_size and micro_batch_size must be >= 1")
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
+
+
+def check_placement(where: str, device: str, dtype: str) -> None:
+    """``<where>.device`` names a device this machine has and ``<where>.dtype`` a known dtype (ConfigError)."""
+    from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+    try:
+        dev = resolve_device(device)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.device: {e}") from None
+    try:
+        resolve_dtype(dtype, dev)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.dtype: {e}") from None
 
 
 def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:

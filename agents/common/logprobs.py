@@ -106,8 +106,16 @@ def decoder_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: t
 def _chunk_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: Any, temperature: float, softcap: float | None
 ) -> torch.Tensor:
-    """(n,) log p(target) from (n, H) hidden states: LM head, fp32, temperature, optional soft-cap, log-softmax."""
-    logits = head(hidden).float()  # (n, V)
+    """(n,) log p(target) from (n, H) hidden states: LM head, fp32, temperature, optional soft-cap, log-softmax.
+
+    A plain linear head runs in fp32 even when the weights are bf16 (log-ratios of long replies are sums of
+    per-token differences that bf16 logits, ~3 significant digits, would swamp); other heads are cast after.
+    """
+    if isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        bias = None if head.bias is None else head.bias.float()
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)  # (n, V)
+    else:
+        logits = head(hidden).float()  # (n, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:

@@ -28,6 +28,10 @@ class PolicySettings:
         lora_dropout: dropout on the LoRA input.
         lora_targets: module names that get LoRA adapters.
         gradient_checkpointing: trade compute for memory in training forward passes.
+        device: where the policy trains and samples: ``"auto"`` (``$DIALOGUE_GYM_DEVICE``, else CUDA when
+            available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: base weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``. LoRA adapters are kept in fp32; log-probs and losses are computed in fp32.
     """
 
     model: str = "embedded"
@@ -36,6 +40,8 @@ class PolicySettings:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     gradient_checkpointing: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 def load_policy(settings: PolicySettings, seed: int = 0) -> tuple[Any, Any]:
@@ -43,15 +49,17 @@ def load_policy(settings: PolicySettings, seed: int = 0) -> tuple[Any, Any]:
 
     LoRA weights are initialised from ``seed`` so runs are reproducible.
     """
-    model, tokenizer = load_model(settings.model, shared=False)
+    model, tokenizer = load_model(settings.model, shared=False, dtype=settings.dtype, device=settings.device)
     if settings.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             target_modules=list(settings.lora_targets), bias="none", task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]):
+        # The adapters are initialised on the model's device, from its generator: fork (and restore) that one too.
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
             torch.manual_seed(seed)
-            model = get_peft_model(model, config)
+            model = get_peft_model(model, config, autocast_adapter_dtype=True)  # fp32 adapters on bf16 weights
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.eval()  # dropout off; training code switches to train() around its updates

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.common.batching import Reply, reply_logprobs
+from agents.common.batching import Reply, reply_logprobs, values_like
 from agents.common.config import OptimSettings
 from agents.common.losses import regression_loss
 from agents.common.policy import trainable_parameters
@@ -96,8 +96,9 @@ def regression_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
     """REBEL/REFUEL: regress each pair's log-ratio difference onto ``eta`` times its reward difference."""
 
     def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
-        return regression_loss(logp_a, torch.tensor([p.ref_a for p in mb]), logp_b,
-                               torch.tensor([p.ref_b for p in mb]), torch.tensor([p.reward_a for p in mb]),
-                               torch.tensor([p.reward_b for p in mb]), eta)
+        return regression_loss(logp_a, values_like([p.ref_a for p in mb], logp_a), logp_b,
+                               values_like([p.ref_b for p in mb], logp_a),
+                               values_like([p.reward_a for p in mb], logp_a),
+                               values_like([p.reward_b for p in mb], logp_a), eta)
 
     return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, temperature, optim, rng)

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from agents.common.batching import values_like
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import OptimSettings, build_task_early
 from agents.common.logging import MetricLogger
@@ -158,8 +159,8 @@ def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequenc
     the shared pair update of agents.common.train with the DPO loss. Returns one metrics dict per step."""
 
     def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
-        return dpo_loss(logp_a, logp_b, torch.tensor([p.ref_a for p in mb]), torch.tensor([p.ref_b for p in mb]),
-                        beta, label_smoothing)
+        return dpo_loss(logp_a, logp_b, values_like([p.ref_a for p in mb], logp_a),
+                        values_like([p.ref_b for p in mb], logp_a), beta, label_smoothing)
 
     return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng)
 

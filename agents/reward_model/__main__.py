@@ -77,9 +77,12 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 # ---- model --------------------------------------------------------------------------------------------------------
 
 
-def load_backbone(kind: str, name: str, seed: int = 0) -> tuple[Any, Any]:
+def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dtype: str = "auto"
+                  ) -> tuple[Any, Any]:
     """The untrained reward model and its tokenizer: a one-output classifier (bt) or the causal LM (pairwise).
 
+    ``device``/``dtype``: as :class:`agents.common.policy.PolicySettings` (bf16 weights on CUDA, fp32 on CPU;
+    the new classifier head follows the backbone's dtype, scores are read in fp32).
     The classifier head (new weights) is initialised from ``seed``. The padding token is set to a token distinct
     from EOS, in the tokenizer and in the model's config, so the saved model reads at the right position.
     """
@@ -93,29 +96,38 @@ def load_backbone(kind: str, name: str, seed: int = 0) -> tuple[Any, Any]:
         load_model,
         load_tokenizer,
         resolve_device,
+        resolve_dtype,
     )
     from dialogue_gym.models import tiny_config as make_tiny_config
 
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "pairwise":
-            model, tokenizer = load_model(name, shared=False)
+            model, tokenizer = load_model(name, shared=False, dtype=torch_dtype, device=dev)
         elif name == TINY:
             tokenizer = load_tokenizer(TINY)
             config = make_tiny_config(len(tokenizer))
             config.num_labels = 1
-            model = LlamaForSequenceClassification(config)
+            model = LlamaForSequenceClassification(config).to(torch_dtype)
         else:
             source = str(embedded_model_dir()) if name == "embedded" else _resolve(name)
             tokenizer = load_tokenizer(name)
             model = _from_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
-                                     dtype=torch.float32)
-    model.to(resolve_device("auto"))  # CUDA when available (load_model already did this for pairwise)
+                                     dtype=torch_dtype)
+    model.to(dev)
     pad_id = choose_pad_id(tokenizer, model)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     model.config.pad_token_id = pad_id
     model.eval()
     return model, tokenizer
+
+
+def _cuda_devices(model: Any) -> list[torch.device]:
+    """The model's CUDA device, if any: adapters initialised there draw from its generator."""
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
 
 
 def add_lora(model: Any, kind: str, r: int, alpha: int, dropout: float, targets: list[str], seed: int) -> Any:
@@ -124,7 +136,7 @@ def add_lora(model: Any, kind: str, r: int, alpha: int, dropout: float, targets:
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         task_type="SEQ_CLS" if kind == "bt" else "CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices(model), device_type="cuda"):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
@@ -145,7 +157,7 @@ def keep_top_layers(model: Any, k: int) -> None:
 
 def build_model(cfg: RewardModelConfig) -> tuple[Any, Any]:
     """Backbone + LoRA (policy.lora_r > 0) + layer freezing (trainable_layers), seeded."""
-    model, tokenizer = load_backbone(cfg.kind, cfg.policy.model, cfg.seed)
+    model, tokenizer = load_backbone(cfg.kind, cfg.policy.model, cfg.seed, cfg.policy.device, cfg.policy.dtype)
     p = cfg.policy
     if p.lora_r > 0:
         model = add_lora(model, cfg.kind, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_targets, cfg.seed)
@@ -176,7 +188,8 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[Prefe
                                                                           test_rows)):
             if want > len(have):
                 raise ValueError(f"{name} is {want} but the task has {len(have)} rows in that split")
-        engine = HFEngine(load_model(d.generator), max_batch_size=d.generation_batch_size, seed=cfg.seed)
+        engine = HFEngine(load_model(d.generator, device=cfg.policy.device, dtype=cfg.policy.dtype),
+                          max_batch_size=d.generation_batch_size, seed=cfg.seed)
         params = sampling_params(cfg.sampling)
         common = {"engine": engine, "reward": reward, "params": params, "n": d.n, "k": d.pairs_per_row,
                   "min_gap": d.min_gap, "reference_chosen": d.reference_chosen,

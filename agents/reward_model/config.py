@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
+from agents.common.config import (
+    ConfigError,
+    EnvSettings,
+    EvalSettings,
+    OptimSettings,
+    SamplingSettings,
+    check,
+    check_placement,
+)
 from agents.common.policy import PolicySettings
 
 KINDS = ("bt", "pairwise")
@@ -56,6 +64,8 @@ def validate(cfg: RewardModelConfig) -> None:
     from dialogue_gym.tasks import TASKS
 
     check(cfg.kind in KINDS, f"kind is {cfg.kind!r}; allowed: {', '.join(KINDS)}")
+    check_placement("policy", cfg.policy.device, cfg.policy.dtype)
+    check_placement("env", cfg.env.device, cfg.env.dtype)
     check(cfg.env.task in TASKS, f"env.task is {cfg.env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check(cfg.policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {cfg.policy.lora_r}")
     check(cfg.sampling.temperature > 0, f"sampling.temperature must be > 0 to sample distinct replies, got "

@@ -1,13 +1,32 @@
 """Batched generation with HF transformers: left padding, one long-lived model, per-row seeded sampling.
 
 Sampling runs inside ``model.generate`` (KV cache, padding, stopping all transformers' own) through a logits
-processor that draws each row's token from that row's own ``torch.Generator`` and then hands ``generate`` a
-one-hot score, so greedy selection picks the drawn token. Consequences:
+processor that picks every row's token in one batched operation per position and hands ``generate`` a one-hot
+score, so greedy selection takes the picked token.
 
-- a row's sample depends only on its prompt and its seed, not on which rows share the batch (up to float
-  rounding differences that left padding introduces), so a vector env equals N single envs and forks are
-  reproducible;
-- the log-probability of every sampled token under ``logits / temperature`` comes for free.
+Per-row reproducible sampling without a loop over rows (:func:`exponential_noise`, :func:`sample_rows`): row
+``r`` at generated position ``t`` gets one Exp(1) draw per token id ``v``, ``E = -log(u)`` with ``u =
+hash(seed_r, t, v)`` from a counter-based integer hash (integer arithmetic only, so the bits are identical on
+every device), and takes ``argmax_v p_v / E_v`` (the exponential race, i.e. Gumbel-max: ``log p_v - log E_v``
+is ``log p_v`` plus Gumbel noise), which picks ``v`` with probability ``p_v``. Top-p zeroes the tokens outside
+the nucleus first. Why not inverse-CDF sampling with one uniform per row: its pick moves whenever rounding
+moves the cumulative sum across ``u``, which with a 49k-token vocabulary happens every few dozen tokens when
+left padding perturbs the logits; the race changes only when the best two ratios are within rounding.
+Consequences:
+
+- a row's sample depends only on its prompt, its seed and its own logits, not on which rows share the batch or
+  on the batch size (up to float rounding differences that left padding introduces), so a vector env equals N
+  single envs and forks are reproducible;
+- the log-probability of every sampled token under ``logits / temperature`` comes for free;
+- CPU and CUDA draw the *same* noise bits for the same seed, but they do not in general give the same tokens:
+  the logits differ between devices (other kernels, and bfloat16 weights by default on CUDA), and the noise
+  goes through ``log``, whose last bit may differ between device libraries. Same device, same dtype, same
+  seed: same tokens.
+
+The engine runs on the model's device; every tensor it builds for the model is made there. On CUDA,
+``cache="static"`` uses transformers' static KV cache, which ``generate`` compiles with ``torch.compile``; batch
+sizes and prompt widths are rounded up to powers of two so the compiled graphs are reused (see
+:class:`HFEngine`).
 """
 
 from __future__ import annotations
@@ -20,13 +39,89 @@ import torch
 
 from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompt_token_ids
 
+# A 32-bit integer mixer (xor-shift-multiply rounds; multipliers from the "lowbias32" search by C. Wellons) on
+# int32 tensors. int32 multiplication wraps modulo 2**32 on CPU and CUDA alike; right shifts are masked so they
+# act as logical shifts on negative values. int32, not int64: 64-bit integer multiplies are several times
+# slower on CPUs (no 64-bit SIMD multiply), and the noise is computed for every (row, token) at each position.
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x846CA68B - (1 << 32)  # the same multiplier, as a signed 32-bit value
+_SALT = 0x1E3779B9
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mixer of 32-bit words held in int32 tensors."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MUL_A
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MUL_B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _vocab_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """(V,) int32: the mixed token ids, one per vocabulary entry (cached per size and device)."""
+    key = (vocab, str(device))
+    if key not in _VOCAB_KEYS:
+        _VOCAB_KEYS[key] = _mix32(torch.arange(vocab, dtype=torch.int32, device=device) + _SALT)
+    return _VOCAB_KEYS[key]
+
+
+_VOCAB_KEYS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as int32 words with the same 32 bits."""
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+
+
+def row_keys(seeds: torch.Tensor, position: int) -> torch.Tensor:
+    """(B,) int32 keys, a pure function of (row seed, generated position).
+
+    Args:
+        seeds: (B,) int64 row seeds in [0, 2**63).
+        position: the index of the generated token (0 for the first new token).
+    """
+    lo = _as_int32(seeds & 0xFFFFFFFF)
+    hi = _as_int32((seeds >> 32) & 0xFFFFFFFF)
+    pos = _as_int32(torch.full_like(seeds, (position * 0x9E3779B9 + 1) & 0xFFFFFFFF))
+    key = _mix32(hi ^ _mix32(pos))
+    return _mix32(lo ^ _mix32(key ^ _SALT))
+
+
+def exponential_noise(seeds: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """(B, V) float32 Exp(1) draws, one per (row, token), a pure function of (row seed, position, token id).
+
+    Each draw is ``-log(u)`` with ``u = (24 hash bits + 0.5) / 2**24`` strictly inside (0, 1). The hash uses
+    integer operations only, so CPU and CUDA compute bit-identical ``u``.
+    """
+    bits = _mix32(row_keys(seeds, position)[:, None] ^ _vocab_keys(vocab, seeds.device)[None, :])  # (B, V)
+    u = (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
+
+
+def sample_rows(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One index per row by the exponential race: ``argmax_v probs[v] / noise[v]``.
+
+    With ``noise`` i.i.d. Exp(1) this picks index v with probability ``probs[v] / sum(probs)`` (it is the
+    Gumbel-max trick: ``log p - log E`` is ``log p`` plus Gumbel noise). Unlike inverse-CDF sampling, rounding
+    differences in ``probs`` change the pick only when the two best ratios are within rounding of each other.
+
+    Args:
+        probs: (B, V) non-negative weights (each row needs a positive entry); zero weights are never picked.
+        noise: (B, V) positive Exp(1) draws.
+
+    Returns:
+        (B,) int64 indices.
+    """
+    return (probs / noise).argmax(dim=-1)
+
 
 class _RowSampler:
-    """A logits processor that samples row i with generator i and records the sampled token's log-prob."""
+    """A logits processor that samples every row from its own seed in one batched operation per position and
+    records the sampled token's log-prob (under ``logits / temperature``, full vocabulary, before top-p)."""
 
-    def __init__(self, params: SamplingParams, generators: list[torch.Generator] | None, prompt_len: int):
+    def __init__(self, params: SamplingParams, seeds: torch.Tensor | None, prompt_len: int):
         self.params = params
-        self.generators = generators
+        self.seeds = seeds  # (B,) int64 on the model's device, or None for greedy
         self.prompt_len = prompt_len
         self.logprobs: list[torch.Tensor] = []  # one (B,) tensor per generated position
 
@@ -36,22 +131,32 @@ class _RowSampler:
             chosen = scores.argmax(dim=-1)
             logp = torch.log_softmax(scores, dim=-1)
         else:
+            assert self.seeds is not None
             logp = torch.log_softmax(scores / self.params.temperature, dim=-1)
             probs = logp.exp()
             if self.params.top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
+                sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
                 # keep the smallest prefix whose mass reaches top_p (the first token always stays)
                 drop = sorted_p.cumsum(dim=-1) - sorted_p >= self.params.top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-            assert self.generators is not None
-            chosen = torch.stack(
-                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(self.generators)]
-            )
+                probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+            noise = exponential_noise(self.seeds, input_ids.shape[1] - self.prompt_len, probs.shape[-1])
+            chosen = sample_rows(probs, noise)  # (B,): one batched operation for all rows
         self.logprobs.append(logp.gather(-1, chosen[:, None])[:, 0])
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, chosen[:, None], 0.0)
         return out
+
+
+CACHES = ("dynamic", "static")
+MIN_WIDTH = 64  # static cache: prompt widths are rounded up to a power of two, at least this many tokens
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The smallest power of two >= n, capped at ``cap`` (static-cache batch sizes)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max(cap, n))
 
 
 class HFEngine:
@@ -60,26 +165,49 @@ class HFEngine:
     Args:
         model: a model name for :func:`dialogue_gym.models.load_model` (``"embedded"``, ``"tiny"``, a path,
             a hub id) or a ``(model, tokenizer)`` pair to use as is (e.g. a policy being trained).
-        device: torch device; default the model's own.
-        max_batch_size: prompts per forward batch; larger batches are split.
+        device: where a named model loads (``"auto"``: ``$DIALOGUE_GYM_DEVICE``, else CUDA when available,
+            else CPU); for a given pair, None leaves it where it is and a device string moves it there.
+        dtype: weight dtype of a named model: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``,
+            ``"bfloat16"``, ``"float16"``. Sampling and log-probs are computed in fp32 either way.
+        max_batch_size: prompts per ``generate`` call; larger batches are split. Default: 32 on CPU (where
+            batching beyond that gains little), 256 on CUDA (a GPU needs wide batches to be busy).
         seed: seeds the engine's own stream, used for rows that come without a seed.
+        cache: ``"dynamic"`` (transformers' default KV cache) or ``"static"`` (a preallocated cache that
+            ``generate`` compiles with ``torch.compile`` on CUDA: several times faster per token there once
+            compiled; on CPU it runs uncompiled and gains nothing). With ``"static"`` every batch is padded to
+            a power-of-two row count (rows copied, results dropped) and its prompt width to a power of two
+            (at least ``MIN_WIDTH``), so a handful of compiled graphs serve every call as dialogues grow (each
+            new shape compiles once, tens of seconds on a GPU); the tokens are the same as with
+            ``"dynamic"`` up to float rounding.
+
+    Raises:
+        DeviceError: the device is not available or the dtype is unknown (before any weights load).
+        ValueError: a bad ``max_batch_size`` or ``cache``.
     """
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", device: str | None = None,
-                 max_batch_size: int = 32, seed: int = 0):
-        if isinstance(model, str):
-            from dialogue_gym.models import load_model
+                 max_batch_size: int | None = None, seed: int = 0, dtype: str | torch.dtype = "auto",
+                 cache: str = "dynamic"):
+        from dialogue_gym.models import load_model, resolve_device, resolve_dtype
 
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer (or None for the device default), got "
+                             f"{max_batch_size!r}")
+        if cache not in CACHES:
+            raise ValueError(f"cache is {cache!r}; allowed: {', '.join(CACHES)}")
+        if isinstance(model, str):
+            dev = resolve_device(device or "auto")
+            resolve_dtype(dtype, dev)  # an unknown dtype fails before the weights load
             self.name = model
-            self.model, self.tokenizer = load_model(model)
+            self.model, self.tokenizer = load_model(model, dtype=dtype, device=dev)
         else:
             self.model, self.tokenizer = model
             self.name = getattr(self.model.config, "_name_or_path", "custom") or "custom"
-        if device is not None:
-            self.model.to(device)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.max_batch_size = max_batch_size
+            if device is not None:
+                self.model.to(resolve_device(device))
+        self.max_batch_size = max_batch_size or (256 if self.device.type == "cuda" else 32)
+        self.cache = cache
         self._rng = np.random.default_rng(seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
@@ -110,7 +238,7 @@ class HFEngine:
         results: list[Generation | None] = [None] * len(ids)
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
-            outs = self._generate_batch([ids[i] for i in chunk], params, [seeds[i] for i in chunk])
+            outs = self._generate_batch([ids[i] for i in chunk], params, [int(seeds[i]) for i in chunk])
             for i, g in zip(chunk, outs):
                 if not return_logprobs:
                     g.logprobs = None
@@ -120,26 +248,36 @@ class HFEngine:
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         from transformers import GenerationConfig, LogitsProcessorList
 
+        n = len(batch)
+        rows, row_seeds = list(batch), list(seeds)
         width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, x in enumerate(batch):
+        if self.cache == "static":  # a few shapes for the compiled graphs: pad rows and width to buckets
+            extra = _bucket(n, self.max_batch_size) - n
+            rows += [batch[0]] * extra
+            row_seeds += [seeds[0]] * extra
+            width = max(MIN_WIDTH, 1 << (width - 1).bit_length())
+        # Built on the host row by row, then moved to the model's device in one transfer each.
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, x in enumerate(rows):
             input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
             attention[r, width - len(x) :] = 1
-        generators = None
+        device = self.device
+        seed_t = None
         if params.temperature > 0:
-            generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
-        sampler = _RowSampler(params, generators, width)
+            seed_t = torch.tensor([s % (2**63) for s in row_seeds], dtype=torch.long, device=device)
+        sampler = _RowSampler(params, seed_t, width)
         stop = sorted(set(self.eos_ids) | set(params.stop_token_ids))
+        extra_cfg: dict[str, Any] = {"cache_implementation": "static"} if self.cache == "static" else {}
         config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, eos_token_id=stop,
-                                  pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                  pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id, **extra_cfg)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                   generation_config=config, logits_processor=LogitsProcessorList([sampler]))
-        new = out[:, width:].cpu()  # (B, T_new)
-        logps = torch.stack(sampler.logprobs, dim=1).cpu() if sampler.logprobs else torch.zeros(len(batch), 0)
+        new = out[:n, width:].cpu()  # (n, T_new): one transfer back to the host
+        logps = torch.stack(sampler.logprobs, dim=1)[:n].cpu() if sampler.logprobs else torch.zeros(n, 0)
         gens = []
         stop_set = set(stop)
-        for r in range(len(batch)):
+        for r in range(n):
             toks = new[r].tolist()
             end = next((j for j, t in enumerate(toks) if t in stop_set), None)
             finished = end is not None

@@ -39,23 +39,24 @@ def build_reward(spec: Any, task: Any, config: Any) -> RewardModel:
     made = task.make_reward(spec)
     if made is not None:
         return made
+    placement = {"device": getattr(config, "device", "auto"), "dtype": getattr(config, "dtype", "auto")}
     if spec == "judge":
-        return LLMJudge(config.model)
+        return LLMJudge(config.model, **placement)
     if spec.startswith(PAIRWISE_PREFIX):
         model = spec[len(PAIRWISE_PREFIX):].strip()
         if not model:
             raise DialogueError(f"reward is {spec!r}; 'pairwise:' needs a model after the colon, e.g. "
                                 "'pairwise:embedded' or 'pairwise:/path/to/model'")
-        return PairwisePreferenceReward(model)
+        return PairwisePreferenceReward(model, **placement)
     if spec.startswith(CLASSIFIER_PREFIX):
         model = spec[len(CLASSIFIER_PREFIX):].strip()
         if not model:
             raise DialogueError(f"reward is {spec!r}; 'classifier:' needs a directory or hub id after the colon")
-        return SequenceClassifierReward(model)
+        return SequenceClassifierReward(model, **placement)
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_classifier_dir(path):
-            return SequenceClassifierReward(str(path))
+            return SequenceClassifierReward(str(path), **placement)
         raise DialogueError(
             f"reward directory {spec!r} does not hold a sequence-classification model (its config.json names no "
             "...ForSequenceClassification architecture); for a causal LM used as a pairwise judge write "

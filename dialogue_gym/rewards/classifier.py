@@ -135,36 +135,40 @@ class SequenceClassifierReward:
         max_length: conversations longer than this many tokens are cut from the left.
         batch_size: conversations per forward pass (similar lengths are batched together).
         padding_side: ``"right"`` or ``"left"``; both read the same position.
-        device: torch device; default: a loaded model goes to CUDA when available (else CPU), a given
-            ``(model, tokenizer)`` pair stays where it is.
-        dtype: weight dtype when loading.
+        device: torch device; default (None or ``"auto"``): a loaded model goes to CUDA when available (else
+            CPU), a given ``(model, tokenizer)`` pair stays where it is.
+        dtype: weight dtype when loading: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), a name or a torch
+            dtype. Scores are computed in fp32 from the model's last layer.
     """
 
     def __init__(self, path_or_id: str | Path | tuple[Any, Any], trust_remote_code: bool = False,
                  max_length: int = 2048, batch_size: int = 16, padding_side: str = "right",
-                 device: str | None = None, dtype: torch.dtype = torch.float32):
+                 device: str | None = None, dtype: str | torch.dtype = "auto"):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side is {padding_side!r}; allowed: {', '.join(PADDING_SIDES)}")
+        from dialogue_gym.models import resolve_device, resolve_dtype
+
+        if device == "auto":
+            device = None
         if isinstance(path_or_id, tuple):
             self.model, self.tokenizer = path_or_id
             self.name = "custom"
         else:
             self.name = str(path_or_id)
-            self.model, self.tokenizer = load_classifier(self.name, trust_remote_code=trust_remote_code, dtype=dtype)
-            if device is None:
-                from dialogue_gym.models import resolve_device
-
-                self.model.to(resolve_device("auto"))
+            target = resolve_device(device)  # checked before the weights load
+            self.model, self.tokenizer = load_classifier(self.name, trust_remote_code=trust_remote_code,
+                                                         dtype=resolve_dtype(dtype, target))
+            self.model.to(target)
         n = getattr(self.model.config, "num_labels", None)
         if n != 1:
             raise ValueError(f"a reward model needs a classifier with one output (num_labels=1); {self.name!r} "
                              f"has num_labels={n}")
         if device is not None:
-            self.model.to(device)
+            self.model.to(resolve_device(device))
         self.model.eval()
         self.max_length = max_length
         self.batch_size = batch_size
@@ -211,7 +215,7 @@ class SequenceClassifierReward:
 
 def classifier_forward(model: Any, sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",
                        pass_positions: bool = True, device: Any = None) -> torch.Tensor:
-    """One forward pass of a one-output classifier over a padded batch -> scores (B,) (differentiable).
+    """One forward pass of a one-output classifier over a padded batch -> fp32 scores (B,) (differentiable).
 
     ``model.config.pad_token_id`` must equal ``pad_id`` and no sequence may end with ``pad_id``; then the
     model's own pooling reads at each sequence's last real token.
@@ -228,7 +232,7 @@ def classifier_forward(model: Any, sequences: Sequence[Sequence[int]], pad_id: i
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if pass_positions:
         kwargs["position_ids"] = pos.to(device)
-    return model(**kwargs).logits[:, 0]  # (B,)
+    return model(**kwargs).logits[:, 0].float()  # (B,) fp32 whatever the weights' dtype
 
 
 def load_classifier(path_or_id: str, trust_remote_code: bool = False,

@@ -31,21 +31,25 @@ class LLMJudge:
 
     Args:
         model: model name for :func:`dialogue_gym.models.load_model`, or a ``(model, tokenizer)`` pair.
-        max_batch_size: conversations per forward pass.
+        max_batch_size: conversations per forward pass (default 16 on CPU, 64 on CUDA).
         max_prompt_tokens: longer prompts are cut from the left of the dialogue (the instruction is kept).
+        device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
+        dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
+            computed in fp64 from the digits' logits either way.
     """
 
-    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int = 16,
-                 max_prompt_tokens: int = 2048):
+    def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int | None = None,
+                 max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto"):
         if isinstance(model, str):
             from dialogue_gym.models import load_model
 
             self.name = model
-            self.model, self.tokenizer = load_model(model)
+            self.model, self.tokenizer = load_model(model, dtype=dtype, device=device)
         else:
             self.model, self.tokenizer = model
             self.name = "custom"
-        self.max_batch_size = max_batch_size
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        self.max_batch_size = max_batch_size or (64 if on_cuda else 16)
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
         for d in "123456789":
@@ -75,19 +79,22 @@ class LLMJudge:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        values = torch.arange(1, 10, dtype=torch.float64)
+        values = torch.arange(1, 10, dtype=torch.float64, device=device)
+        digits = torch.tensor(self.digit_ids, dtype=torch.long, device=device)
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
             width = max(len(prompts[i]) for i in chunk)
+            # Built on the host (many small row copies), then moved to the model's device in one transfer.
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(chunk):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
                 mask[r, width - len(prompts[i]):] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1, :]
-            probs = torch.softmax(logits[:, self.digit_ids].double(), dim=-1).cpu()  # (B, 9)
+            probs = torch.softmax(logits[:, digits].double(), dim=-1)  # (B, 9) fp64 on the model's device
+            expected = (probs * values).sum(-1).cpu()  # (B,)
             for r, i in enumerate(chunk):
-                scores[i] = float((probs[r] * values).sum())
+                scores[i] = float(expected[r])
         return scores

@@ -95,7 +95,7 @@ def pairwise_prompt_ids(tokenizer: Any, context: Sequence[Message], reply_a: str
 
 def next_letter_logits(model: Any, prompts: Sequence[Sequence[int]], letter_ids: tuple[int, int],
                        pad_id: int) -> torch.Tensor:
-    """One forward pass over left-padded prompts -> the next-token logits of the two letters, (N, 2).
+    """One forward pass over left-padded prompts -> the next-token logits of the two letters, (N, 2) fp32.
 
     Differentiable (the trainer calls it with gradients on).
     """
@@ -103,7 +103,7 @@ def next_letter_logits(model: Any, prompts: Sequence[Sequence[int]], letter_ids:
     ids, mask, pos = pad_batch(prompts, pad_id, side="left")
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                    logits_to_keep=1).logits[:, -1, :]  # (N, V)
-    return logits[:, list(letter_ids)]
+    return logits[:, list(letter_ids)].float()  # fp32 whatever the weights' dtype
 
 
 class PairwisePreferenceReward:
@@ -115,17 +115,19 @@ class PairwisePreferenceReward:
         batch_size: prompts per forward pass (each pair is two prompts).
         max_prompt_tokens: longer prompts keep their first quarter and their end.
         reference_key: the profile field holding the reference reply the env reward compares against.
+        device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
+        dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU).
     """
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", batch_size: int = 8, max_prompt_tokens: int = 2048,
-                 reference_key: str = "reference"):
+                 reference_key: str = "reference", device: str = "auto", dtype: str | torch.dtype = "auto"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(model, str):
             from dialogue_gym.models import load_model
 
             self.name = model
-            self.model, self.tokenizer = load_model(model)
+            self.model, self.tokenizer = load_model(model, dtype=dtype, device=device)
         else:
             self.model, self.tokenizer = model
             self.name = "custom"

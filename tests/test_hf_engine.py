@@ -1,0 +1,219 @@
+"""HFEngine: per-row reproducible sampling in one batched operation, devices and dtypes, the static cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dialogue_gym.generation import SamplingParams
+from dialogue_gym.generation.hf import HFEngine, _RowSampler, exponential_noise, sample_rows
+from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+CHATS = [
+    [{"role": "user", "content": "Hello there, how are you?"}],
+    [{"role": "user", "content": "Write a haiku about the sea and the long summer evenings."}],
+    [{"role": "user", "content": "2 + 2 = ?"}],
+    [{"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": "Why is the sky blue? Explain it to a child, in two sentences at most."}],
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return HFEngine("tiny", max_batch_size=8)
+
+
+# ---- the noise: a pure function of (seed, position, token) ----------------------------------------------------
+
+
+def test_noise_is_a_function_of_seed_position_and_token_only():
+    seeds = torch.tensor([0, 1, 2**40 + 7, 2**63 - 1], dtype=torch.long)
+    e = exponential_noise(seeds, 3, 100)
+    assert e.dtype == torch.float32 and e.shape == (4, 100)
+    assert bool((e > 0).all()) and bool(torch.isfinite(e).all())
+    # the same row alone, or next to other rows, gets the same draws
+    for i in range(4):
+        assert torch.equal(exponential_noise(seeds[i : i + 1], 3, 100)[0], e[i])
+    assert torch.equal(exponential_noise(seeds[[3, 0]], 3, 100), e[[3, 0]])
+    # the first 100 tokens of a larger vocabulary draw the same numbers
+    assert torch.equal(exponential_noise(seeds, 3, 500)[:, :100], e)
+    # other positions and other seeds give other numbers
+    assert not torch.equal(exponential_noise(seeds, 4, 100), e)
+    assert len({tuple(row.tolist()) for row in e}) == 4
+
+
+def test_noise_is_exponential_and_uncorrelated():
+    e = exponential_noise(torch.arange(200, dtype=torch.long), 0, 1000).double()
+    assert abs(e.mean().item() - 1.0) < 0.01 and abs(e.var().item() - 1.0) < 0.03  # Exp(1): mean 1, variance 1
+    u = torch.exp(-e).flatten().numpy()
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert counts.min() > 19000 and counts.max() < 21000  # 20,000 per bin expected
+    # neighbouring rows (seeds 0, 1, ...), positions and tokens are not correlated
+    assert abs(np.corrcoef(u.reshape(200, 1000)[:-1].ravel(), u.reshape(200, 1000)[1:].ravel())[0, 1]) < 0.01
+    nxt = torch.exp(-exponential_noise(torch.arange(200, dtype=torch.long), 1, 1000)).flatten().numpy()
+    assert abs(np.corrcoef(u, nxt)[0, 1]) < 0.01
+    assert abs(np.corrcoef(u.reshape(200, 1000)[:, :-1].ravel(), u.reshape(200, 1000)[:, 1:].ravel())[0, 1]) < 0.01
+
+
+# ---- sampling by the exponential race -------------------------------------------------------------------------
+
+
+def test_sample_rows_hand_computed():
+    probs = torch.tensor([[0.2, 0.5, 0.3]] * 3)
+    noise = torch.tensor([[1.0, 1.0, 1.0],  # ratios 0.2, 0.5, 0.3 -> 1
+                          [0.1, 1.0, 1.0],  # 2.0, 0.5, 0.3 -> 0
+                          [1.0, 2.0, 0.5]])  # 0.2, 0.25, 0.6 -> 2
+    assert sample_rows(probs, noise).tolist() == [1, 0, 2]
+
+
+def test_sample_rows_never_returns_a_zero_weight_index():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    for position in range(50):
+        got = sample_rows(probs, exponential_noise(torch.tensor([3, 4]), position, 6)).tolist()
+        assert got[0] in (1, 3) and got[1] == 2
+
+
+def test_sample_rows_frequencies_match_the_distribution():
+    p = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    noise = exponential_noise(torch.arange(20000, dtype=torch.long), 5, 4)
+    got = sample_rows(p.expand(20000, 4), noise)
+    freq = torch.bincount(got, minlength=4).double() / 20000
+    assert freq[2] == 0
+    assert torch.allclose(freq, p.double(), atol=0.015)
+
+
+def _sample(scores: torch.Tensor, seeds: list[int], params: SamplingParams, position: int = 0) -> torch.Tensor:
+    sampler = _RowSampler(params, torch.tensor(seeds, dtype=torch.long), prompt_len=0)
+    out = sampler(torch.zeros((len(seeds), position), dtype=torch.long), scores)
+    return out.argmax(-1)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.05, 0.6, 0.05, 0.3]))  # sorted: 1 (0.6), 3 (0.3), 0, 2
+    n = 4000
+    seeds = list(range(n))
+    only_top = _sample(logits.expand(n, 4).clone(), seeds, SamplingParams(temperature=1.0, top_p=0.5))
+    assert set(only_top.tolist()) == {1}
+    two = _sample(logits.expand(n, 4).clone(), seeds, SamplingParams(temperature=1.0, top_p=0.8))
+    assert set(two.tolist()) == {1, 3}
+    share = (two == 1).double().mean().item()
+    assert abs(share - 0.6 / 0.9) < 0.03  # renormalised over the nucleus
+
+
+def test_sampler_rows_do_not_depend_on_batch_mates():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50, generator=g)
+    params = SamplingParams(temperature=0.9, top_p=0.9)
+    together = _sample(scores.clone(), [11, 12, 13, 14, 15, 16], params, position=7)
+    for i in range(6):
+        alone = _sample(scores[i : i + 1].clone(), [11 + i], params, position=7)
+        assert alone.item() == together[i].item()
+
+
+# ---- the engine -----------------------------------------------------------------------------------------------
+
+
+def test_engine_row_equals_row_alone_in_any_batch(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12)
+    seeds = [101, 102, 103, 104, 105]
+    batch = engine.generate(CHATS, params, seeds=seeds, return_logprobs=True)
+    for i in range(len(CHATS)):
+        alone = engine.generate([CHATS[i]], params, seeds=[seeds[i]], return_logprobs=True)[0]
+        assert alone.token_ids == batch[i].token_ids
+        assert np.allclose(alone.logprobs, batch[i].logprobs, atol=1e-4)
+    # another batch size and other batch-mates
+    small = HFEngine((engine.model, engine.tokenizer), max_batch_size=2)
+    reordered = small.generate([CHATS[4], CHATS[0], CHATS[2]], params, seeds=[105, 101, 103])
+    assert [g.token_ids for g in reordered] == [batch[4].token_ids, batch[0].token_ids, batch[2].token_ids]
+
+
+def test_engine_seeds_change_samples_and_repeat(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=10)
+    a = engine.generate(CHATS[:1] * 4, params, seeds=[1, 2, 3, 1])
+    assert a[0].token_ids == a[3].token_ids
+    assert len({tuple(g.token_ids) for g in a[:3]}) > 1
+
+
+def test_engine_logprobs_are_the_sampled_tokens_logprobs(engine):
+    params = SamplingParams(temperature=0.7, max_new_tokens=6)
+    g = engine.generate(CHATS[:1], params, seeds=[5], return_logprobs=True)[0]
+    ids = torch.tensor([g.prompt_token_ids + g.token_ids], device=engine.device)
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits[0].float()
+    start = len(g.prompt_token_ids)
+    want = [torch.log_softmax(logits[start - 1 + j] / 0.7, -1)[t].item() for j, t in enumerate(g.token_ids)]
+    assert np.allclose(g.logprobs, want, atol=1e-4)
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens(engine):
+    static = HFEngine((engine.model, engine.tokenizer), max_batch_size=8, cache="static")
+    for params in (SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(temperature=1.0,
+                                                                                      max_new_tokens=8)):
+        want = engine.generate(CHATS[:3], params, seeds=[7, 8, 9])
+        got = static.generate(CHATS[:3], params, seeds=[7, 8, 9])  # 3 rows padded to 4, the width to 64
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+        assert [g.prompt_token_ids for g in got] == [g.prompt_token_ids for g in want]
+
+
+def test_bfloat16_weights_sample_with_fp32_logprobs():
+    eng = HFEngine("tiny", dtype="bfloat16", device="cpu")
+    assert next(eng.model.parameters()).dtype == torch.bfloat16
+    g = eng.generate(CHATS[:2], SamplingParams(temperature=1.0, max_new_tokens=5), seeds=[1, 2],
+                     return_logprobs=True)
+    assert all(len(x.logprobs) == len(x.token_ids) and all(lp <= 0 for lp in x.logprobs) for x in g)
+
+
+# ---- devices and dtypes ----------------------------------------------------------------------------------------
+
+
+def test_dtype_auto_is_fp32_on_cpu_and_bf16_on_cuda():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float16") == torch.float16
+    if torch.cuda.is_available():
+        assert resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": "float8"}, "dtype is 'float8'; allowed: auto"),
+    ({"device": "gpu"}, "device is 'gpu'; allowed"),
+    ({"device": "cuda:64"}, "cuda:64"),
+])
+def test_bad_device_or_dtype_fails_before_loading(monkeypatch, kwargs, match):
+    import dialogue_gym.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "_from_pretrained", no_load)
+    monkeypatch.setattr(models, "load_tokenizer", no_load)
+    with pytest.raises(DeviceError, match=match):
+        HFEngine("embedded", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(DeviceError, match="no usable CUDA device"):
+        resolve_device("cuda")
+
+
+def test_device_environment_variable_picks_auto(monkeypatch):
+    monkeypatch.setenv("DIALOGUE_GYM_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("DIALOGUE_GYM_DEVICE", "nonsense")
+    with pytest.raises(DeviceError, match="nonsense"):
+        resolve_device("auto")
+
+
+def test_env_with_bad_device_or_dtype_fails_at_construction():
+    import gymnasium as gym
+
+    import dialogue_gym  # noqa: F401
+    from dialogue_gym.conversation import DialogueError
+
+    with pytest.raises(DialogueError, match="dtype is 'int8'"):
+        gym.make("MultiTurnDialogue-v0", task="arithmetic", dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DialogueError, match="no usable CUDA device"):
+            gym.make("MultiTurnDialogue-v0", task="arithmetic", device="cuda")
