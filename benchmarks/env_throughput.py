@@ -47,6 +47,7 @@ import torch
 import dialogue_gym  # noqa: F401
 from benchmarks.machine import machine_info
 from dialogue_gym.models import load_model
+from dialogue_gym.progress import track
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_throughput.md"
 ACTIONS = ["Could you tell me a little more about what you need?", "Here is a short answer with one example.",
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     server = None
-    for engine in engines:
+    for engine in track(engines, desc="env_throughput engines", unit="engine"):
         if "openai" in engine and not SERVER:
             server = start_server(args.server_url, model_name)
         time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs

@@ -173,7 +173,8 @@ def run(cfg: DpoConfig) -> dict:
 
     name = "DPO" if online else "offline DPO"
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         if online:

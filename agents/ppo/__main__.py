@@ -311,7 +311,8 @@ def run(cfg: PpoConfig) -> dict:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc="PPO iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         turns, stats = dialogue_turns(collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows))

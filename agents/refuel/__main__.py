@@ -58,6 +58,7 @@ from agents.common.run import (
 )
 from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update, steps_per_iteration
 from agents.refuel.config import RefuelConfig, validate
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.refuel")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -92,7 +93,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,

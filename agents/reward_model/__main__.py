@@ -328,7 +328,7 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def run(cfg: RewardModelConfig) -> dict[str, Any]:
     """Build the pairs, train, evaluate, export. Returns the evaluation record (also written to eval.json)."""
-    from tqdm import tqdm
+    from dialogue_gym.progress import Progress
 
     validate(cfg)
     if cfg.data.source == "task":
@@ -362,7 +362,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
     logger.log(0, _eval_metrics(initial))
     rng = np.random.default_rng(cfg.seed)
     step, t_train, c_train = 0, time.perf_counter(), time.process_time()
-    bar = tqdm(total=total_steps, desc=f"training ({cfg.kind})", unit="step")
+    bar = Progress(total=total_steps, desc=f"training ({cfg.kind})", unit="step")
     for _ in range(cfg.iterations * o.epochs):
         order = rng.permutation(len(train_ids))
         for start in range(0, len(order), o.batch_size):
@@ -379,8 +379,8 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
                                                       eval_batch)))
             logger.log(step, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('loss/bt', metrics.get('loss/preference', 0.0)):.3f}",
-                            acc=f"{metrics['rm/accuracy']:.2f}")
+            bar.set_postfix(loss=float(metrics.get('loss/bt', metrics.get('loss/preference', 0.0))),
+                            acc=float(metrics['rm/accuracy']))
     bar.close()
     train_seconds, train_cpu = time.perf_counter() - t_train, time.process_time() - c_train
     final = evaluate(model, tokenizer, cfg.kind, test_pairs, o.max_length, eval_batch)
