@@ -82,6 +82,7 @@ from agents.common.run import (
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.dpo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")

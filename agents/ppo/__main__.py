@@ -103,6 +103,7 @@ from agents.common.run import (
 )
 from agents.common.train import make_optimizer
 from agents.ppo.config import PpoConfig, validate
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.ppo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
