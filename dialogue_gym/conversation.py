@@ -126,8 +126,9 @@ class DialogueState:
         rng: PCG64 state of the episode RNG (draws the user's and the judge's per-turn seeds).
         config_fingerprint: hash of the env configuration this state belongs to.
         last_score: reward-model score of the previous turn (for the ``delta`` reward mode).
-        terminated: the user or the task ended the conversation.
-        truncated: ``max_turns`` was reached.
+        terminated: the user or the task ended the conversation (a last allowed turn that solves the task
+            included).
+        truncated: ``max_turns`` was reached without that.
         version: schema version of the snapshot.
     """
 
@@ -208,17 +209,29 @@ class DialogueState:
             raise DialogueError("state.rng must be a PCG64 bit-generator state dict (as from new_rng_state)")
         if not isinstance(data["config_fingerprint"], str):
             raise DialogueError("state.config_fingerprint must be a string")
+        if not isinstance(data["task_row"], str):
+            raise DialogueError(f"state.task_row must be a string (a task row id, or \"\" for a free-form start), "
+                                f"got {type(data['task_row']).__name__}")
+        last_score = data.get("last_score", 0.0)
+        if isinstance(last_score, bool) or not isinstance(last_score, (int, float)):
+            raise DialogueError(f"state.last_score must be a number (the previous turn's score), got "
+                                f"{type(last_score).__name__} {last_score!r:.60}")
+        for flag in ("terminated", "truncated"):
+            if not isinstance(data.get(flag, False), bool):
+                raise DialogueError(f"state.{flag} must be true or false, got {data[flag]!r:.60}")
+        if not isinstance(data.get("extra", {}), Mapping):
+            raise DialogueError(f"state.extra must be a dict, got {type(data['extra']).__name__}")
         return cls(
             messages=messages,
             turn=int(data["turn"]),
             max_turns=int(data["max_turns"]),
-            task_row=str(data["task_row"]),
+            task_row=data["task_row"],
             profile=copy.deepcopy(dict(data["profile"])),
             rng=copy.deepcopy(dict(rng)),
             config_fingerprint=data["config_fingerprint"],
-            last_score=float(data.get("last_score", 0.0)),
-            terminated=bool(data.get("terminated", False)),
-            truncated=bool(data.get("truncated", False)),
+            last_score=float(last_score),
+            terminated=data.get("terminated", False),
+            truncated=data.get("truncated", False),
             version=STATE_VERSION,
             extra=copy.deepcopy(dict(data.get("extra", {}))),
         )

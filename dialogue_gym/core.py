@@ -26,7 +26,7 @@ from dialogue_gym.conversation import (
 )
 
 REWARD_MODES = ("terminal", "per_turn", "delta")
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "openai")
 
 
 @dataclass
@@ -36,9 +36,19 @@ class EnvConfig:
     Attributes:
         task: task name (``"embedded"``, ``"arithmetic"``, ``"ultrainteract"``, ``"anthropic_hh"``) or instance.
         task_kwargs: keyword arguments for the task (data path, difficulty, ...).
-        split: which split reset draws rows from (``"train"`` or ``"test"``).
+        split: which split reset draws rows from (``"train"``, ``"test"``, or ``"validation"`` where the task has
+            one).
         model: the model behind the LLM user and the LLM judge (``"embedded"``, ``"tiny"``, path, hub id).
-        engine: generation backend for the LLM user: ``"hf"`` or ``"vllm"``.
+        engine: generation backend of the LLM user (and, unless ``judge_engine`` says otherwise, the LLM judge):
+            ``"hf"``, ``"vllm"`` (in process) or ``"openai"`` (an OpenAI-compatible server at ``base_url``).
+        base_url: the user's server for ``engine="openai"``, e.g. ``http://127.0.0.1:8000/v1``; ``model`` is then
+            the served model name. The API key comes from an environment variable only (``engine_options``'
+            ``api_key_env``, default ``OPENAI_API_KEY``).
+        judge_model: the LLM judge's model (``reward="judge"``); None: ``model``.
+        judge_engine: the LLM judge's backend; None: ``engine``.
+        judge_base_url: the judge's server when its engine is ``"openai"``; None: ``base_url``.
+        judge_engine_options: keyword arguments of the judge's engine; None: ``engine_options`` when the judge's
+            backend is the user's, else none.
         user: user simulator spec (``"llm"``, ``"replay"``, ``"scripted"``, a task-specific name) or instance;
             None takes the task's default.
         reward: reward spec (``"judge"``, ``"verifier"``, a reward-model path, ...) or instance; None takes the
@@ -55,7 +65,8 @@ class EnvConfig:
         dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``.
         engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
-            (HF: static KV cache, compiled on CUDA) or ``{"max_num_seqs": 256}`` (vLLM).
+            (HF: static KV cache, compiled on CUDA), ``{"max_num_seqs": 256}`` (vLLM), or ``{"max_concurrency":
+            64, "timeout_s": 300, "api": "chat", "api_key_env": "MY_KEY"}`` (openai).
     """
 
     task: Any = "embedded"
@@ -63,6 +74,11 @@ class EnvConfig:
     split: str = "train"
     model: str = "embedded"
     engine: str = "hf"
+    base_url: str | None = None
+    judge_model: str | None = None
+    judge_engine: str | None = None
+    judge_base_url: str | None = None
+    judge_engine_options: dict[str, Any] | None = None
     user: Any = None
     reward: Any = None
     reward_mode: str = "terminal"
@@ -86,15 +102,63 @@ class EnvConfig:
             raise DialogueError(f"reward_mode is {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
         if self.engine not in ENGINES:
             raise DialogueError(f"engine is {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.judge_engine is not None and self.judge_engine not in ENGINES:
+            raise DialogueError(f"judge_engine is {self.judge_engine!r}; allowed: {', '.join(ENGINES)} or None (the "
+                                "user's engine)")
         if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
             raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
-        if not isinstance(self.engine_options, dict):
-            raise DialogueError(f"engine_options must be a dict of engine keyword arguments, got "
-                                f"{type(self.engine_options).__name__}")
-        if self.split not in ("train", "test"):
-            raise DialogueError(f"split is {self.split!r}; allowed: train, test")
+        for name in ("engine_options", "judge_engine_options"):
+            value = getattr(self, name)
+            if not (isinstance(value, Mapping) or (value is None and name == "judge_engine_options")):
+                raise DialogueError(f"{name} must be a dict of engine keyword arguments, got {type(value).__name__}")
+        self.user_engine_spec()
+        self.judge_engine_spec()
+        if self.split not in ("train", "test", "validation"):
+            raise DialogueError(f"split is {self.split!r}; allowed: train, test, validation")
+
+    def user_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
+        """``(kind, model, kwargs)`` of the LLM user's engine, for :func:`dialogue_gym.generation.make_engine`."""
+        return self.engine, self.model, self._engine_kwargs("", self.engine, self.base_url, self.engine_options)
+
+    def judge_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
+        """``(kind, model, kwargs)`` of the LLM judge's engine (``reward="judge"``); equal to the user's when they
+        name the same model and backend, so both share one engine."""
+        kind = self.judge_engine or self.engine
+        url = self.judge_base_url if self.judge_base_url is not None else (
+            self.base_url if kind == "openai" and self.engine == "openai" else None)
+        options = self.judge_engine_options
+        if options is None:
+            options = self.engine_options if kind == self.engine else {}
+        return kind, self.judge_model or self.model, self._engine_kwargs("judge_", kind, url, options)
+
+    def _engine_kwargs(self, prefix: str, kind: str, base_url: str | None, options: Any) -> dict[str, Any]:
+        """One role's engine keyword arguments: placement (HF: device and dtype; vLLM: a dtype other than auto),
+        the server (openai, checked), then the options."""
+        from dialogue_gym.models import resolve_dtype
+
+        if kind != "openai" and base_url is not None:
+            raise DialogueError(f"{prefix}base_url is set but the {prefix or 'user '}engine is {kind!r}; a base URL "
+                                "needs engine 'openai'")
+        kwargs: dict[str, Any] = {}
+        if kind == "hf":
+            kwargs = {"device": self.device, "dtype": self.dtype}
+        elif kind == "vllm" and self.dtype != "auto":  # vLLM places its model itself; it takes the dtype
+            kwargs = {"dtype": str(resolve_dtype(self.dtype, "cpu")).removeprefix("torch.")}
+        elif kind == "openai":
+            if base_url is None:
+                raise DialogueError(f"{prefix}engine 'openai' needs {prefix}base_url, the server's API root, e.g. "
+                                    "http://127.0.0.1:8000/v1")
+            if "base_url" in (options or {}):
+                raise DialogueError(f"give the server as {prefix}base_url, not inside the engine options")
+            from dialogue_gym.generation.http_common import check_base_url
+
+            try:
+                kwargs = {"base_url": check_base_url(base_url)}
+            except ValueError as e:
+                raise DialogueError(f"{prefix}base_url: {e}") from None
+        return {**kwargs, **dict(options or {})}
 
 
 @dataclass
@@ -119,10 +183,14 @@ class DialogueCore:
         self.config = config
         self.task = build_task(config.task, **config.task_kwargs)
         self._engine: Any = None
+        if config.engine == "openai":  # check the server now: a down server or a missing model fails fast
+            self.engine()
         self.user = build_user(config.user if config.user is not None else self.task.default_user, self.task,
                                self.engine, config)
         self.reward = build_reward(config.reward if config.reward is not None else self.task.default_reward,
                                    self.task, config)
+        # The task's verifier (None for tasks without one) decides whether a last allowed turn solved the task.
+        self.verifier = self.task.make_reward("verifier")
         self.rows = list(self.task.rows(config.split))
         if not self.rows:
             raise DialogueError(f"task {self.task.name!r} has no rows in split {config.split!r}")
@@ -135,15 +203,9 @@ class DialogueCore:
         """The shared generation engine of the LLM user (built on first use)."""
         if self._engine is None:
             from dialogue_gym.generation import make_engine
-            from dialogue_gym.models import resolve_dtype
 
-            c = self.config
-            kwargs: dict[str, Any] = {}
-            if c.engine == "hf":
-                kwargs = {"device": c.device, "dtype": c.dtype}
-            elif c.engine == "vllm" and c.dtype != "auto":  # vLLM places its model itself; it takes the dtype
-                kwargs = {"dtype": str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")}
-            self._engine = make_engine(c.engine, c.model, **kwargs, **dict(c.engine_options or {}))
+            kind, model, kwargs = self.config.user_engine_spec()
+            self._engine = make_engine(kind, model, **kwargs)
         return self._engine
 
     def describe(self) -> dict[str, Any]:
@@ -239,7 +301,8 @@ class DialogueCore:
             s.turn += 1
             s.truncated = s.turn >= s.max_turns
         scored_conversations = [list(s.messages) for s in states]  # ending with the new assistant reply
-        asking = [i for i, s in enumerate(states) if not s.truncated]
+        self._end_solved([s for s in states if s.truncated])
+        asking = [i for i, s in enumerate(states) if not s.done]
         user_turns: dict[int, Any] = {}
         if asking:
             for i, t in zip(asking, self._ask_user([states[i] for i in asking])):
@@ -278,6 +341,20 @@ class DialogueCore:
                 info["score"] = score
             results.append(StepResult(float(reward), s.terminated, s.truncated, info))
         return results
+
+    def _end_solved(self, last: Sequence[DialogueState]) -> None:
+        """Mark states whose last allowed turn solved the task as ``terminated`` (not ``truncated``).
+
+        The user is not asked after the final turn, so without this a correct last answer would read as a cut-off
+        episode and a learner that bootstraps on truncation would bootstrap past a solved problem. The task's
+        verifier decides (no user call); tasks without one keep ``truncated``.
+        """
+        if self.verifier is None or not last:
+            return
+        solved = np.asarray(self.verifier.score([list(s.messages) for s in last], [s.profile for s in last]))
+        for s, v in zip(last, solved.reshape(-1)):
+            if v > 0:
+                s.terminated, s.truncated = True, False
 
     def _ask_user(self, states: Sequence[DialogueState]) -> list[Any]:
         seeds = []

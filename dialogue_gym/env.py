@@ -73,8 +73,10 @@ class DialogueEnv(gym.Env):
       answers first.
 
     ## Episode End
-    ``terminated``: the user (or the task's verifier) ended the conversation. ``truncated``: ``max_turns``
-    assistant turns were taken.
+    ``terminated``: the episode reached a terminal state: the user (or the task's verifier) ended the
+    conversation, or the reply of the last allowed turn solved the task (the task's verifier decides; the user is
+    not asked after the last turn). ``truncated``: ``max_turns`` assistant turns were taken and the last one did
+    not end the episode that way (never both).
 
     ## Arguments
     Keyword arguments are the fields of :class:`dialogue_gym.core.EnvConfig` (``task``, ``user``, ``reward``,
@@ -82,7 +84,8 @@ class DialogueEnv(gym.Env):
     (``"human"`` prints, ``"ansi"`` returns the transcript).
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version. Since 2026-11-27 a last allowed turn that solves the task (its verifier accepts the
+      reply) reports ``terminated=True, truncated=False``; before, ``truncated=True``.
     """
 
     metadata = {"render_modes": ["human", "ansi"], "render_fps": 1}

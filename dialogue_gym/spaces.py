@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium.spaces import Space
 
 from dialogue_gym.conversation import DialogueError, count_assistant_turns, validate_messages
+from dialogue_gym.shared_memory import register as register_shared_memory
 
 _WORDS = ("the", "a", "model", "answer", "question", "why", "how", "explain", "example", "code", "sum", "please",
           "short", "detail", "step", "result", "is", "not", "clear", "thanks", "more", "two", "three", "?", "!", ",")
@@ -93,3 +94,6 @@ class Conversation(Space[list]):
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Conversation) and other.max_turns == self.max_turns
+
+
+register_shared_memory(Conversation)  # gym.make_vec(..., vectorization_mode="async") needs these hooks

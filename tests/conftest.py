@@ -70,3 +70,17 @@ def _shutdown_vllm_engines():
     module = sys.modules.get("dialogue_gym.generation.vllm")
     if module is not None:
         module.shutdown_all()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """vLLM's OpenAI server on the tiny model (served as "tiny") on a free loopback port, started once per
+    session (~30-65 s) with a 256 MiB KV cache; yields its base URL."""
+    from dialogue_gym.generation.serve import VLLMServer
+
+    try:
+        server = VLLMServer("tiny", log_path=tmp_path_factory.mktemp("vllm_server") / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    with server:
+        yield server.url

@@ -342,4 +342,21 @@ def test_env_never_right_is_truncated_with_zero_reward_and_discount_applies():
     env.step("Hmm.")
     _, r, terminated, truncated, _ = env.step(f"The answer is {answer}.")
     assert r == pytest.approx(0.25)  # 0.5 ** (3 - 1)
-    assert truncated  # the last allowed turn: the env truncates without asking the user
+    # solved on the last allowed turn: the verifier (not the user, who is not asked) makes it a terminal state
+    assert terminated and not truncated and env.unwrapped.get_state().messages[-1]["role"] == "assistant"
+
+
+def test_vector_env_solved_on_the_last_turn_terminates_and_a_wrong_one_truncates():
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=3, autoreset_mode="Disabled", task="arithmetic",
+                        task_kwargs={"n_train": 5, "n_test": 5}, max_turns=2, split="test")
+    venv.reset(seed=0)
+    answers = [venv.get_state(i).profile["answer"] for i in range(3)]
+    _, _, term, trunc, _ = venv.step(["I am not sure."] * 3)
+    assert not term.any() and not trunc.any()
+    calls = venv.core.user_calls
+    _, rewards, term, trunc, _ = venv.step([f"The answer is {answers[0]}.", f"The answer is {answers[1] + 1}.",
+                                            "No idea."])
+    assert term.tolist() == [True, False, False] and trunc.tolist() == [False, True, True]
+    assert rewards.tolist() == [1.0, 0.0, 0.0] and venv.core.user_calls == calls  # no user call after the last turn
+    states = venv.get_states()
+    assert states[0].terminated and not states[0].truncated and states[1].truncated and not states[1].terminated

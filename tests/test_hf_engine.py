@@ -151,7 +151,7 @@ def test_static_cache_gives_the_dynamic_cache_tokens(engine):
     for params in (SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(temperature=1.0,
                                                                                       max_new_tokens=8)):
         want = engine.generate(CHATS[:3], params, seeds=[7, 8, 9])
-        got = static.generate(CHATS[:3], params, seeds=[7, 8, 9])  # 3 rows padded to 4, widths to 64
+        got = static.generate(CHATS[:3], params, seeds=[7, 8, 9])  # 3 rows padded to 4, the width to 64
         assert [g.token_ids for g in got] == [g.token_ids for g in want]
         assert [g.prompt_token_ids for g in got] == [g.prompt_token_ids for g in want]
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import gymnasium as gym
 import pytest
@@ -22,8 +21,10 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 import dialogue_gym  # noqa: F401
+from agents.common.checkpoint import completed_iterations, export_checkpoint_policy
 from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
+from benchmarks.leaderboard import jobs as lb_jobs
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -85,6 +86,18 @@ def test_two_agents_get_identical_states_and_user_seeds(tmp_path):
     assert [r.messages[2] for r in other] != [r.messages[2] for r in a]
 
 
+def test_a_dialogue_solved_on_its_last_turn_is_stored_as_terminated(tmp_path):
+    venv = eval_venv(1)
+    state = make_states(venv.core, 1, seed=0)
+    answer = state[0].state.profile["answer"]
+    records = lb.play_states(venv, FixedEngine(["I am not sure.", f"The answer is {answer:g}."]), SamplingParams(),
+                             state, "p")
+    assert records[0].terminated and not records[0].truncated and records[0].rewards == [0.0, 1.0]
+    store = RolloutStore(tmp_path / "d.jsonl")
+    store.append(records)
+    assert store.dialogues()[0].terminated and not store.dialogues()[0].truncated
+
+
 def test_policy_seeds_depend_on_the_state_and_turn_only():
     venv = eval_venv(3)
     states = make_states(venv.core, 3, seed=0)
@@ -120,12 +133,13 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
              for s, r in zip(states, baseline)]  # plays exactly like the initial policy
     runs = [lb.AgentRun("refuel", 0, 3, 3, "completed", Usage(policy_samples=10, policy_tokens=50,
                                                                scored_conversations=4, reward_calls=2), 30.0, 2.0,
-                        seed0),
+                        records=seed0),
             lb.AgentRun("refuel", 1, 3, 2, "budget", Usage(policy_samples=12, policy_tokens=70,
-                                                            scored_conversations=6, reward_calls=4), 50.0, 4.0, seed1)]
+                                                            scored_conversations=6, reward_calls=4), 50.0, 4.0,
+                        records=seed1)]
     cfg = lb.LeaderboardConfig(agents=["refuel", "ppo"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
                                results_dir=str(tmp_path), eval=lb.EvalProtocol(states=2, n_boot=200))
-    rows = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
+    rows, paired = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
     get = {(r["policy"], r["seed"], r["turn"]): r for r in rows}
     # seed 0: h=1 win (1 > 0) and tie (0 = 0) -> .75; h=2 win (1 > 0) and loss (0 < 1) -> .5; seed 1: all ties
     assert get["refuel", "0", 1]["win"] == 0.75 and get["refuel", "0", 2]["win"] == 0.5
@@ -145,17 +159,29 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     meta = {"started": "2026-01-01T00:00:00", "wall_s": 60.0, "load_start": (1.0, 1.0, 1.0),
             "load_end": (2.0, 2.0, 2.0), "command": "python -m benchmarks.leaderboard x=1", "calibration": {},
             "states": 2, "pending": ["ppo/seed-0", "ppo/seed-1"]}
-    lb.write_report(cfg, rows, runs, meta)  # a partial report: ppo has not run yet
+    lb.write_report(cfg, rows, paired, runs, meta)  # a partial report: ppo has not run yet
     md = (tmp_path / "leaderboard.md").read_text()
     assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
     assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
     assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
-    assert "| refuel | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
-    assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
+    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
+    assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
     with (tmp_path / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 8 and table[0]["policy"] == "initial" and float(table[2]["win"]) == 0.625
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
+    venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=1, autoreset_mode="Disabled", split="test",
+                        reward_mode="per_turn", task="clarify", max_turns=3,
+                        task_kwargs={"n_train": 5, "n_validation": 5, "n_test": 5})
+    states = make_states(venv.core, 3, seed=0)
+    records = [record(states[0], "p", ["How many?", "The answer is 3.", "Hmm"], [0.0, 0.0, 0.0]),
+               record(states[1], "p", ["The answer is 2.", "Which number?"], [0.0, 0.0]),
+               record(states[2], "p", ["Let me think"], [1.0])]
+    got = lb.behaviour_matrix(records, states, venv.core.task.asks, 3)
+    assert got.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 0]]  # 0 after a dialogue ended
 
 
 # ---- agents and settings ----------------------------------------------------------------------------------------
@@ -191,9 +217,10 @@ def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
     with pytest.raises(ConfigError, match=message):
         lb.validate(cfg)
+        lb.check_agents(cfg)
 
 
-@pytest.mark.parametrize("preset", ["cpu", "paper", "smoke"])
+@pytest.mark.parametrize("preset", ["cpu", "cpu_clarify", "paper", "smoke", "smoke_clarify"])
 def test_presets_compose_and_validate(preset, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         raw = compose(config_name="leaderboard", overrides=[f"+leaderboard={preset}"])
@@ -231,12 +258,12 @@ def test_a_budget_stop_is_exported_from_the_last_checkpoint(tmp_path):
     save_file({**{f"policy.{n}": p.detach().contiguous() for n, p in trainable_parameters(model).items()},
                "value_head.weight": torch.zeros(1, 4)}, str(last / "trainable.safetensors"))
     (last / "state.json").write_text(json.dumps({"iteration": 2}))
-    lb.export_checkpoint(SimpleNamespace(policy=settings, seed=0), tmp_path)
+    export_checkpoint_policy(tmp_path, settings, 0)
     got, _ = load_model(str(tmp_path / "policy"), shared=False)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(got.state_dict()[name], expected[name])
     assert not torch.allclose(got.state_dict()[name], load_model("tiny")[0].state_dict()[name])
-    assert lb.completed_iterations(tmp_path) == 2 and lb.completed_iterations(tmp_path / "none") == 0
+    assert completed_iterations(tmp_path) == 2 and completed_iterations(tmp_path / "none") == 0
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
@@ -260,7 +287,7 @@ def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeyp
     # a second call finds everything done and only rewrites the report, with the time the work took (not since)
     started = datetime.fromisoformat((Path(cfg.run_dir) / "started_at.txt").read_text())
     (Path(cfg.run_dir) / "finished_at.txt").write_text((started + timedelta(seconds=100)).isoformat())
-    monkeypatch.setattr(lb, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(lb_jobs, "train", lambda *a, **k: pytest.fail("trained again"))
     again = lb.run(cfg, command="pytest")
     assert [r.to_json() for r in again["runs"]] == [r.to_json() for r in result["runs"]]
     assert again["rows"] == result["rows"]
@@ -287,7 +314,7 @@ def test_cli_smoke_preset_calibrates_the_iterations(tmp_path):
 
 
 def test_job_threads_share_the_cores_among_the_jobs(monkeypatch):
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
+    monkeypatch.setattr(lb_jobs.os, "sched_getaffinity", lambda pid: set(range(8)))  # the cores this process may use
     assert lb.job_threads(lb.LeaderboardConfig(jobs=1)) is None  # torch's own default
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2)) == 4 and lb.job_threads(lb.LeaderboardConfig(jobs=16)) == 1
     assert lb.job_threads(lb.LeaderboardConfig(jobs=2, threads=3)) == 3
@@ -322,7 +349,7 @@ def test_scheduler_runs_the_longest_expected_job_first_and_names_a_failing_one(t
         done.append((kind, *args))
         return len(done)
 
-    monkeypatch.setattr(lb, "do_job", fake_job)
+    monkeypatch.setattr(lb_jobs, "do_job", fake_job)
     sched = lb.Scheduler(lb.LeaderboardConfig(jobs=1), ctx=None)
     for kind, args, estimate in [("train", ("a", 0), 5.0), ("train", ("b", 0), 50.0), ("calibrate", ("c",), math.inf),
                                  ("train", ("a", 1), 5.0), ("calibrate", ("d",), math.inf)]:
@@ -349,3 +376,74 @@ def test_an_error_in_a_worker_process_reaches_the_caller_with_its_job(tmp_path):
     cfg.budget.policy_samples = 16
     result = lb.run(cfg)
     assert [(r.agent, r.seed) for r in result["runs"]] == [("rebel", 0)]
+
+
+# ---- the learning-rate sweep and the job backends ------------------------------------------------------------------
+
+def test_the_sweep_lr_is_imposed_and_a_sweep_needs_a_validation_split(tmp_path):
+    cfg = smoke_config(tmp_path)
+    assert lb.agent_config(cfg, "rebel", 0, tmp_path, None, lr=3e-4).optim.lr == 3e-4
+    assert lb.agent_config(cfg, "rebel", 0, tmp_path, None).optim.lr == 1e-4  # the agent's own
+    cfg.sweep.lrs = [1e-4, 1e-3]
+    lb.check_sweep(cfg)  # arithmetic has a validation split
+    cfg.env = lb.EnvSettings(task="embedded", model="tiny")
+    with pytest.raises(ConfigError, match="task 'embedded' has 0 validation rows"):
+        lb.check_sweep(cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sweep=lb.SweepSettings(lrs=[1e-4, 1e-4])), "sweep.lrs must be distinct learning rates > 0"),
+    (dict(sweep=lb.SweepSettings(lrs=[0.0])), "sweep.lrs must be distinct"),
+    (dict(sweep=lb.SweepSettings(lrs=[1e-4], seed=0)), "sweep.seed 0 is one of the reported seeds"),
+    (dict(sweep=lb.SweepSettings(metric="best")), "sweep.metric is 'best'; allowed: auto, success, score"),
+    (dict(backend="slurm"), "backend is 'slurm'; allowed: local, submitit"),
+    (dict(report_name="a/b"), "report_name must be a plain file name stem"),
+    (dict(backend="submitit", submitit=lb.SubmititSettings(cluster="k8s")), "submitit.cluster is 'k8s'"),
+])
+def test_bad_sweep_and_backend_settings_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        lb.validate(lb.LeaderboardConfig(**{"agents": ["refuel"], **change}))
+
+
+@pytest.mark.slow
+def test_clarify_smoke_sweeps_on_validation_then_reports_paired_differences(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke_clarify", "agents=[rebel]",
+                                                               "budget.policy_samples=16"])
+    raw.results_dir = str(tmp_path / "results")
+    cfg = merge_schema(raw, lb.LeaderboardConfig)
+    cfg.run_dir = str(tmp_path / "run")
+    result = lb.run(cfg, command="pytest")
+    sweep = result["meta"]["sweep"]["rebel"]
+    assert set(sweep["results"]) == {1e-4, 1e-3} and sweep["chosen"] in (1e-4, 1e-3)
+    assert [(r.agent, r.seed, r.lr) for r in result["runs"]] == [("rebel", 0, sweep["chosen"]),
+                                                                  ("rebel", 1, sweep["chosen"])]
+    run_dir = Path(cfg.run_dir)
+    # sweep runs are evaluated on the validation states only; the test store holds the reported policies only
+    val = RolloutStore(run_dir / "sweep_dialogues.jsonl").dialogues()
+    assert {d.policy for d in val} == {"rebel/lr-0.0001", "rebel/lr-0.001"}
+    assert all(d.start.startswith("sweep-") for d in val)
+    assert {s.tags["split"] for s in RolloutStore(run_dir / "sweep_states.jsonl").states()} == {"validation"}
+    test = RolloutStore(run_dir / "eval_dialogues.jsonl").dialogues()
+    assert {d.policy for d in test} == {"initial", "rebel/seed-0", "rebel/seed-1"}
+    assert {(p["a"], p["b"]) for p in result["paired"]} == {("rebel", "initial")}
+    md = (tmp_path / "results" / "leaderboard_clarify.md").read_text()
+    assert "## Learning-rate sweep (validation split)" in md and "## Paired differences in success" in md
+    with (tmp_path / "results" / "leaderboard_clarify.csv").open() as f:
+        seeds = {r["seed"] for r in csv.DictReader(f) if r["policy"] == "rebel"}
+    assert seeds == {"all", "0", "1"}
+    assert (tmp_path / "results" / "leaderboard_clarify_paired.csv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_submitit_local_backend_gives_the_rows_of_the_local_backend(tmp_path):
+    pytest.importorskip("submitit")
+    results = {}
+    for backend in ("local", "submitit"):
+        cfg = smoke_config(tmp_path / backend, "agents=[rebel]", "threads=1", "budget.policy_samples=16",
+                           f"backend={backend}", "submitit.cluster=local", "jobs=2")
+        results[backend] = lb.run(cfg, command="pytest")
+    assert any((tmp_path / "submitit" / "run" / "submitit").glob("*_result.pkl"))  # the jobs went through submitit
+    quality = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    assert quality(results["submitit"]["rows"]) == quality(results["local"]["rows"])
+    assert results["submitit"]["paired"] == results["local"]["paired"]

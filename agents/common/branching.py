@@ -35,6 +35,7 @@ from agents.common.batching import Reply
 from agents.common.pairs import sample_turn
 from dialogue_gym.conversation import DialogueState
 from dialogue_gym.generation.base import SamplingParams
+from dialogue_gym.progress import track
 
 BLANK_REPLY = "..."
 PREFIXES = ("on_policy", "dataset")
@@ -291,7 +292,8 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
                          f"{rollin.num_envs} dialogues need {plan.k * rollin.num_envs}")
     size = rollin.num_envs
     out: list[Tree] = []
-    for lo in range(0, len(plan.starts), size):
+    chunks = range(0, len(plan.starts), size)
+    for lo in track(chunks, desc=f"rollouts ({len(plan.starts)} dialogues x {plan.k})", unit=f"chunk of {size}"):
         starts = plan.starts[lo:lo + size]
         reached = roll_in(rollin, engine, params, starts, plan.turns[lo:lo + size])
         horizons = [max(hp, h) if plan.complete else h for hp, (_, h, _) in zip(plan.horizons[lo:lo + size], reached)]

@@ -99,3 +99,32 @@ def set_host_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+# ---- a run's policy from its last checkpoint (what the leaderboard evaluates after a budget stop) -------------
+
+def completed_iterations(run_dir: str | Path) -> int:
+    """Whole iterations a run finished, from its last checkpoint (0 when it has none)."""
+    path = Path(run_dir) / "checkpoints" / "last" / "state.json"
+    return int(json.loads(path.read_text()).get("iteration", 0)) if path.is_file() else 0
+
+
+def export_checkpoint_policy(run_dir: str | Path, settings: Any, seed: int) -> Path:
+    """Rebuild the policy of ``run_dir``'s last checkpoint and export it to ``<run_dir>/policy`` (LoRA merged).
+
+    The policy is built from ``settings`` (a :class:`~agents.common.policy.PolicySettings`) as the run built it;
+    with no checkpoint yet it is the initial policy. A checkpoint keeps the trainable tensors under the policy's own
+    parameter names, or under ``policy.<name>`` where an agent trains the policy inside a larger module (PPO's
+    policy beside its value head); other tensors (the value head) are not the policy's and are left out.
+    """
+    from agents.common.policy import export_policy, load_policy
+
+    model, tokenizer = load_policy(settings, seed=seed)
+    path = Path(run_dir) / "checkpoints" / "last" / "trainable.safetensors"
+    if path.is_file():
+        saved = load_file(str(path))
+        with torch.no_grad():
+            for n, p in trainable_parameters(model).items():
+                tensor = saved.get(n, saved.get(f"policy.{n}"))
+                if tensor is None:
+                    raise RuntimeError(f"{path} has no tensor {n!r} (nor 'policy.{n}'); cannot rebuild the policy")
+                p.copy_(tensor.to(p.device, p.dtype))
+    return export_policy(model, tokenizer, Path(run_dir) / "policy")

@@ -26,7 +26,12 @@ class EnvSettings:
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # task settings (data path, difficulty, ...)
     split: str = "train"  # split training rollouts are drawn from (evaluation always uses "test")
     model: str = "embedded"  # model behind the LLM user and the LLM judge
-    engine: str = "hf"  # generation backend of the LLM user: hf or vllm
+    engine: str = "hf"  # backend of the LLM user (and by default the judge): hf, vllm or openai (a server)
+    base_url: str | None = None  # the user's OpenAI-compatible server for engine=openai, e.g. http://host:8000/v1
+    judge_model: str | None = None  # model of the LLM judge; None = model
+    judge_engine: str | None = None  # backend of the LLM judge; None = engine
+    judge_base_url: str | None = None  # the judge's server for judge_engine=openai; None = base_url
+    judge_engine_options: dict[str, Any] | None = None  # judge engine kwargs; None = engine_options (same backend)
     user: str | None = None  # user simulator; None = the task's default
     reward: str | None = None  # reward model; None = the task's default
     reward_mode: str = "terminal"  # terminal, per_turn or delta
@@ -36,7 +41,8 @@ class EnvSettings:
     user_max_new_tokens: int = 96  # LLM user output cap in tokens
     device: str = "auto"  # device of the env's models (user on HF, judge, reward model): auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # their weight dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
-    engine_options: dict[str, Any] = field(default_factory=dict)  # user engine kwargs, e.g. {cache: static} (HF)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # user engine kwargs: {cache: static} (HF), openai:
+    # {max_concurrency: 64, timeout_s: 300, max_retries: 3, api: completions|chat, api_key_env: OPENAI_API_KEY}
 
 
 @dataclass
@@ -111,6 +117,7 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(env.task in TASKS, f"env.task is {env.task!r}; allowed: {', '.join(sorted(TASKS))}")
     check(env.max_turns >= 1, f"env.max_turns (the horizon) must be >= 1, got {env.max_turns}")
     check(env.reward_mode in ("terminal", "per_turn", "delta"), f"env.reward_mode is {env.reward_mode!r}")
+    check_engines(env)
     check(policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {policy.lora_r}")
     check(sampling.temperature > 0, f"sampling.temperature must be > 0 for on-policy sampling, got "
                                     f"{sampling.temperature}")
@@ -120,6 +127,31 @@ def check_common(env: EnvSettings, policy: PolicySettings, sampling: SamplingSet
     check(optim.epochs >= 1, f"optim.epochs must be >= 1, got {optim.epochs}")
 
 
+def check_placement(where: str, device: str, dtype: str) -> None:
+    """``<where>.device`` names a device this machine has and ``<where>.dtype`` a known dtype (ConfigError)."""
+    from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
+
+    try:
+        dev = resolve_device(device)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.device: {e}") from None
+    try:
+        resolve_dtype(dtype, dev)
+    except DeviceError as e:
+        raise ConfigError(f"{where}.dtype: {e}") from None
+
+
+def check_engines(env: EnvSettings) -> None:
+    """The user's and the judge's engines and servers (names, URLs), before any model loads or server is asked."""
+    from dialogue_gym.conversation import DialogueError
+    from dialogue_gym.core import EnvConfig
+
+    names = ("engine", "base_url", "engine_options", "judge_model", "judge_engine", "judge_base_url",
+             "judge_engine_options")
+    try:
+        EnvConfig(**{k: getattr(env, k) for k in names}).validate()
+    except DialogueError as e:
+        raise ConfigError(f"env: {e}") from None
 def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> None:
     """``policy.engine``: ``hf``, or ``vllm`` when vLLM is installed and can serve the policy's LoRA adapter."""
     import importlib.util
@@ -150,20 +182,6 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
         check(torch.cuda.is_available(), "policy.model=tiny has attention heads 16 wide, which vLLM's CPU "
                                          "attention cannot serve with a LoRA adapter; use policy.model=embedded "
                                          "(or another model) with policy.engine=vllm, or policy.engine=hf")
-
-
-def check_placement(where: str, device: str, dtype: str) -> None:
-    """``<where>.device`` names a device this machine has and ``<where>.dtype`` a known dtype (ConfigError)."""
-    from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
-
-    try:
-        dev = resolve_device(device)
-    except DeviceError as e:
-        raise ConfigError(f"{where}.device: {e}") from None
-    try:
-        resolve_dtype(dtype, dev)
-    except DeviceError as e:
-        raise ConfigError(f"{where}.dtype: {e}") from None
 
 
 def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:

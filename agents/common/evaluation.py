@@ -103,7 +103,8 @@ def summarize(result: dict[str, Any], baseline: dict[str, Any] | None, name: str
     if "terminated" in result:
         term = np.asarray(result["terminated"], dtype=bool)
         ended = np.asarray(result["ended_at"])
-        out["ended_by_user_by_turn"] = [float((term & (ended <= h + 1)).mean()) for h in range(horizon)]
+        # terminal by turn h: the user ended the dialogue or its last allowed turn solved the task (the env's rule)
+        out["terminated_by_turn"] = [float((term & (ended <= h + 1)).mean()) for h in range(horizon)]
     if baseline is not None:
         wins = win_outcomes(scores, np.asarray(baseline["scores"], dtype=float))
         out["win_rate"] = [float(wins[:, h].mean()) for h in range(horizon)]

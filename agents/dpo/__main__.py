@@ -83,6 +83,7 @@ from agents.common.run import (
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.dpo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -180,7 +181,8 @@ def run(cfg: DpoConfig) -> dict:
 
     name = "DPO" if online else "offline DPO"
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         if online:
@@ -214,6 +216,9 @@ def run(cfg: DpoConfig) -> dict:
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = DpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="dpo")

@@ -114,6 +114,7 @@ from agents.common.run import (
 )
 from agents.common.train import make_optimizer
 from agents.ppo.config import PpoConfig, validate
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.ppo")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -333,7 +334,8 @@ def run(cfg: PpoConfig) -> dict:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc="PPO iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         played = collect_dialogues(venv, engine, params, rng, cfg.dialogues, n_rows, ranks)
@@ -362,6 +364,9 @@ def run(cfg: PpoConfig) -> dict:
             return {"stopped_at": t + 1}
 
     return finish("PPO", cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = PpoConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="ppo")

@@ -38,6 +38,9 @@ def run(cfg: RebelConfig) -> dict:
     return run_regression(cfg, future=False, prefix=cfg.prefix, name="REBEL")
 
 
+Config = RebelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="rebel")
 def main(raw: DictConfig) -> None:
     launch(raw, RebelConfig, run)

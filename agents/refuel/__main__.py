@@ -62,6 +62,7 @@ from agents.common.run import (
 )
 from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update, steps_per_iteration
 from agents.refuel.config import RefuelConfig, validate
+from dialogue_gym.progress import track
 
 log = logging.getLogger("agents.refuel")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -100,7 +101,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         evaluator.evaluate(engine, "initial")
 
     done_here = 0
-    for t in range(start, cfg.iterations):
+    for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
+                   unit="iteration"):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
@@ -128,6 +130,9 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
+
+
+Config = RefuelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="refuel")

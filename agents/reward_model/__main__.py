@@ -181,7 +181,11 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[Prefe
         from dialogue_gym.rewards import build_reward
 
         task = build_task_early(cfg.env)
-        env_config = EnvConfig(task=task, model=cfg.env.model, engine=cfg.env.engine)
+        env_config = EnvConfig(task=task, model=cfg.env.model, engine=cfg.env.engine, base_url=cfg.env.base_url,
+                               device=cfg.env.device, dtype=cfg.env.dtype,
+                               engine_options=dict(cfg.env.engine_options), judge_model=cfg.env.judge_model,
+                               judge_engine=cfg.env.judge_engine, judge_base_url=cfg.env.judge_base_url,
+                               judge_engine_options=cfg.env.judge_engine_options)
         reward = build_reward(cfg.env.reward if cfg.env.reward is not None else task.default_reward, task, env_config)
         train_rows, test_rows = list(task.rows("train")), list(task.rows("test"))
         for name, want, have in (("dialogues", cfg.dialogues, train_rows), ("eval.dialogues", cfg.eval.dialogues,
@@ -324,7 +328,7 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def run(cfg: RewardModelConfig) -> dict[str, Any]:
     """Build the pairs, train, evaluate, export. Returns the evaluation record (also written to eval.json)."""
-    from tqdm import tqdm
+    from dialogue_gym.progress import Progress
 
     validate(cfg)
     if cfg.data.source == "task":
@@ -358,7 +362,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
     logger.log(0, _eval_metrics(initial))
     rng = np.random.default_rng(cfg.seed)
     step, t_train, c_train = 0, time.perf_counter(), time.process_time()
-    bar = tqdm(total=total_steps, desc=f"training ({cfg.kind})", unit="step")
+    bar = Progress(total=total_steps, desc=f"training ({cfg.kind})", unit="step")
     for _ in range(cfg.iterations * o.epochs):
         order = rng.permutation(len(train_ids))
         for start in range(0, len(order), o.batch_size):
@@ -375,8 +379,8 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
                                                       eval_batch)))
             logger.log(step, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('loss/bt', metrics.get('loss/preference', 0.0)):.3f}",
-                            acc=f"{metrics['rm/accuracy']:.2f}")
+            bar.set_postfix(loss=float(metrics.get('loss/bt', metrics.get('loss/preference', 0.0))),
+                            acc=float(metrics['rm/accuracy']))
     bar.close()
     train_seconds, train_cpu = time.perf_counter() - t_train, time.process_time() - c_train
     final = evaluate(model, tokenizer, cfg.kind, test_pairs, o.max_length, eval_batch)
@@ -416,6 +420,9 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+Config = RewardModelConfig  # the contract with the leaderboard: an agent exports its Config schema and run(cfg)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="reward_model")

@@ -12,6 +12,7 @@ from agents.common.config import (
     OptimSettings,
     SamplingSettings,
     check,
+    check_engines,
     check_placement,
 )
 from agents.common.policy import PolicySettings
@@ -67,6 +68,7 @@ def validate(cfg: RewardModelConfig) -> None:
     check_placement("policy", cfg.policy.device, cfg.policy.dtype)
     check_placement("env", cfg.env.device, cfg.env.dtype)
     check(cfg.env.task in TASKS, f"env.task is {cfg.env.task!r}; allowed: {', '.join(sorted(TASKS))}")
+    check_engines(cfg.env)
     check(cfg.policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {cfg.policy.lora_r}")
     check(cfg.sampling.temperature > 0, f"sampling.temperature must be > 0 to sample distinct replies, got "
                                         f"{cfg.sampling.temperature}")

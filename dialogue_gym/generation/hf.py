@@ -25,7 +25,7 @@ Consequences:
 
 The engine runs on the model's device; every tensor it builds for the model is made there. On CUDA,
 ``cache="static"`` uses transformers' static KV cache, which ``generate`` compiles with ``torch.compile``; batch
-sizes and cache lengths are rounded up to a few buckets so the compiled graphs are reused (see
+sizes and prompt widths are rounded up to powers of two so the compiled graphs are reused (see
 :class:`HFEngine`).
 """
 
@@ -148,7 +148,7 @@ class _RowSampler:
 
 
 CACHES = ("dynamic", "static")
-WIDTH_BUCKET = 64  # static cache: prompt widths are rounded up to a multiple of this many tokens
+MIN_WIDTH = 64  # static cache: prompt widths are rounded up to a power of two, at least this many tokens
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -175,9 +175,10 @@ class HFEngine:
         cache: ``"dynamic"`` (transformers' default KV cache) or ``"static"`` (a preallocated cache that
             ``generate`` compiles with ``torch.compile`` on CUDA: several times faster per token there once
             compiled; on CPU it runs uncompiled and gains nothing). With ``"static"`` every batch is padded to
-            a power-of-two row count (rows copied, results dropped) and prompt widths to a multiple of
-            ``WIDTH_BUCKET`` tokens, so a few compiled graphs serve every call; the tokens are the same as
-            with ``"dynamic"`` up to float rounding.
+            a power-of-two row count (rows copied, results dropped) and its prompt width to a power of two
+            (at least ``MIN_WIDTH``), so a handful of compiled graphs serve every call as dialogues grow (each
+            new shape compiles once, tens of seconds on a GPU); the tokens are the same as with
+            ``"dynamic"`` up to float rounding.
 
     Raises:
         DeviceError: the device is not available or the dtype is unknown (before any weights load).
@@ -254,7 +255,7 @@ class HFEngine:
             extra = _bucket(n, self.max_batch_size) - n
             rows += [batch[0]] * extra
             row_seeds += [seeds[0]] * extra
-            width = -(-width // WIDTH_BUCKET) * WIDTH_BUCKET
+            width = max(MIN_WIDTH, 1 << (width - 1).bit_length())
         # Built on the host row by row, then moved to the model's device in one transfer each.
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)

@@ -362,6 +362,32 @@ class VLLMEngine:
             ))
         return gens
 
+    def next_token_logprobs(self, prompts: Sequence[Prompt], candidate_ids: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of ``candidate_ids`` as the next token after each prompt, shape (B, K), float64.
+
+        One greedy step per prompt with vLLM's ``logprob_token_ids``: the full-vocabulary log-softmax of the
+        unscaled logits at the candidates (what the LLM judge needs), one batched call.
+        """
+        if "llm" not in self.__dict__:
+            raise RuntimeError("this VLLMEngine was closed; build a new one")
+        cands = [int(c) for c in candidate_ids]
+        bad = [c for c in cands if not 0 <= c < self.vocab_size]
+        if not cands or bad:
+            raise ValueError(f"candidate_ids must be non-empty token ids in [0, {self.vocab_size}), got {cands}")
+        if len(prompts) == 0:
+            return np.zeros((0, len(cands)))
+        ids = [self._prompt_ids(i, p) for i, p in enumerate(prompts)]
+        request = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=cands,
+                                            detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], request, use_tqdm=False)
+        out = np.empty((len(ids), len(cands)))
+        for r, o in enumerate(outputs):
+            step = (o.outputs[0].logprobs or [None])[0]
+            if step is None or any(c not in step for c in cands):
+                raise RuntimeError(f"vLLM returned no log-probs for the candidate tokens of prompt {r}")
+            out[r] = [float(step[c].logprob) for c in cands]
+        return out
+
     def _prompt_ids(self, index: int, prompt: Prompt) -> list[int]:
         if isinstance(prompt, (str, bytes)):
             raise TypeError(f"prompt {index} is a string; give a chat conversation (list of messages) or a list "

@@ -9,7 +9,7 @@ from dialogue_gym.conversation import DialogueError
 from dialogue_gym.rewards.base import RewardModel
 from dialogue_gym.rewards.classifier import SequenceClassifierReward, is_classifier_dir
 from dialogue_gym.rewards.compose import Clip, LengthPenalty, RunningNorm, WeightedSum
-from dialogue_gym.rewards.judge import LLMJudge
+from dialogue_gym.rewards.judge import LLMJudge, make_judge
 from dialogue_gym.rewards.pairwise import PairwisePreferenceReward
 
 __all__ = ["Clip", "LLMJudge", "LengthPenalty", "PairwisePreferenceReward", "RewardModel", "RunningNorm",
@@ -26,7 +26,8 @@ def build_reward(spec: Any, task: Any, config: Any) -> RewardModel:
 
     - a :class:`RewardModel` instance: used as is;
     - a task-specific name (e.g. arithmetic's ``"verifier"``);
-    - ``"judge"``: the LLM judge on ``config.model``;
+    - ``"judge"``: the LLM judge on ``config.judge_model`` (default ``config.model``) with the judge's engine
+      (HF in process, vLLM in process, or an OpenAI-compatible server; see :func:`make_judge`);
     - ``"pairwise:<model>"``: a pairwise preference model (a causal LM: ``embedded``, ``tiny``, a directory, a
       hub id), scoring the last reply against ``profile["reference"]``;
     - ``"classifier:<path or hub id>"``, or a local directory holding a sequence-classification model (as
@@ -41,7 +42,7 @@ def build_reward(spec: Any, task: Any, config: Any) -> RewardModel:
         return made
     placement = {"device": getattr(config, "device", "auto"), "dtype": getattr(config, "dtype", "auto")}
     if spec == "judge":
-        return LLMJudge(config.model, **placement)
+        return make_judge(config)
     if spec.startswith(PAIRWISE_PREFIX):
         model = spec[len(PAIRWISE_PREFIX):].strip()
         if not model:

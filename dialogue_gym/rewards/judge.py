@@ -2,7 +2,10 @@
 
 The judge model reads the conversation and is asked to rate the assistant's last reply from 1 to 9 with one
 digit. The score is the expected rating under the model's next-token distribution restricted to the nine digit
-tokens: one batched forward pass, no sampling, deterministic. With the 135M embedded model it separates good
+tokens: one batched forward pass, no sampling, deterministic. The forward runs on the HF model in this process, or
+on a generation engine that scores next tokens (``engine=``: the in-process vLLM engine, or an OpenAI-compatible
+server through :class:`~dialogue_gym.generation.openai.OpenAIEngine`), which return the same numbers up to float
+rounding. With the 135M embedded model it separates good
 from bad replies only weakly (see README); point ``model`` at a stronger model or use a trained reward model for
 real work.
 """
@@ -36,11 +39,18 @@ class LLMJudge:
         device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
         dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
             computed in fp64 from the digits' logits either way.
+        engine: score through this engine instead of an HF model in this process: any object with a
+            ``tokenizer``, ``describe()`` and ``next_token_logprobs(prompts, candidate_ids) -> (B, K)`` (VLLMEngine,
+            OpenAIEngine); ``model`` is then only its name, and ``device``/``dtype`` are the engine's business.
     """
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int | None = None,
-                 max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto"):
-        if isinstance(model, str):
+                 max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto",
+                 engine: Any = None):
+        self.engine = engine
+        if engine is not None:
+            self.name, self.model, self.tokenizer = str(model), None, engine.tokenizer
+        elif isinstance(model, str):
             from dialogue_gym.models import load_model
 
             self.name = model
@@ -48,7 +58,7 @@ class LLMJudge:
         else:
             self.model, self.tokenizer = model
             self.name = "custom"
-        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        on_cuda = self.model is not None and next(self.model.parameters()).device.type == "cuda"
         self.max_batch_size = max_batch_size or (64 if on_cuda else 16)
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
@@ -60,7 +70,10 @@ class LLMJudge:
         self.calls = 0  # batched score calls, for budgets and benchmarks
 
     def describe(self) -> dict[str, Any]:
-        return {"reward": "llm_judge", "model": self.name, "prompt": JUDGE_PROMPT}
+        out = {"reward": "llm_judge", "model": self.name, "prompt": JUDGE_PROMPT}
+        if self.engine is not None:
+            out["engine"] = self.engine.describe()
+        return out
 
     def prompt_ids(self, conversation: Sequence[Message]) -> list[int]:
         msgs = [{"role": "user", "content": JUDGE_PROMPT.format(dialogue=render_dialogue(conversation))}]
@@ -74,6 +87,8 @@ class LLMJudge:
     def score(self, conversations: Sequence[Sequence[Message]],
               profiles: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
         self.calls += 1
+        if self.engine is not None:
+            return self._score_on_engine(conversations)
         scores = np.zeros(len(conversations), dtype=np.float64)
         prompts = [self.prompt_ids(c) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -98,3 +113,37 @@ class LLMJudge:
             for r, i in enumerate(chunk):
                 scores[i] = float(expected[r])
         return scores
+
+    def _score_on_engine(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
+        if getattr(self.engine, "token_prompts", True):
+            prompts: list[Any] = [self.prompt_ids(c) for c in conversations]
+        else:  # a chat-only server renders (and never cuts) the judge prompt itself
+            prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(dialogue=render_dialogue(c))}]
+                       for c in conversations]
+        logp = np.asarray(self.engine.next_token_logprobs(prompts, self.digit_ids), dtype=np.float64)  # (B, 9)
+        if logp.shape != (len(conversations), 9):
+            raise RuntimeError(f"the judge's engine returned log-probs of shape {logp.shape}, expected "
+                               f"({len(conversations)}, 9)")
+        top = logp.max(axis=1, keepdims=True)
+        if not np.isfinite(top).all():
+            raise RuntimeError("the judge's engine gave none of the digits 1-9 a probability for some conversation")
+        weights = np.exp(logp - top)  # softmax over the nine digits (missing digits: weight 0)
+        return (weights * np.arange(1, 10)).sum(axis=1) / weights.sum(axis=1)
+
+
+def make_judge(config: Any) -> LLMJudge:
+    """The LLM judge an env configuration (:class:`~dialogue_gym.core.EnvConfig`) asks for: its model on its
+    engine (``config.judge_engine_spec()``).
+
+    ``"hf"`` loads the model in this process; ``"vllm"`` and ``"openai"`` score on the process-wide engine that
+    :func:`dialogue_gym.generation.make_engine` shares, so a judge on the user's model and engine adds no second
+    engine (or server connection pool).
+    """
+    spec = getattr(config, "judge_engine_spec", None)  # a bare config with only ``model``: the HF judge on it
+    placement = {"device": getattr(config, "device", "auto"), "dtype": getattr(config, "dtype", "auto")}
+    kind, model, kwargs = spec() if spec is not None else ("hf", config.model, placement)
+    if kind == "hf":
+        return LLMJudge(model, device=kwargs["device"], dtype=kwargs["dtype"])
+    from dialogue_gym.generation import make_engine
+
+    return LLMJudge(model, engine=make_engine(kind, model, **kwargs))

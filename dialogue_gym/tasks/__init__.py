@@ -8,14 +8,16 @@ from dialogue_gym.conversation import DialogueError
 from dialogue_gym.tasks.anthropic_hh import AnthropicHHTask
 from dialogue_gym.tasks.arithmetic import ArithmeticTask, CriticUser, VerifierReward, extract_answer, is_correct
 from dialogue_gym.tasks.base import SPLITS, Task, TaskRow
+from dialogue_gym.tasks.clarify import ClarifyTask, ClarifyUser
 from dialogue_gym.tasks.embedded import EmbeddedTask
 from dialogue_gym.tasks.ultrainteract import UltraInteractTask
 
-__all__ = ["SPLITS", "AnthropicHHTask", "ArithmeticTask", "CriticUser", "EmbeddedTask", "Task", "TaskRow",
+__all__ = ["SPLITS", "AnthropicHHTask", "ArithmeticTask", "ClarifyTask", "ClarifyUser", "CriticUser", "EmbeddedTask",
+           "Task", "TaskRow",
            "UltraInteractTask", "VerifierReward", "build_task", "extract_answer", "is_correct", "TASKS"]
 
-TASKS: dict[str, Any] = {"embedded": EmbeddedTask, "arithmetic": ArithmeticTask, "ultrainteract": UltraInteractTask,
-                         "anthropic_hh": AnthropicHHTask}
+TASKS: dict[str, Any] = {"embedded": EmbeddedTask, "arithmetic": ArithmeticTask, "clarify": ClarifyTask,
+                         "ultrainteract": UltraInteractTask, "anthropic_hh": AnthropicHHTask}
 
 
 def build_task(spec: Any, **kwargs: Any) -> Task:

@@ -29,8 +29,10 @@ from typing import Any
 from dialogue_gym.conversation import DialogueError, Message, validate_messages
 from dialogue_gym.tasks.base import SPLITS, TaskRow
 from dialogue_gym.tasks.datafiles import (
+    InvalidRows,
     check_fraction,
     check_optional_positive,
+    check_strict,
     in_test_split,
     load_records,
     stable_hash,
@@ -72,7 +74,10 @@ def dialogue_of(record: dict[str, Any], index: int) -> list[Message]:
         )
     chosen = record["chosen"]
     if isinstance(chosen, str):
-        return parse_hh_text(chosen)
+        try:
+            return parse_hh_text(chosen)
+        except DialogueError as e:
+            raise DialogueError(f"row {index}: {e}") from None
     if isinstance(chosen, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in chosen):
         return [{"role": str(m["role"]), "content": str(m["content"] or "").strip()} for m in chosen]
     raise DialogueError(f"row {index}: 'chosen' must be a dialogue string or a list of {{'role', 'content'}} "
@@ -109,9 +114,12 @@ class AnthropicHHTask:
         prefixes: ``"first"`` (the opening only) or ``"all"`` (every prefix ending with a user turn).
         limit: at most this many rows per split (the first ones in data order); None: all.
         system_prompt: an optional system message opening every conversation.
+        strict: stop at the first row off the schema; by default such rows are skipped with one warning that
+            counts them and shows the first.
 
     Raises:
-        DialogueError: no data (says how to get it), unreadable data, rows off the schema, bad settings.
+        DialogueError: no data (says how to get it), unreadable data, no valid row (or with ``strict`` any row
+            off the schema), bad settings.
     """
 
     name = "anthropic_hh"
@@ -121,7 +129,8 @@ class AnthropicHHTask:
     def __init__(self, path: str | os.PathLike | None = None, hub_id: str | None = None,
                  source_split: str = "train", test_fraction: float = 0.05, max_turns: int | None = 5,
                  max_turn_chars: int | None = 2000, prefixes: str = "first", limit: int | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, strict: bool = False):
+        self.strict = check_strict(strict)
         self.test_fraction = check_fraction(test_fraction, "test_fraction")
         self.max_turns = check_optional_positive(max_turns, "max_turns")
         self.max_turn_chars = check_optional_positive(max_turn_chars, "max_turn_chars")
@@ -138,11 +147,16 @@ class AnthropicHHTask:
 
     def _build(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[TaskRow]], dict[str, int]]:
         rows: dict[str, list[TaskRow]] = {s: [] for s in SPLITS}
-        skipped = {"duplicate": 0, "max_turns": 0, "malformed": 0, "limit": 0}
+        skipped = {"duplicate": 0, "max_turns": 0, "malformed": 0, "limit": 0, "invalid": 0}
         seen: set[str] = set()
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        invalid = InvalidRows(self.name, self.strict)
         for index, rec in enumerate(records):
-            raw = dialogue_of(rec, index)
+            try:
+                raw = dialogue_of(rec, index)
+            except DialogueError as e:
+                invalid.add(e)
+                continue
             if self.max_turns is not None and sum(1 for m in raw if m["role"] == "user") > self.max_turns:
                 skipped["max_turns"] += 1
                 continue
@@ -171,6 +185,8 @@ class AnthropicHHTask:
                 if end + 1 < len(dialogue):
                     profile["reference"] = dialogue[end + 1]["content"]  # the dataset's chosen reply here
                 rows[split].append(TaskRow(id=f"hh-{stable_hash(key):016x}", messages=messages, profile=profile))
+        skipped["invalid"] = invalid.count
+        invalid.finish(len(records))
         return rows, skipped
 
     def rows(self, split: str = "train") -> list[TaskRow]:

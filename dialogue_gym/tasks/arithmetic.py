@@ -175,6 +175,30 @@ def _equation_result(numbers: list[NumberMention], text: str, start: int, end: i
     return None
 
 
+def stated_answer(text: str) -> float | None:
+    """The answer a reply explicitly commits to: the number after the last ``\\boxed{`` or "answer" anchor ("The
+    answer is 12", "Answer: $12.50"; for "the answer is 5 + 7 = 12", the result), or None when it states none.
+
+    Unlike :func:`extract_answer` it does not fall back to the last number of the reply, so "Maya has 12 apples,
+    but how many did she buy?" commits to nothing.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    numbers = find_numbers(text)
+    for anchor, gap in ((_BOXED_ANCHOR, _AFTER_EQUALS_GAP), (_ANSWER_ANCHOR, _AFTER_ANSWER_GAP)):
+        for m in reversed(list(anchor.finditer(text))):
+            found = _after_anchor(numbers, m.end(), text, gap)
+            if found is None:
+                continue
+            if _OPERATOR_NEXT.match(text[found.end:]):  # "the answer is 5 + 7 = 12": take the result
+                stop = _SENTENCE_END.search(text, found.end)
+                found = _equation_result(numbers, text, found.end, stop.start() if stop else len(text))
+                if found is None:
+                    continue
+            return found.value
+    return None
+
+
 def extract_answer(text: str) -> float | None:
     """The final numeric answer stated in a reply, or None when it states none.
 
@@ -192,22 +216,12 @@ def extract_answer(text: str) -> float | None:
     Returns:
         The value as a float, or None when the text holds no number.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    stated = stated_answer(text)
+    if stated is not None:
+        return stated
     numbers = find_numbers(text)
     if not numbers:
         return None
-    for anchor, gap in ((_BOXED_ANCHOR, _AFTER_EQUALS_GAP), (_ANSWER_ANCHOR, _AFTER_ANSWER_GAP)):
-        for m in reversed(list(anchor.finditer(text))):
-            found = _after_anchor(numbers, m.end(), text, gap)
-            if found is None:
-                continue
-            if _OPERATOR_NEXT.match(text[found.end:]):  # "the answer is 5 + 7 = 12": take the result
-                stop = _SENTENCE_END.search(text, found.end)
-                found = _equation_result(numbers, text, found.end, stop.start() if stop else len(text))
-                if found is None:
-                    continue
-            return found.value
     strong = [n for n in numbers if not n.weak]
     last = (strong or numbers)[-1]
     sentence_start = max((m.end() for m in _SENTENCE_END.finditer(text, 0, last.start)), default=0)
@@ -235,6 +249,7 @@ _CONTAINERS = ("bags", "boxes", "jars", "baskets", "packs")
 _GOODS = (("notebook", "notebooks"), ("pen", "pens"), ("sandwich", "sandwiches"), ("ticket", "tickets"),
           ("cup of juice", "cups of juice"), ("magazine", "magazines"), ("muffin", "muffins"), ("toy", "toys"))
 _RANGES = {1: (2, 20), 2: (2, 50), 3: (2, 100)}
+PEOPLE, ITEMS = _PEOPLE, _ITEMS  # (name, pronoun) pairs and countable things, shared with the clarify task
 
 
 def _money(cents: int) -> str:
@@ -342,6 +357,8 @@ class ArithmeticTask:
         difficulty: 1 (one step, small integers) to 4 (money with cents); see the module docstring.
         n_train: problems in the train split.
         n_test: problems in the test split (disjoint from train: no problem text appears in both).
+        n_validation: problems in the validation split (disjoint from both), for choices made by looking at
+            results; the test split is then used only for the final report.
         seed: generation seed; the same (seed, difficulty, sizes) always give the same problems.
         instruction: appended to every question (tells the model how to state its answer); "" for none.
         discount: the verifier reward is ``discount ** (turns - 1)`` for a correct reply at turn ``turns``.
@@ -356,11 +373,12 @@ class ArithmeticTask:
     default_reward = "verifier"
 
     def __init__(self, difficulty: int = 1, n_train: int = 1000, n_test: int = 200, seed: int = 0,
-                 instruction: str = DEFAULT_INSTRUCTION, discount: float = 1.0, system_prompt: str | None = None):
+                 instruction: str = DEFAULT_INSTRUCTION, discount: float = 1.0, system_prompt: str | None = None,
+                 n_validation: int = 100):
         if isinstance(difficulty, bool) or difficulty not in DIFFICULTIES:
             allowed = ", ".join(map(str, DIFFICULTIES))
             raise DialogueError(f"task_kwargs.difficulty is {difficulty!r}; allowed: {allowed}")
-        for key, v in (("n_train", n_train), ("n_test", n_test)):
+        for key, v in (("n_train", n_train), ("n_test", n_test), ("n_validation", n_validation)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DialogueError(f"task_kwargs.{key} must be a positive integer, got {v!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -370,10 +388,14 @@ class ArithmeticTask:
         if not isinstance(instruction, str):
             raise DialogueError(f"task_kwargs.instruction must be a string, got {type(instruction).__name__}")
         self.difficulty, self.n_train, self.n_test, self.seed = difficulty, n_train, n_test, seed
+        self.n_validation = n_validation
         self.instruction, self.discount, self.system_prompt = instruction, float(discount), system_prompt
         test = self._generate("test", n_test, exclude=set())
         train = self._generate("train", n_train, exclude={r.profile["question"] for r in test})
-        self._rows = {"train": train, "test": test}
+        # generated after train, so adding it left the train and test problems as they were
+        validation = self._generate("validation", n_validation,
+                                    exclude={r.profile["question"] for r in test + train})
+        self._rows = {"train": train, "test": test, "validation": validation}
 
     def _generate(self, split: str, n: int, exclude: set[str]) -> list[TaskRow]:
         rng = np.random.default_rng([self.seed, self.difficulty, SPLITS.index(split)])
@@ -417,6 +439,7 @@ class ArithmeticTask:
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "difficulty": self.difficulty, "n_train": self.n_train, "n_test": self.n_test,
+                "n_validation": self.n_validation,
                 "seed": self.seed, "instruction": self.instruction, "discount": self.discount,
                 "system_prompt": self.system_prompt}
 

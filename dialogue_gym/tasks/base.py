@@ -8,7 +8,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from dialogue_gym.conversation import Conversation
 
-SPLITS = ("train", "test")
+# "validation" holds rows for choices made by looking at results (learning rates, temperatures); only tasks that
+# generate or hold such rows have any (arithmetic, clarify). Its index (2) keeps the seeds of the older two splits.
+SPLITS = ("train", "test", "validation")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Task(Protocol):
     default_reward: str
 
     def rows(self, split: str = "train") -> Sequence[TaskRow]:
-        """All rows of a split (``"train"`` or ``"test"``), in a fixed order."""
+        """All rows of a split (``"train"``, ``"test"`` or ``"validation"``), in a fixed order."""
         ...
 
     def make_user(self, spec: str, engine: Any) -> Any | None:

@@ -3,13 +3,14 @@
 Local copies may be a single file (``.parquet``, ``.jsonl`` / ``.json``, ``.arrow``, optionally ``.gz``-compressed
 JSON lines) or a directory: a ``save_to_disk`` folder, or a hub snapshot (``hf download ID --repo-type dataset
 --local-dir DIR``) that the ``datasets`` library reads as a data folder. The hub is used only when a hub id is set
-explicitly; nothing here touches the network otherwise.
+explicitly (the Hydra env configs name theirs); nothing here touches the network otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,38 @@ def check_optional_positive(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DialogueError(f"task_kwargs.{name} must be a positive integer or null, got {value!r}")
     return value
+
+
+def check_strict(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise DialogueError(f"task_kwargs.strict must be true or false, got {value!r}")
+    return value
+
+
+class InvalidRows:
+    """Collects dataset rows that do not follow the schema, so one bad row of 219k does not block the task.
+
+    ``add`` re-raises at once when ``strict``; ``finish`` warns once (the count and the first error) when some
+    rows were skipped, and raises when no row at all was valid.
+    """
+
+    def __init__(self, env_name: str, strict: bool):
+        self.env_name, self.strict = env_name, strict
+        self.count = 0
+        self.first = ""
+
+    def add(self, error: DialogueError) -> None:
+        if self.strict:
+            raise error
+        self.count += 1
+        self.first = self.first or str(error)
+
+    def finish(self, total: int) -> None:
+        if not self.count:
+            return
+        if self.count == total:
+            raise DialogueError(f"task {self.env_name!r}: none of the {total} row(s) of the dataset is valid; the "
+                                f"first error: {self.first}")
+        warnings.warn(f"task {self.env_name!r}: skipped {self.count} malformed row(s) of {total}; the first: "
+                      f"{self.first} (set task_kwargs.strict=true to stop at the first malformed row)",
+                      UserWarning, stacklevel=3)

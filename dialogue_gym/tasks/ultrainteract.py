@@ -21,8 +21,10 @@ from typing import Any
 from dialogue_gym.conversation import DialogueError, Message
 from dialogue_gym.tasks.base import SPLITS, TaskRow
 from dialogue_gym.tasks.datafiles import (
+    InvalidRows,
     check_fraction,
     check_optional_positive,
+    check_strict,
     in_test_split,
     load_records,
     stable_hash,
@@ -79,9 +81,12 @@ class UltraInteractTask:
             ``Logic``); None keeps all.
         limit: at most this many rows per split (the first ones in data order); None: all.
         system_prompt: an optional system message opening every conversation.
+        strict: stop at the first row off the schema; by default such rows are skipped with one warning that
+            counts them and shows the first (the full dataset has 219k rows; one bad row should not block it).
 
     Raises:
-        DialogueError: no data (says how to get it), unreadable data, rows off the schema, bad settings.
+        DialogueError: no data (says how to get it), unreadable data, no valid row (or with ``strict`` any row
+            off the schema), bad settings.
     """
 
     name = "ultrainteract"
@@ -91,7 +96,8 @@ class UltraInteractTask:
     def __init__(self, path: str | os.PathLike | None = None, hub_id: str | None = None,
                  source_split: str = "train", test_fraction: float = 0.05, max_turns: int | None = None,
                  max_turn_chars: int | None = 4000, task_types: Sequence[str] | None = None,
-                 limit: int | None = None, system_prompt: str | None = None):
+                 limit: int | None = None, system_prompt: str | None = None, strict: bool = False):
+        self.strict = check_strict(strict)
         self.test_fraction = check_fraction(test_fraction, "test_fraction")
         self.max_turns = check_optional_positive(max_turns, "max_turns")
         self.max_turn_chars = check_optional_positive(max_turn_chars, "max_turn_chars")
@@ -114,10 +120,16 @@ class UltraInteractTask:
 
     def _build(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[TaskRow]], dict[str, int]]:
         rows: dict[str, list[TaskRow]] = {s: [] for s in SPLITS}
-        skipped = {"duplicate": 0, "max_turns": 0, "max_turn_chars": 0, "task_types": 0, "empty": 0, "limit": 0}
+        skipped = {"duplicate": 0, "max_turns": 0, "max_turn_chars": 0, "task_types": 0, "empty": 0, "limit": 0,
+                   "invalid": 0}
         seen: set[str] = set()
+        invalid = InvalidRows(self.name, self.strict)
         for index, rec in enumerate(records):
-            opening, depth = opening_and_depth(rec, index)
+            try:
+                opening, depth = opening_and_depth(rec, index)
+            except DialogueError as e:
+                invalid.add(e)
+                continue
             if not opening:
                 skipped["empty"] += 1
                 continue
@@ -146,6 +158,8 @@ class UltraInteractTask:
             if len(rec["trajectory"]) == 1 and isinstance(rec.get("chosen"), str):
                 profile["reference"] = rec["chosen"]  # the preferred reply to the opening itself
             rows[split].append(TaskRow(id=f"ui-{stable_hash(opening):016x}", messages=messages, profile=profile))
+        skipped["invalid"] = invalid.count
+        invalid.finish(len(records))
         return rows, skipped
 
     def rows(self, split: str = "train") -> list[TaskRow]:

@@ -1,0 +1,198 @@
+"""The evaluation protocol: stored states, every policy playing them with the same seeds, the per-turn matrices.
+
+Every policy plays the same stored states (a :class:`~dialogue_gym.rollouts.RolloutStore` of
+:class:`~dialogue_gym.rollouts.StateRecord`) with the same user seed streams and the same per-turn policy seeds
+(:func:`turn_seed`), in an eval env that scores every turn with the judge. The dialogues are stored, and the
+summary is computed from the store: per-turn scores (carried forward after a dialogue ended) and, where the task
+has a verifier, success by turn h.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from agents.common.branching import Start, policy_turn_seed
+from agents.common.config import env_kwargs
+from agents.common.evaluation import play
+from benchmarks.leaderboard.config import LeaderboardConfig
+from benchmarks.leaderboard.stats import metric_rows, paired_rows, policy_matrices
+from dialogue_gym.budget import Usage
+from dialogue_gym.generation import SamplingParams
+from dialogue_gym.generation.hf import HFEngine
+from dialogue_gym.models import load_model
+from dialogue_gym.rollouts import DialogueRecord, RolloutStore, StateRecord, config_hashes
+
+
+@dataclass
+class AgentRun:
+    """One agent trained with one seed, and its evaluation dialogues (one per stored state, in state order)."""
+
+    agent: str
+    seed: int
+    iterations: int  # iterations asked for
+    completed: int  # whole iterations done (from the run's checkpoint)
+    stop: str  # "completed" or "budget"
+    usage: Usage  # training spend counted by the env
+    train_s: float  # wall time of the agent's run (model loading and its own small evaluation included)
+    eval_s: float  # wall time of the leaderboard's evaluation of the trained policy
+    lr: float | None = None  # the learning rate the sweep chose (None: the agent's own)
+    records: list[DialogueRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def policy(self) -> str:
+        """The name its evaluation dialogues carry in the rollout store."""
+        return f"{self.agent}/seed-{self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent": self.agent, "seed": self.seed, "iterations": self.iterations, "completed": self.completed,
+                "stop": self.stop, "usage": self.usage.as_dict(), "train_s": self.train_s, "eval_s": self.eval_s,
+                "lr": self.lr}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], records: list[DialogueRecord]) -> AgentRun:
+        return cls(**{**data, "usage": Usage(**data["usage"])}, records=records)
+
+
+def eval_env(cfg: LeaderboardConfig, n: int, split: str = "test") -> Any:
+    """An evaluation vector env of ``n`` sub-envs on ``split`` (``test``; ``validation`` for the sweep), every turn
+    scored by the judge."""
+    over: dict[str, Any] = {"split": split, "reward_mode": "per_turn"}
+    if cfg.eval.reward is not None:
+        over["reward"] = cfg.eval.reward
+    return gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", **env_kwargs(cfg.env, **over))
+
+
+def turn_seed(policy_seed: int, turn: int) -> int:
+    """The policy's sampling seed at ``turn`` of a dialogue from a stored state (independent of batching): the
+    branching primitive's seed of branch 0, :func:`agents.common.branching.policy_turn_seed`."""
+    return policy_turn_seed(policy_seed, turn)
+
+
+def play_states(venv: Any, engine: Any, params: SamplingParams, states: list[StateRecord], policy: str,
+                tags: dict[str, Any] | None = None) -> list[DialogueRecord]:
+    """Play every stored state to its end with the policy: one record per state, every turn scored.
+
+    The dialogues come from the agents' own branching primitive (:func:`agents.common.evaluation.play`: one branch
+    per state, k = 1, completed to the horizon), so the leaderboard plays exactly as the agents roll out.
+    ``venv`` needs at least ``len(states)`` sub-envs (the chunk size), autoreset DISABLED and
+    ``reward_mode="per_turn"``.
+    """
+    branches = play(venv, engine, params, [Start(policy_seed=s.policy_seed, state=s.state) for s in states])
+    hashes = config_hashes(venv.core)
+    return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
+                           rewards=[float(x) for x in b.scores], token_ids=[list(r.token_ids) for r in b.replies],
+                           logprobs=[list(r.logprobs or []) for r in b.replies], terminated=b.final.terminated,
+                           truncated=b.final.truncated, start=s.id, start_hash=s.state_hash,
+                           state_fingerprint=b.final.config_fingerprint, config=hashes,
+                           seeds={"policy": s.policy_seed}, tags=dict(tags or {}))
+            for s, b in zip(states, branches)]
+
+
+def evaluate(cfg: LeaderboardConfig, venv: Any, model_name: str, states: list[StateRecord], store: RolloutStore,
+             policy: str, tags: dict[str, Any]) -> tuple[list[DialogueRecord], float]:
+    """Load ``model_name`` with ``load_model``, play the stored states, append the dialogues to ``store``."""
+    t0 = time.time()
+    model, tokenizer = load_model(model_name, shared=False)
+    engine = HFEngine((model, tokenizer), seed=cfg.eval.seed)
+    params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.max_new_tokens)
+    records = play_states(venv, engine, params, states, policy, tags)
+    store.append(records)
+    return records, time.time() - t0
+
+
+def played(store: RolloutStore, states: list[StateRecord]) -> dict[str, list[DialogueRecord]]:
+    """The store's dialogues per policy, in state order, for policies that played every state (last one wins)."""
+    latest: dict[str, dict[str, DialogueRecord]] = {}
+    for r in store.dialogues():
+        latest.setdefault(r.policy, {})[r.start] = r
+    return {p: [by_start[s.id] for s in states] for p, by_start in latest.items()
+            if all(s.id in by_start for s in states)}
+
+
+def score_matrix(records: list[DialogueRecord], horizon: int) -> np.ndarray:
+    """(n, horizon) per-turn scores (turns counted from the stored state), NaN after a dialogue ended."""
+    out = np.full((len(records), horizon), np.nan)
+    for i, r in enumerate(records):
+        out[i, :len(r.rewards)] = [np.nan if x is None else x for x in r.rewards]
+    return out
+
+
+def success_matrix(records: list[DialogueRecord], states: list[StateRecord], verifier: Any, horizon: int
+                   ) -> np.ndarray:
+    """(n, horizon) 1.0 when the verifier accepted a reply at or before turn h (turns from the stored state)."""
+    out = np.zeros((len(records), horizon))
+    for i, (r, s) in enumerate(zip(records, states)):
+        start = s.state.turn
+        for k in range(len(r.rewards)):
+            cut = _after_assistant_turn(r.messages, start + k + 1)
+            if verifier.score([cut], [s.state.profile])[0] > 0:
+                out[i, k:] = 1.0
+                break
+    return out
+
+
+def _after_assistant_turn(messages: list[dict[str, str]], turn: int) -> list[dict[str, str]]:
+    seen = 0
+    for j, m in enumerate(messages):
+        seen += m["role"] == "assistant"
+        if seen == turn:
+            return messages[:j + 1]
+    return list(messages)
+
+
+def behaviour_matrix(records: list[DialogueRecord], states: list[StateRecord], asks: Any, horizon: int
+                     ) -> np.ndarray:
+    """(n, horizon) 1.0 where the reply at turn h (from the stored state) shows the task's behaviour of interest
+    (``task.asks(reply)``: clarify's "asks or holds back its answer"), 0.0 otherwise and after the dialogue ended."""
+    out = np.zeros((len(records), horizon))
+    for i, (r, s) in enumerate(zip(records, states)):
+        replies = [m["content"] for m in r.messages[len(s.state.messages):] if m["role"] == "assistant"]
+        for k, reply in enumerate(replies[:horizon]):
+            out[i, k] = float(asks(reply))
+    return out
+
+
+def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
+              states: list[StateRecord], verifier: Any | None, asks: Any | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The report's numbers: ``(rows, paired)``.
+
+    ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
+    verifier) success by turn h, each with its 95% interval (hierarchical bootstrap over seeds, then states; see
+    :mod:`benchmarks.leaderboard.stats`), and the mean cost per seed. The initial policy's win rate is 0.5 by
+    definition. With ``asks`` (the task's behaviour test, e.g. clarify's), also the share of turn-h replies that show
+    it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals.
+    """
+    horizon = max(cfg.env.max_turns - s.state.turn for s in states)
+    base = score_matrix(baseline, horizon)
+    success = (lambda records: success_matrix(records, states, verifier, horizon)) if verifier else None
+    behaviour = (lambda records: behaviour_matrix(records, states, asks, horizon)) if asks else None
+    groups = {"initial": policy_matrices([baseline], base, horizon, score_matrix, success, behaviour)}
+    seeds: dict[str, list[int]] = {}
+    rows = metric_rows("initial", [], groups["initial"], cfg.eval.n_boot)  # the initial policy: "all" only
+    for name in cfg.agents:
+        mine = [r for r in runs if r.agent == name]
+        if not mine:
+            continue
+        groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success, behaviour)
+        seeds[name] = [r.seed for r in mine]
+        cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
+        rows += [{**row, **cost[row["seed"]]} for row in
+                 metric_rows(name, [str(r.seed) for r in mine], groups[name], cfg.eval.n_boot)]
+    return rows, paired_rows(groups, seeds, cfg.eval.n_boot)
+
+
+def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:
+    mean = lambda f: float(np.mean([f(r) for r in group]))  # noqa: E731
+    return {"iterations": mean(lambda r: r.iterations), "completed": mean(lambda r: r.completed),
+            "runs": len(group), "stopped_by_budget": sum(r.stop == "budget" for r in group),
+            "policy_samples": mean(lambda r: r.usage.policy_samples),
+            "policy_tokens": mean(lambda r: r.usage.policy_tokens),
+            "scored_conversations": mean(lambda r: r.usage.scored_conversations),
+            "reward_calls": mean(lambda r: r.usage.reward_calls), "train_s": mean(lambda r: r.train_s),
+            "eval_s": mean(lambda r: r.eval_s), "lr": group[0].lr}

@@ -1,0 +1,219 @@
+"""The report: ``<name>.csv`` (every row, per seed and pooled), ``<name>_paired.csv`` (paired differences),
+``<name>.png`` (win rate vs turn) and ``<name>.md``, with the machine from :func:`benchmarks.machine.machine_info`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.leaderboard.agents import limit_text
+from benchmarks.leaderboard.config import ROOT, LeaderboardConfig
+from benchmarks.leaderboard.protocol import AgentRun
+from benchmarks.machine import machine_info
+
+CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
+              "success_lo", "success_hi", "asks", "asks_lo", "asks_hi", "lr", "runs", "iterations", "completed",
+              "stopped_by_budget", "policy_samples", "policy_tokens", "scored_conversations", "reward_calls", "train_s",
+              "eval_s")
+PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "excludes_0")
+
+
+def results_path(cfg: LeaderboardConfig) -> Path:
+    """``results_dir``; a relative path is taken from the repository root."""
+    path = Path(cfg.results_dir).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4g}" if k == "lr" and v else f"{v:.4f}" if isinstance(v, float) else v)
+                             for k, v in r.items()})
+
+
+def write_report(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],
+                 runs: list[AgentRun], meta: dict[str, Any]) -> None:
+    """Every report file under ``results_dir`` (named by ``report_name``)."""
+    out = results_path(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = cfg.report_name
+    _write_csv(out / f"{stem}.csv", CSV_FIELDS, rows)
+    _write_csv(out / f"{stem}_paired.csv", PAIRED_FIELDS, paired)
+    plot(rows, out / f"{stem}.png", cfg.title)
+    (out / f"{stem}.md").write_text(markdown(cfg, rows, paired, runs, meta))
+
+
+def reported_agents(rows: list[dict[str, Any]]) -> list[str]:
+    """The agents with results in ``rows``, in their order."""
+    return list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "initial"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Win rate vs turn, one line per agent with its 95% interval, and the initial policy's 0.5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = reported_agents(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, name in enumerate(agents):
+        mine = [r for r in rows if r["policy"] == name and r["seed"] == "all"]
+        h = np.array([r["turn"] for r in mine]) + 0.06 * (k - (len(agents) - 1) / 2)  # side by side, not on top
+        w = np.array([r["win"] for r in mine])
+        err = np.array([[x - r["win_lo"] for x, r in zip(w, mine)], [r["win_hi"] - x for x, r in zip(w, mine)]])
+        ax.errorbar(h, w, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=name)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="initial policy")
+    ax.set_xlabel("turn h")
+    ax.set_ylabel("win rate vs initial policy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(sorted({r["turn"] for r in rows}))
+    ax.set_title(f"{title}: win rate at turn h (95% hierarchical bootstrap CI)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]:.3f} [{r[key + '_lo']:.2f}, {r[key + '_hi']:.2f}]"
+
+
+def _header(cfg: LeaderboardConfig, meta: dict[str, Any]) -> list[str]:
+    info = machine_info()
+    jobs = meta.get("jobs", 1)
+    lines = [f"# {cfg.title}", "",
+             f"Written by `python -m benchmarks.leaderboard`, started {meta['started']} (UTC); "
+             f"{meta['wall_s'] / 60:.1f} min of wall-clock time since"
+             f"{' (the run was interrupted and resumed in its directory)' if meta.get('resumed') else ''}.", "",
+             "Command:", "", "```", meta["command"] or "(called from Python)", "```", ""]
+    if meta.get("pending"):
+        lines += [f"**Partial results**: {len(meta['pending'])} agent run(s) still to come when this was written: "
+                  f"{', '.join(meta['pending'])}.", ""]
+    lines += [f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, GPU {info['gpu']}, Python "
+              f"{info['python']}, torch {info['torch']} (CPU threads per process: {info['threads']}), "
+              f"{info['platform']}; backend `{cfg.backend}`, {jobs} job(s) side by side"
+              f"{' (wall times include the other jobs running beside each)' if jobs > 1 else ''}. Load average "
+              f"(1/5/15 min) at the last start {'/'.join(f'{x:.1f}' for x in meta['load_start'])}, at the end "
+              f"{'/'.join(f'{x:.1f}' for x in meta['load_end'])} (the machine may have been shared: read wall times "
+              "with that in mind).", ""]
+    return lines
+
+
+def _protocol(cfg: LeaderboardConfig, meta: dict[str, Any]) -> list[str]:
+    temperature = "each agent's own" if cfg.temperature is None else f"{cfg.temperature} for every agent"
+    iterations = (f"each agent's, set from one measured iteration (margin {cfg.budget.margin})"
+                  if cfg.budget.calibrate else "each agent's own setting")
+    lr = (f"chosen per agent from {list(cfg.sweep.lrs)} by a run at the same budget (training seed "
+          f"{cfg.sweep.seed}) evaluated on {cfg.sweep.states} validation states (metric: {meta.get('sweep_metric')} "
+          "at the last turn); the test states are used only for this report" if cfg.sweep.lrs
+          else "each agent's own (no sweep)")
+    return ["## Protocol", "",
+            f"- Task: `{cfg.env.task}` {dict(cfg.env.task_kwargs) or ''}, user `{cfg.env.user or 'task default'}`, "
+            f"training reward `{cfg.env.reward or 'task default'}` ({cfg.env.reward_mode}), horizon "
+            f"{cfg.env.max_turns} turns; replies capped at {cfg.max_new_tokens} tokens; training samples at "
+            f"temperature {temperature}.",
+            f"- Initial policy of every agent and baseline: `{cfg.policy}`. Agents: {', '.join(cfg.agents)}; "
+            f"seeds {list(cfg.seeds)}. Learning rate: {lr}.",
+            f"- Budget per agent and seed, counted by the env in its training envs: policy samples "
+            f"{limit_text(cfg.budget.policy_samples)}, scored conversations "
+            f"{limit_text(cfg.budget.scored_conversations)}. Iterations: {iterations}.",
+            f"- Evaluation: {meta['states']} stored test states (user and policy seeds fixed, seed {cfg.eval.seed}), "
+            f"policy temperature {cfg.eval.temperature}, judge `{cfg.eval.reward or cfg.env.reward or 'env default'}`"
+            " scoring every turn. Turn-h score carried forward after a dialogue ended; win = higher turn-h score "
+            "than the initial policy on the same state (tie 0.5).",
+            "- Intervals: 95% hierarchical percentile bootstrap (training seeds resampled, then the states within "
+            "each), so seed-to-seed variance of training is in every interval; a single seed's row resamples its "
+            f"states. Paired differences are bootstrapped on the same states (and seeds). {cfg.eval.n_boot} "
+            "resamples.", ""]
+
+
+def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],
+             runs: list[AgentRun], meta: dict[str, Any]) -> str:
+    agents = reported_agents(rows)
+    horizon = max(r["turn"] for r in rows)
+    hs = " | ".join(f"h={h}" for h in range(1, horizon + 1))
+    sep = "|---" * (horizon + 1) + "|"
+    pooled = lambda p: [r for r in rows if r["policy"] == p and r["seed"] == "all"]  # noqa: E731
+    lines = _header(cfg, meta) + _protocol(cfg, meta)
+    metrics = [("success", "Task success by turn h (verifier)")] if "success" in rows[0] else []
+    metrics += [("score", "Mean score at turn h (judge)")]
+    if "asks" in rows[0]:
+        metrics += [("asks", "Turn-h replies that ask or hold back their answer (the behaviour the task rewards)")]
+    for key, heading in metrics:
+        lines += [f"## {heading}", "", f"| policy | {hs} |", sep]
+        for name in ["initial", *agents]:
+            lines.append(f"| {name} | " + " | ".join(_cell(r, key) for r in pooled(name)) + " |")
+        lines.append("")
+    lines += ["## Win rate vs the initial policy", "", f"| agent | {hs} | mean |", sep + "---|"]
+    for name in agents:
+        mine = pooled(name)
+        lines.append(f"| {name} | " + " | ".join(_cell(r, "win") for r in mine)
+                     + f" | {np.mean([r['win'] for r in mine]):.3f} |")
+    lines += ["", f"![win rate vs turn]({cfg.report_name}.png)", ""]
+    if paired:
+        metric = "success" if any(p["metric"] == "success" for p in paired) else "score"
+        lines += [f"## Paired differences in {metric} at the last turn (h={horizon})", "",
+                  "Same states (and, between agents, the same training seeds); * = the 95% interval excludes 0.", "",
+                  "| a | b | a - b | 95% interval |", "|---|---|---|---|"]
+        for p in paired:
+            if p["metric"] == metric and p["turn"] == horizon:
+                lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
+                             f"[{p['lo']:+.3f}, {p['hi']:+.3f}] |")
+        lines.append("")
+    lines += _cost(cfg, agents, pooled, meta) + _sweep(meta) + _per_seed(rows, runs, horizon, hs)
+    if cfg.notes:
+        lines += ["", "## Notes", "", cfg.notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _cost(cfg: LeaderboardConfig, agents: list[str], pooled: Any, meta: dict[str, Any]) -> list[str]:
+    lines = ["## Cost (mean per seed; training only)", "",
+             "| agent | lr | iterations (done/asked) | stopped by budget | policy samples | policy tokens | "
+             "scored conversations | reward calls | training wall s | eval wall s |", "|---" * 10 + "|"]
+    for name in agents:
+        r = pooled(name)[0]
+        lr = f"{r['lr']:.2g}" if r.get("lr") else "own"
+        lines.append(f"| {name} | {lr} | {r['completed']:.1f}/{r['iterations']:.1f} | {r['stopped_by_budget']}/"
+                     f"{r['runs']} | {r['policy_samples']:.0f} | {r['policy_tokens']:.0f} | "
+                     f"{r['scored_conversations']:.0f} | {r['reward_calls']:.0f} | {r['train_s']:.0f} | "
+                     f"{r['eval_s']:.0f} |")
+    if meta["calibration"]:
+        lines += ["", "Calibration (one iteration, first seed): " + "; ".join(
+            f"{k}: {v['policy_samples']} samples, {v['scored_conversations']} scored" for k, v in
+            meta["calibration"].items()) + "."]
+    return lines + [""]
+
+
+def _sweep(meta: dict[str, Any]) -> list[str]:
+    sweep, lrs = meta.get("sweep") or {}, meta.get("sweep_lrs") or []
+    if not sweep:
+        return []
+    lines = ["## Learning-rate sweep (validation split)", "",
+             f"{meta.get('sweep_metric')} at the last turn on the validation states, one run per learning rate at "
+             "the same budget; the chosen rate (bold) trained every reported seed.", "",
+             "| agent | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
+    for name, s in sweep.items():
+        cells = ["—" if lr not in s["results"] else f"**{s['results'][lr]:.3f}**" if lr == s.get("chosen")
+                 else f"{s['results'][lr]:.3f}" for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _per_seed(rows: list[dict[str, Any]], runs: list[AgentRun], horizon: int, hs: str) -> list[str]:
+    key = "success" if "success" in rows[0] else "score"
+    lines = ["## Per seed", "", f"Win rate vs the initial policy, and {key} at the last turn, one training seed at a "
+             "time (every row is in the CSV).", "",
+             f"| agent | seed | stop (iterations done/asked) | win {hs} | {key} h={horizon} |",
+             "|---|---|---|" + "---|" * (horizon + 1)]
+    for r in runs:
+        mine = [x for x in rows if x["policy"] == r.agent and x["seed"] == str(r.seed)]
+        if mine:
+            lines.append(f"| {r.agent} | {r.seed} | {r.stop} ({r.completed}/{r.iterations}) | "
+                         + " | ".join(f"{x['win']:.3f}" for x in mine) + f" | {mine[-1][key]:.3f} |")
+    return lines

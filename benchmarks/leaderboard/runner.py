@@ -1,0 +1,191 @@
+"""The whole benchmark: stored states, the baseline, calibrations, the learning-rate sweep, the agent runs, the report.
+
+Work already done in ``run_dir`` (stored states, the baseline's dialogues, calibrations, sweep runs, finished agent
+runs) is reused, so an interrupted leaderboard continues where it stopped (``hydra.run.dir=<its dir>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agents.common.config import ConfigError
+from agents.common.evaluation import carry_forward
+from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
+from benchmarks.leaderboard.config import LeaderboardConfig, validate
+from benchmarks.leaderboard.jobs import Context, Scheduler, job_threads, run_dir_of
+from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
+from benchmarks.leaderboard.report import write_report
+from dialogue_gym.progress import Progress
+from dialogue_gym.rollouts import DialogueRecord
+
+log = logging.getLogger("benchmarks.leaderboard")
+
+
+def check_sweep(cfg: LeaderboardConfig) -> None:
+    """A sweep needs validation rows in the task (checked before any model loads)."""
+    if not cfg.sweep.lrs:
+        return
+    from dialogue_gym.tasks import build_task
+
+    task = build_task(cfg.env.task, **dict(cfg.env.task_kwargs))
+    if len(task.rows("validation")) < cfg.sweep.states:
+        raise ConfigError(f"sweep.lrs chooses learning rates on the validation split, but task {task.name!r} has "
+                          f"{len(task.rows('validation'))} validation rows (sweep.states is {cfg.sweep.states}); "
+                          "arithmetic and clarify have one (task_kwargs.n_validation), or set sweep.lrs=[]")
+
+
+def sweep_value(cfg: LeaderboardConfig, records: list[DialogueRecord], ctx: Context, verifier: Any | None) -> float:
+    """The sweep's metric of one run: success (with a verifier) or the carried-forward score, at the last turn."""
+    states = ctx.validation.states
+    horizon = max(cfg.env.max_turns - s.state.turn for s in states)
+    use_success = cfg.sweep.metric == "success" or (cfg.sweep.metric == "auto" and verifier is not None)
+    if use_success:
+        return float(success_matrix(records, states, verifier, horizon)[:, -1].mean())
+    return float(carry_forward(score_matrix(records, horizon))[:, -1].mean())
+
+
+def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
+    """Train and evaluate every agent and seed (after the sweep, when ``sweep.lrs`` is set), then write the report.
+
+    With ``jobs > 1`` or ``backend: submitit`` the jobs run side by side (each with ``job_threads`` torch threads).
+    With the same torch threads per process, results do not depend on ``jobs`` or the backend.
+
+    Returns:
+        ``{"rows": summary rows (as in the CSV), "paired": paired differences, "runs": [AgentRun], "meta": {...}}``.
+    """
+    validate(cfg)
+    check_agents(cfg)
+    check_sweep(cfg)
+    threads = job_threads(cfg)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = out / "started_at.txt"  # the first start, kept across resumed runs
+    resumed = first.is_file()
+    if not resumed:
+        first.write_text(datetime.now(UTC).isoformat(timespec="seconds"))
+    started, load_start = datetime.fromisoformat(first.read_text().strip()), os.getloadavg()
+    last = out / "finished_at.txt"  # when the last job of the whole leaderboard finished
+    ended: datetime | None = None  # set once every job is done
+    ctx = Context.build(cfg)
+    states, store = ctx.eval.states, ctx.eval.store
+    verifier = ctx.eval.venv.core.task.make_reward("verifier")
+    asks = getattr(ctx.eval.venv.core.task, "asks", None)  # the task's behaviour of interest (clarify), if any
+    if cfg.sweep.metric == "success" and verifier is None:
+        raise ConfigError(f"sweep.metric is success, but task {cfg.env.task!r} has no verifier; use score or auto")
+    done = played(store, states)
+    baseline: list[DialogueRecord] | None = done.get("initial")
+    baseline_s = 0.0
+    runs: list[AgentRun] = []
+    calibration: dict[str, dict[str, int]] = {}
+    plan: dict[str, tuple[int | None, float]] = {}  # agent -> (iterations, expected seconds per run)
+    sweep: dict[str, dict[str, Any]] = {}  # agent -> {"results": {lr: value}, "chosen": lr}
+    sweep_metric = "success" if cfg.sweep.metric == "success" or (cfg.sweep.metric == "auto" and verifier) \
+        else "score"
+    order = {(a, s): k for k, (a, s) in enumerate((a, s) for a in cfg.agents for s in cfg.seeds)}
+
+    def report() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        """Write the report for the runs finished so far (a partial report names the runs still to come)."""
+        runs.sort(key=lambda r: order[(r.agent, r.seed)])
+        finished = {(r.agent, r.seed) for r in runs}
+        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks)
+        meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
+                "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
+                "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
+                "calibration": {a: calibration[a] for a in cfg.agents if a in calibration},
+                "sweep": {a: sweep[a] for a in cfg.agents if a in sweep}, "sweep_metric": sweep_metric,
+                "sweep_lrs": list(cfg.sweep.lrs),
+                "states": len(states), "jobs": cfg.jobs, "threads": threads,
+                "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
+        write_report(cfg, rows, paired, runs, meta)
+        return rows, paired, meta
+
+    def add_runs(sched: Scheduler, name: str, lr: float | None) -> None:
+        iterations, estimate = plan[name]
+        for seed in cfg.seeds:
+            result = run_dir_of(cfg, name, seed, lr, False) / "leaderboard_result.json"
+            if result.is_file() and f"{name}/seed-{seed}" in done:
+                runs.append(AgentRun.from_json(json.loads(result.read_text()), done[f"{name}/seed-{seed}"]))
+            else:
+                sched.add("train", (name, seed, iterations, lr), estimate)
+
+    def sweep_finished(sched: Scheduler, name: str) -> None:
+        """Once every learning rate of ``name`` has a validation result, choose the best and start its runs."""
+        results = sweep[name]["results"]
+        if len(results) < len(cfg.sweep.lrs):
+            return
+        chosen = max(cfg.sweep.lrs, key=lambda lr: (results[lr], -cfg.sweep.lrs.index(lr)))  # ties: listed first
+        sweep[name]["chosen"] = chosen
+        log.info("sweep: %s -> lr %g (%s at the last turn: %s)", name, chosen, sweep_metric, results)
+        add_runs(sched, name, chosen)
+
+    def start(sched: Scheduler, name: str, iterations: int | None, estimate: float) -> None:
+        plan[name] = (iterations, estimate)
+        if not cfg.sweep.lrs:
+            add_runs(sched, name, None)
+            return
+        sweep[name] = {"results": {}, "chosen": None}
+        val = played(ctx.validation.store, ctx.validation.states)
+        for lr in cfg.sweep.lrs:
+            if (run_dir_of(cfg, name, 0, lr, True) / "leaderboard_result.json").is_file() and \
+                    f"{name}/lr-{lr:g}" in val:
+                sweep[name]["results"][lr] = sweep_value(cfg, val[f"{name}/lr-{lr:g}"], ctx, verifier)
+            else:
+                sched.add("sweep", (name, lr, iterations), estimate)
+        sweep_finished(sched, name)
+
+    sched = Scheduler(cfg, ctx)
+    bar = Progress(desc="leaderboard jobs", unit="job")
+    failed = True
+    try:
+        if baseline is None:
+            sched.add("baseline", (), math.inf)  # first: partial reports need it
+        for name in cfg.agents:
+            if not cfg.budget.calibrate:
+                start(sched, name, None, 0.0)
+            elif calibration_saved(out, name):  # measured before this (resumed) run: only read
+                iterations, calibration[name], wall = calibrate(cfg, name, out, ctx.count_tokens)
+                start(sched, name, iterations, wall * iterations)
+            else:
+                sched.add("calibrate", (name,), math.inf)  # first: each unblocks an agent's runs
+        while (finished := sched.next_done()) is not None:
+            kind, args, result = finished
+            bar.update(1)
+            bar.set_postfix(done=f"{kind} {'/'.join(map(str, args))}", pending=len(sched.pending))
+            if kind == "baseline":
+                baseline_s = result
+                baseline = played(store, states)["initial"]
+            elif kind == "calibrate":
+                iterations, calibration[args[0]], wall = result
+                start(sched, args[0], iterations, wall * iterations)
+            elif kind == "sweep":
+                name, lr = args[0], args[1]
+                records = played(ctx.validation.store, ctx.validation.states)[f"{name}/lr-{lr:g}"]
+                sweep[name]["results"][lr] = sweep_value(cfg, records, ctx, verifier)
+                sweep_finished(sched, name)
+            else:
+                name, seed = args[0], args[1]
+                runs.append(AgentRun.from_json(result, played(store, states)[f"{name}/seed-{seed}"]))
+            if baseline is not None and kind in ("baseline", "train"):
+                report()  # so an interrupted leaderboard still leaves the results it has
+        failed = False
+    finally:
+        bar.close()
+        sched.close(failed)
+    if sched.started == 0 and last.is_file():  # nothing left to do: only the report is rewritten, its time kept
+        ended = datetime.fromisoformat(last.read_text().strip())
+    else:
+        ended = datetime.now(UTC)
+        last.write_text(ended.isoformat(timespec="seconds"))
+    rows, paired, meta = report()
+    return {"rows": rows, "paired": paired, "runs": runs, "meta": meta}
+
