@@ -62,6 +62,26 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def save_model_dir(model: Any, tokenizer: Any, target: Path) -> Path:
+    """``save_pretrained`` model and tokenizer to ``target`` atomically (a temporary sibling, then a rename).
+
+    When another process wrote ``target`` first, its copy is kept. Returns ``target``.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first; keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def embedded_model_dir() -> Path:
     """The safetensors copy of the embedded model, converting it from GGUF on first use (atomic)."""
     target = cache_dir() / EMBEDDED_DIRNAME
@@ -81,19 +101,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return save_model_dir(model, tokenizer, target)
 
 
 RANDOM_DIRNAME = "smollm2-135m-random-weights"
@@ -117,19 +125,7 @@ def random_weights_dir(seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{RANDOM_DIRNAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return save_model_dir(model, tokenizer, target)
 
 
 def load_tokenizer(name: str = EMBEDDED) -> Any:

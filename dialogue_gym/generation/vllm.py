@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import warnings
 import weakref
@@ -128,24 +126,12 @@ def tiny_model_dir() -> Path:
     target = cache_dir() / f"tiny-vllm-{digest}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from dialogue_gym.models import load_model
+    from dialogue_gym.models import load_model, save_model_dir
 
-    model, tokenizer = load_model("tiny")
+    model, tokenizer = load_model("tiny", dtype="float32", device="cpu")
     d = model.config.head_dim
     wide = widen_attention_heads(model, 32 * -(-d // 32)) if d % 32 else model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        wide.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return save_model_dir(wide, tokenizer, target)
 
 
 def resolve_model_source(model: str) -> str:
