@@ -77,6 +77,22 @@ class GenerationEngine(Protocol):
     ) -> list[Generation]: ...
 
 
+def check_generate_args(prompts: Any, params: Any, seeds: Sequence[int] | None) -> None:
+    """The argument checks every engine's ``generate`` shares.
+
+    Raises:
+        TypeError: ``params`` is not a :class:`SamplingParams`, or ``prompts`` is a single prompt.
+        ValueError: the number of seeds does not match the prompts.
+    """
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
+    if isinstance(prompts, (str, dict)):
+        raise TypeError("prompts must be a list of prompts (chat conversations or token-id lists), got a "
+                        f"single {type(prompts).__name__}")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+
+
 def is_token_prompt(prompt: Prompt) -> bool:
     """True for a token-id prompt, False for a chat conversation."""
     return len(prompt) > 0 and not isinstance(prompt[0], dict)

