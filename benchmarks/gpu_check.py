@@ -11,13 +11,16 @@ still runs. Steps:
    embedded model's real weights are left to the CPU CI).
 2. ``refuel``: ``python -m agents.refuel`` on arithmetic for 2 iterations of 16 dialogues, policy and user on
    CUDA in bf16 (the embedded model when its weights are installed, else its architecture with random weights).
-3. ``throughput``: ``python -m benchmarks.env_throughput`` with the HF engine at N = 16, 64, 256 (static KV
-   cache), raw ``generate`` beside it, the bf16 matmul rate as the ceiling ->
+3. ``throughput``: ``python -m benchmarks.env_throughput`` with the HF engine at N = 16 and 256, dynamic and
+   static KV cache, raw ``generate`` beside it, the bf16 matmul rate as the ceiling ->
    ``benchmarks/results/env_throughput_gpu.md``.
 4. ``leaderboard``: the ``paper`` preset at a toy budget (one agent, one seed, the embedded architecture as
    policy, user and judge, the UltraInteract test fixture as data, HF engine): checks the GPU leaderboard path.
 
 Writes ``benchmarks/results/gpu.md`` (the machine, each step's command, status, wall time and result line).
+``--parallel`` runs the throughput step first, alone (it is timed), then the other steps at the same time on
+the same GPU, the suite spread over worker processes when pytest-xdist is installed (``-n 8 --dist loadfile``):
+the whole check in about half the wall time. ``--timeout S`` caps each step.
 ``--device cpu --quick`` runs the same steps, smaller, on a CPU: a dry run of this script, not a GPU check.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -62,11 +66,19 @@ def policy_model(quick: bool) -> str:
     return str(random_weights_dir())
 
 
-def build_steps(device: str, quick: bool, out_dir: Path) -> list[Step]:
+def have_xdist() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xdist") is not None
+
+
+def build_steps(device: str, quick: bool, out_dir: Path, workers: int = 0) -> list[Step]:
     py = sys.executable
     model = policy_model(quick)
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not vllm and not embedded",
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "-m", "not vllm and not embedded",
              "--device", device]
+    if workers > 1:
+        tests += ["-n", str(workers), "--dist", "loadfile"]
     if quick:
         tests += ["tests/test_hf_engine.py", "tests/test_checkpoint.py"]
     refuel = [py, "-m", "agents.refuel", "+env=arithmetic", f"policy.model={model}", f"env.model={model}",
@@ -75,9 +87,9 @@ def build_steps(device: str, quick: bool, out_dir: Path) -> list[Step]:
               f"sampling.max_new_tokens={8 if quick else 48}", "env.max_turns=2",
               f"hydra.run.dir={out_dir / 'refuel'}"]
     throughput = [py, "-m", "benchmarks.env_throughput", "--engines", "hf", "--device", device,
-                  "--model", "tiny" if quick else "random", "--sizes", "2,4" if quick else "16,64,256",
-                  "--sync-sizes", "2" if quick else "16", "--tokens", "8" if quick else "48", "--steps", "1" if quick
-                  else "2", "--cache", "static" if device.startswith("cuda") else "dynamic", "--raw",
+                  "--model", "tiny" if quick else "random", "--sizes", "2,4" if quick else "16,256",
+                  "--sync-sizes", "2" if quick else "", "--tokens", "8" if quick else "48", "--steps", "1" if quick
+                  else "2", "--cache", "dynamic,static" if device.startswith("cuda") else "dynamic", "--raw",
                   "--skip-turns-forks", "--out", str(out_dir / "env_throughput.md" if quick
                                                          else RESULTS / "env_throughput_gpu.md")]
     fixture = ROOT / "tests" / "fixtures" / "ultrainteract_pair.jsonl"
@@ -102,7 +114,8 @@ def summarize(name: str, log: str) -> str:
         found = [x for x in lines if re.search(r"\d+ (passed|failed|error)", x)]
         return found[-1].strip("= ") if found else (lines[-1] if lines else "")
     if name == "throughput":
-        keep = [x for x in lines if x.startswith(("native", "raw generate", "sync", "- "))]
+        verdict = [x for x in lines if x.startswith("- env") and "target" in x]
+        keep = verdict or [x for x in lines if x.startswith(("native", "raw generate", "sync", "- "))]
         return "; ".join(keep[-8:])
     keep = [x for x in lines if "win" in x.lower() or "solved" in x.lower() or "written" in x.lower()]
     return (keep[-1] if keep else (lines[-1] if lines else ""))[:300]
@@ -153,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N; cpu only for a dry run")
     parser.add_argument("--quick", action="store_true", help="small sizes and a test subset (a dry run)")
     parser.add_argument("--skip", default="", help=f"comma-separated steps to skip: {', '.join(STEPS)}")
+    parser.add_argument("--parallel", action="store_true", help="throughput first, alone; then the other steps "
+                        "at the same time (the suite over pytest-xdist workers when installed)")
+    parser.add_argument("--timeout", type=int, default=0, help="cap each step at this many seconds (default: "
+                                                               "each step's own, 15-25 min)")
     parser.add_argument("--out", default=None, help="report path (default benchmarks/results/gpu.md; with "
                                                     "--quick: outputs/gpu_check/gpu.md)")
     args = parser.parse_args(argv)
@@ -173,11 +190,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: --skip has unknown steps {sorted(unknown)}; allowed: {', '.join(STEPS)}", file=sys.stderr)
         return 2
     out_dir = ROOT / "outputs" / "gpu_check"
+    for scratch in ("refuel", "leaderboard"):  # this check's own run folders: a rerun starts from nothing
+        shutil.rmtree(out_dir / scratch, ignore_errors=True)  # (stored states of another env config are refused)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = [s for s in build_steps(str(device), args.quick, out_dir) if s.name not in skip]
-    for step in steps:
-        run_step(step, str(device), out_dir)
+    workers = 8 if args.parallel and have_xdist() else 0
+    steps = [s for s in build_steps(str(device), args.quick, out_dir, workers) if s.name not in skip]
+    if args.timeout > 0:
+        for s in steps:
+            s.timeout_s = args.timeout
+    if args.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        timed = [s for s in steps if s.name == "throughput"]
+        for step in timed:
+            run_step(step, str(device), out_dir)
+        rest = [s for s in steps if s.name != "throughput"]
+        with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+            list(pool.map(lambda st: run_step(st, str(device), out_dir), rest))
+    else:
+        for step in steps:
+            run_step(step, str(device), out_dir)
     report = Path(args.out) if args.out else (out_dir / "gpu.md" if args.quick else RESULTS / "gpu.md")
     write_report(report, steps, str(device), out_dir, time.perf_counter() - t0)
     return 0 if all(s.status == "passed" for s in steps) else 1

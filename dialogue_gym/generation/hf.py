@@ -159,6 +159,19 @@ def _bucket(n: int, cap: int) -> int:
     return min(b, max(cap, n))
 
 
+RECOMPILE_LIMIT = 64  # compiled graphs kept per function with a static cache (torch's default is 8)
+
+
+def _allow_recompiles() -> None:
+    """Let ``torch.compile`` keep one graph per (rows, width) bucket. Past dynamo's default of 8 graphs per
+    function it stops compiling new shapes and runs them eagerly, with only a warning: a long run whose
+    dialogues grow through more buckets would slow down without saying why. Raised, never lowered."""
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
+        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+
+
 class HFEngine:
     """A generation engine on an HF transformers causal LM.
 
@@ -208,6 +221,8 @@ class HFEngine:
                 self.model.to(resolve_device(device))
         self.max_batch_size = max_batch_size or (256 if self.device.type == "cuda" else 32)
         self.cache = cache
+        if cache == "static":
+            _allow_recompiles()
         self._rng = np.random.default_rng(seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
