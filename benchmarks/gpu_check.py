@@ -87,7 +87,7 @@ def build_steps(device: str, quick: bool, out_dir: Path, workers: int = 0) -> li
               f"sampling.max_new_tokens={8 if quick else 48}", "env.max_turns=2",
               f"hydra.run.dir={out_dir / 'refuel'}"]
     throughput = [py, "-m", "benchmarks.env_throughput", "--engines", "hf", "--device", device,
-                  "--model", "tiny" if quick else "random", "--sizes", "2,4" if quick else "16,256",
+                  "--model", "tiny" if quick else "random", "--sizes", "2,4" if quick else "256,16",
                   "--sync-sizes", "2" if quick else "", "--tokens", "8" if quick else "48", "--steps", "1" if quick
                   else "2", "--cache", "dynamic,static" if device.startswith("cuda") else "dynamic", "--raw",
                   "--skip-turns-forks", "--out", str(out_dir / "env_throughput.md" if quick
