@@ -48,7 +48,7 @@ def test_smoke_run_trains_every_parameter_and_writes_outputs(agent, tmp_path):
     fresh, _ = load_policy(PolicySettings(model="tiny", lora_r=4, lora_alpha=8), seed=0)
     initial = trainable_parameters(fresh)
     assert set(saved) == set(initial) and len(saved) > 0
-    unchanged = [n for n, p in initial.items() if torch.equal(p.detach(), saved[n])]
+    unchanged = [n for n, p in initial.items() if torch.equal(p.detach().cpu(), saved[n])]
     assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
     evals = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
     assert [e["policy"].split()[0] for e in evals] == ["initial", agent.upper()]

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(agent: str, run_dir: Path, processes: int, *overrides: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # On the CPU whatever the suite's device: two processes on one GPU is not a launch NCCL accepts (one GPU per
+    # process), and the comparison is of the gloo CPU path
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "DIALOGUE_GYM_DEVICE": "cpu"}
     args = ["-m", f"agents.{agent}", "+experiment=smoke", f"hydra.run.dir={run_dir}", "export=false", *overrides]
     if processes == 1:
         cmd = [sys.executable, *args]

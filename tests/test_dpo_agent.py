@@ -346,7 +346,7 @@ def assert_trained(run_dir: Path, name: str) -> None:
     fresh, _ = load_policy(TINY, seed=0)
     initial = trainable_parameters(fresh)
     assert set(saved) == set(initial) and len(saved) > 0
-    unchanged = [n for n, p in initial.items() if torch.equal(p.detach(), saved[n])]
+    unchanged = [n for n, p in initial.items() if torch.equal(p.detach().cpu(), saved[n])]
     assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
     evals = json.loads((run_dir / "eval.json").read_text())["evaluations"]
     assert [e["policy"].split(" after")[0] for e in evals] == ["initial", name]

@@ -186,7 +186,7 @@ def test_smoke_run_trains_every_parameter_and_writes_outputs(smoke_run):
     fresh, _ = load_policy(TINY, seed=0)
     initial = {f"policy.{n}": p for n, p in trainable_parameters(fresh).items()}
     assert set(saved) == set(initial) | {"value_head.weight", "value_head.bias"}
-    unchanged = [n for n, p in initial.items() if torch.equal(p.detach(), saved[n])]
+    unchanged = [n for n, p in initial.items() if torch.equal(p.detach().cpu(), saved[n])]
     assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
     assert bool((saved["value_head.weight"] != 0).any()) and bool((saved["value_head.bias"] != 0).all())
     evals = json.loads((smoke_run / "eval.json").read_text())["evaluations"]

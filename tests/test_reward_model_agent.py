@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,9 +40,15 @@ PAIRS = [
 ]
 
 
+FP32 = SimpleNamespace(device="auto", dtype="float32")  # where build_reward loads a reloaded model
+
+
 def tiny_config(kind: str = "bt", lora_r: int = 4) -> RewardModelConfig:
     cfg = RewardModelConfig(kind=kind)
     cfg.policy.model, cfg.policy.lora_r, cfg.policy.lora_alpha = "tiny", lora_r, 8
+    # fp32 on every device: these tests compare scores to 1e-5 (on CUDA "auto" is bf16, where merging the LoRA
+    # adapter into bf16 weights at export moves scores by ~1e-2)
+    cfg.policy.dtype = "float32"
     cfg.optim.lr, cfg.optim.batch_size, cfg.optim.micro_batch_size, cfg.optim.max_length = 1e-2, 3, 2, 256
     return cfg
 
@@ -151,7 +158,7 @@ def test_trained_bt_checkpoint_reloads_with_identical_scores(tmp_path):
     convs = [p.context + [{"role": "assistant", "content": r}] for p in PAIRS for r in (p.chosen, p.rejected)]
     in_memory = SequenceClassifierReward((model, tok)).score(convs)
     path = export_policy(model, tok, tmp_path / "rm")
-    reloaded = build_reward(str(path), ArithmeticTask(n_train=2, n_test=2), None)
+    reloaded = build_reward(str(path), ArithmeticTask(n_train=2, n_test=2), FP32)
     assert isinstance(reloaded, SequenceClassifierReward)
     np.testing.assert_allclose(reloaded.score(convs), in_memory, atol=1e-5)
     saved = json.loads((path / "config.json").read_text())
@@ -160,7 +167,7 @@ def test_trained_bt_checkpoint_reloads_with_identical_scores(tmp_path):
     import gymnasium as gym
 
     env = gym.make("MultiTurnDialogue-v0", task="arithmetic", reward=str(path), reward_mode="per_turn", max_turns=1,
-                   task_kwargs={"n_train": 4, "n_test": 2})
+                   task_kwargs={"n_train": 4, "n_test": 2}, dtype="float32")
     obs, _ = env.reset(seed=0)
     _, reward, _, _, _ = env.step("The answer is 5.")
     expected = reloaded.score([list(obs) + [{"role": "assistant", "content": "The answer is 5."}]])[0]
@@ -183,7 +190,7 @@ def test_trained_pairwise_checkpoint_reloads_with_identical_preferences(tmp_path
     args = ([p.context for p in PAIRS], [p.chosen for p in PAIRS], [p.rejected for p in PAIRS])
     in_memory = PairwisePreferenceReward((model, tok)).prefer(*args)
     path = export_policy(model, tok, tmp_path / "pm")
-    reloaded = build_reward(f"pairwise:{path}", ArithmeticTask(n_train=2, n_test=2), None)
+    reloaded = build_reward(f"pairwise:{path}", ArithmeticTask(n_train=2, n_test=2), FP32)
     np.testing.assert_allclose(reloaded.prefer(*args), in_memory, atol=1e-5)
 
 
@@ -225,7 +232,7 @@ def test_smoke_run_trains_every_parameter_and_writes_eval(tmp_path):
     initial = trainable_parameters(fresh)
     saved = load_file(str(tmp_path / "trainable.safetensors"))
     assert set(saved) == set(initial) and any("score" in n for n in saved) and any("lora_A" in n for n in saved)
-    unchanged = [n for n, p in initial.items() if torch.equal(p.detach(), saved[n])]
+    unchanged = [n for n, p in initial.items() if torch.equal(p.detach().cpu(), saved[n])]
     assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
     rm = SequenceClassifierReward(str(tmp_path / "reward_model"))  # a plain classifier directory
     assert rm.score([PAIRS[0].context + [{"role": "assistant", "content": "5"}]]).shape == (1,)

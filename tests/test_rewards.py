@@ -64,7 +64,7 @@ def rm_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def rm(rm_dir):
-    return SequenceClassifierReward(str(rm_dir), batch_size=4)
+    return SequenceClassifierReward(str(rm_dir), batch_size=4, dtype="float32")  # compared to an fp32 reference
 
 
 def per_position_scores(model, ids: list[int]) -> torch.Tensor:
@@ -227,7 +227,7 @@ def test_prefer_with_known_logits_removes_position_bias(tokenizer):
 
 
 def test_prefer_on_tiny_model_ties_and_symmetry(tokenizer):
-    judge = PairwisePreferenceReward(load_model("tiny"), batch_size=3)
+    judge = PairwisePreferenceReward(load_model("tiny", dtype="float32"), batch_size=3)  # fp32: batch sizes to 1e-5
     a, b = ["The answer is 5.", "Paris.", "Same."], ["The answer is 6, because I added wrong.", "Lyon.", "Same."]
     ctx = [CONTEXT, [{"role": "user", "content": "Capital of France?"}], CONTEXT]
     p_ab = judge.prefer(ctx, a, b)
@@ -235,7 +235,7 @@ def test_prefer_on_tiny_model_ties_and_symmetry(tokenizer):
     assert p_ab.shape == (3,) and np.all((p_ab > 0) & (p_ab < 1))
     np.testing.assert_allclose(p_ab + p_ba, 1.0, atol=1e-12)
     assert p_ab[2] == 0.5  # identical replies: exactly a tie
-    one_by_one = PairwisePreferenceReward(load_model("tiny"), batch_size=1).prefer(ctx, a, b)
+    one_by_one = PairwisePreferenceReward(load_model("tiny", dtype="float32"), batch_size=1).prefer(ctx, a, b)
     np.testing.assert_allclose(p_ab, one_by_one, atol=1e-5)
 
 

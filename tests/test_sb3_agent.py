@@ -25,13 +25,13 @@ ARITH = dict(task="arithmetic", user="critic", reward="verifier", max_turns=2)
 
 
 def test_ppo_with_the_tiny_lm_policy_runs_and_changes_every_parameter():
-    lm, tokenizer = load_model("tiny", shared=False)
+    lm, tokenizer = load_model("tiny", shared=False, dtype="float32")  # fp32: logits compared to 1e-4
     batched = TokenLevel(make_dialogue_vec(2, **ARITH), tokenizer, window=48, max_reply_tokens=3)
     venv = DialogueSB3VecEnv(batched, seed=0)
     torch.manual_seed(0)
     model = PPO(LMActorCriticPolicy, venv, policy_kwargs={"lm": lm}, n_steps=8, batch_size=8, n_epochs=1,
                 learning_rate=1e-3, seed=0, device="cpu")
-    assert model.policy.action_net is lm.get_output_embeddings()  # the actor's logits are the LM's head
+    assert model.policy.action_net.head is lm.get_output_embeddings()  # the actor's logits are the LM's head
     before = {k: v.detach().clone() for k, v in lm.named_parameters()}
     obs = venv.reset()
     with torch.no_grad():  # the policy's logits at reset are the LM's next-token logits at the window's end

@@ -134,7 +134,8 @@ def test_batched_choice_rows_equal_single_envs_seeded_seed_plus_i(tiny_engine):
         single = ChoiceEnv(engine=tiny_engine, k=2, max_new_tokens=5, **ARITH)
         o, _ = single.reset(seed=10 + i)
         assert single.batched.candidate_texts(0) == batched.candidate_texts(i)
-        np.testing.assert_allclose(o, obs[i], atol=1e-4)
+        np.testing.assert_allclose(o, obs[i], atol=1e-4, rtol=1e-4)  # (rtol: log-probs of ~-10 round by ~3e-4
+        # between batch shapes on CUDA; the candidate texts above are the exact check)
 
 
 # ---- the SB3 VecEnv: one user call and one reward call per step for all sub-envs ---------------------------

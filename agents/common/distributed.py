@@ -67,14 +67,22 @@ def setup() -> Ranks:
 
     if dist.is_initialized():  # joined already (launch() and run() both ask)
         return Ranks(dist.get_rank(), dist.get_world_size(), _device())
-    if torch.cuda.is_available():
+    if _on_cuda():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if local > torch.cuda.device_count():
+            from agents.common.config import ConfigError
+
+            raise ConfigError(f"{local} processes on this machine but {torch.cuda.device_count()} GPU(s): NCCL "
+                              "needs one GPU per process; launch as many processes as GPUs (num_processes in the "
+                              "accelerate config), or train on the CPU with DIALOGUE_GYM_DEVICE=cpu (gloo)")
         from accelerate import PartialState
 
         state = PartialState()  # NCCL, one GPU per process
         rank, world, device = state.process_index, state.num_processes, str(state.device)
     else:
         # accelerate's own CPU multi-process path needs mpirun; its torchrun launcher (MULTI_GPU config, as
-        # conf/accelerate/cpu2.yaml) starts the processes, and on a machine without CUDA they join with gloo here
+        # conf/accelerate/cpu2.yaml) starts the processes, and without CUDA (or with DIALOGUE_GYM_DEVICE=cpu)
+        # they join with gloo here
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         rank, world, device = dist.get_rank(), dist.get_world_size(), None
@@ -83,8 +91,16 @@ def setup() -> Ranks:
     return Ranks(rank, world, device)
 
 
+def _on_cuda() -> bool:
+    """Whether this launch trains on GPUs: the device ``"auto"`` resolves to (``$DIALOGUE_GYM_DEVICE``, else CUDA
+    when available), so ``DIALOGUE_GYM_DEVICE=cpu`` launches a gloo CPU run on a GPU machine."""
+    from dialogue_gym.models import resolve_device
+
+    return resolve_device("auto").type == "cuda"
+
+
 def _device() -> str | None:
-    if torch.cuda.is_available():
+    if _on_cuda():
         from accelerate import PartialState
 
         return str(PartialState().device)
@@ -96,7 +112,7 @@ def check_processes(dialogues: int, ranks: Ranks, policy_engine: str = "hf") -> 
     engine per process only on CPU (on GPUs each process's engine would need its own device, not wired)."""
     from agents.common.config import ConfigError
 
-    if ranks.world > 1 and policy_engine == "vllm" and torch.cuda.is_available():
+    if ranks.world > 1 and policy_engine == "vllm" and _on_cuda():
         raise ConfigError("policy.engine=vllm with several processes on GPUs is not wired (every process would "
                           "start its engine on the same device): launch one process (conf/accelerate/gpu1.yaml) "
                           "or use policy.engine=hf")

@@ -4,7 +4,8 @@ The observation is the token window of :class:`dialogue_gym.wrappers.TokenLevel`
 ``length``: how many are real). The features are the LM decoder's last hidden state at the last real token; the
 action logits are the LM's own head applied to it (so the policy starts as the language model, not as a fresh
 49k-way linear layer), and the value is a linear head on the same features. Orthogonal initialisation is off:
-it would overwrite the pretrained weights.
+it would overwrite the pretrained weights. Whatever the LM's dtype (bf16 on CUDA by default), the features, the
+logits and the value are fp32: the head's weight is read in fp32 (:class:`FP32Head`), the value head is fp32.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ class LMFeatures(BaseFeaturesExtractor):
         positions = torch.arange(tokens.shape[1], device=tokens.device)  # made on the observations' device
         mask = (positions[None, :] < length[:, None]).long()  # (B, W), real tokens first (right padding)
         hidden = self.lm.get_decoder()(input_ids=tokens, attention_mask=mask).last_hidden_state  # (B, W, H)
-        return hidden[torch.arange(len(length), device=hidden.device), length - 1]  # (B, H)
+        return hidden[torch.arange(len(length), device=hidden.device), length - 1].float()  # (B, H) fp32
+
+
+class FP32Head(torch.nn.Module):
+    """The LM's output layer applied in fp32: the same parameters (trained through the cast), fp32 logits."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.head.bias is None else self.head.bias.float()
+        return torch.nn.functional.linear(x.float(), self.head.weight.float(), bias)
 
 
 class LMActorCriticPolicy(ActorCriticPolicy):
@@ -56,5 +69,5 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
-        self.action_net = self.features_extractor.lm.get_output_embeddings()  # logits = the LM's own head
+        self.action_net = FP32Head(self.features_extractor.lm.get_output_embeddings())  # logits = the LM's own head
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)

@@ -54,7 +54,7 @@ class SubmititSettings:
     folder: str = "submitit"  # job logs and pickles, relative to the run directory
     timeout_min: int = 240  # wall-clock limit per job
     partition: str | None = None  # SLURM partition (null: the cluster's default)
-    gpus_per_node: int = 0  # GPUs per job
+    gpus_per_node: int | None = None  # GPUs per job; null: 1 when this machine's device is CUDA, else 0
     cpus_per_task: int = 2  # CPU cores per job
     mem_gb: int = 16  # memory per job
 
@@ -127,3 +127,5 @@ def validate(cfg: LeaderboardConfig) -> None:
         check(cfg.submitit.cluster in (None, "local", "debug", "slurm"),
               f"submitit.cluster is {cfg.submitit.cluster!r}; allowed: null, local, debug, slurm")
         check(cfg.submitit.timeout_min >= 1, f"submitit.timeout_min must be >= 1, got {cfg.submitit.timeout_min}")
+        gpus = cfg.submitit.gpus_per_node
+        check(gpus is None or gpus >= 0, f"submitit.gpus_per_node must be >= 0 or null, got {gpus}")

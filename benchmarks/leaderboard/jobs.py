@@ -159,7 +159,12 @@ class SubmititBackend:
 
         s = cfg.submitit
         self.executor = submitit.AutoExecutor(folder=str(Path(cfg.run_dir) / s.folder), cluster=s.cluster)
-        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node,
+        gpus = s.gpus_per_node
+        if gpus is None:  # the jobs run where this process would: on a GPU when its device is CUDA
+            from dialogue_gym.models import resolve_device
+
+            gpus = 1 if resolve_device("auto").type == "cuda" else 0
+        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": gpus,
                                   "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "name": "leaderboard"}
         if s.partition is not None:
             params["slurm_partition"] = s.partition

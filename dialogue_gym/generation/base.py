@@ -101,7 +101,21 @@ def is_token_prompt(prompt: Prompt) -> bool:
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of a prompt: a chat conversation rendered with the chat template (generation prompt added), or
     a token-id list taken as is."""
-    if is_token_prompt(prompt):
-        return [int(t) for t in prompt]
-    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts_token_ids(tokenizer, [prompt])[0]
+
+
+def prompts_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """:func:`prompt_token_ids` of many prompts, the chat ones tokenized in one batched call (the fast tokenizer
+    encodes a batch on all cores; one call per prompt cost ~0.4 ms each, a tenth of a GPU env step at N = 256)."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    chat, texts = [], []
+    for i, p in enumerate(prompts):
+        if is_token_prompt(p):
+            out[i] = [int(t) for t in p]
+        else:
+            chat.append(i)
+            texts.append(tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True))
+    if texts:
+        for i, ids in zip(chat, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            out[i] = list(ids)
+    return out  # type: ignore[return-value]

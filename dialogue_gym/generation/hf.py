@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompt_token_ids
+from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompts_token_ids
 
 # A 32-bit integer mixer (xor-shift-multiply rounds; multipliers from the "lowbias32" search by C. Wellons) on
 # int32 tensors. int32 multiplication wraps modulo 2**32 on CPU and CUDA alike; right shifts are masked so they
@@ -247,7 +247,7 @@ class HFEngine:
             seeds = [int(s) for s in self._rng.integers(0, 2**63 - 1, size=len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+        ids = prompts_token_ids(self.tokenizer, prompts)
         # Similar lengths share a batch (less padding); results go back in the caller's order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[Generation | None] = [None] * len(ids)

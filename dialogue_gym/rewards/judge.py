@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dialogue_gym.conversation import Message
-from dialogue_gym.generation.base import prompt_token_ids
+from dialogue_gym.generation.base import prompts_token_ids
 from dialogue_gym.users.llm import render_dialogue
 
 JUDGE_PROMPT = (
@@ -34,7 +34,8 @@ class LLMJudge:
 
     Args:
         model: model name for :func:`dialogue_gym.models.load_model`, or a ``(model, tokenizer)`` pair.
-        max_batch_size: conversations per forward pass (default 16 on CPU, 64 on CUDA).
+        max_batch_size: conversations per forward pass (default 16 on CPU, 256 on CUDA: one forward per GPU env
+            step at N = 256).
         max_prompt_tokens: longer prompts are cut from the left of the dialogue (the instruction is kept).
         device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
         dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
@@ -59,7 +60,7 @@ class LLMJudge:
             self.model, self.tokenizer = model
             self.name = "custom"
         on_cuda = self.model is not None and next(self.model.parameters()).device.type == "cuda"
-        self.max_batch_size = max_batch_size or (64 if on_cuda else 16)
+        self.max_batch_size = max_batch_size or (256 if on_cuda else 16)
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
         for d in "123456789":
@@ -76,12 +77,19 @@ class LLMJudge:
         return out
 
     def prompt_ids(self, conversation: Sequence[Message]) -> list[int]:
-        msgs = [{"role": "user", "content": JUDGE_PROMPT.format(dialogue=render_dialogue(conversation))}]
-        ids = prompt_token_ids(self.tokenizer, msgs)
-        if len(ids) > self.max_prompt_tokens:  # keep the start (instructions) and the end (the reply)
-            head = self.max_prompt_tokens // 4
-            ids = ids[:head] + ids[len(ids) - (self.max_prompt_tokens - head):]
-        return ids
+        return self.prompts_ids([conversation])[0]
+
+    def prompts_ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        """The judge prompt's token ids for each conversation (tokenized in one batch), cut to
+        ``max_prompt_tokens`` by keeping the start (instructions) and the end (the reply)."""
+        msgs = [[{"role": "user", "content": JUDGE_PROMPT.format(dialogue=render_dialogue(c))}] for c in conversations]
+        out = []
+        for ids in prompts_token_ids(self.tokenizer, msgs):
+            if len(ids) > self.max_prompt_tokens:
+                head = self.max_prompt_tokens // 4
+                ids = ids[:head] + ids[len(ids) - (self.max_prompt_tokens - head):]
+            out.append(ids)
+        return out
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[Sequence[Message]],
@@ -90,7 +98,7 @@ class LLMJudge:
         if self.engine is not None:
             return self._score_on_engine(conversations)
         scores = np.zeros(len(conversations), dtype=np.float64)
-        prompts = [self.prompt_ids(c) for c in conversations]
+        prompts = self.prompts_ids(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -116,7 +124,7 @@ class LLMJudge:
 
     def _score_on_engine(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         if getattr(self.engine, "token_prompts", True):
-            prompts: list[Any] = [self.prompt_ids(c) for c in conversations]
+            prompts: list[Any] = self.prompts_ids(conversations)
         else:  # a chat-only server renders (and never cuts) the judge prompt itself
             prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(dialogue=render_dialogue(c))}]
                        for c in conversations]
