@@ -78,6 +78,21 @@ def test_uneven_dialogues_and_sharding_launchers_fail_at_start_up(monkeypatch):
         setup()
 
 
+def test_more_processes_than_gpus_is_refused_and_cpu_means_gloo(monkeypatch):
+    import agents.common.distributed as d
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(d, "_on_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="2 processes on this machine but 1 GPU.*DIALOGUE_GYM_DEVICE=cpu"):
+        setup()
+    monkeypatch.undo()
+    monkeypatch.setenv("DIALOGUE_GYM_DEVICE", "cpu")  # a CPU launch on a GPU machine: gloo, not NCCL
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not d._on_cuda()
+
+
 def test_a_vllm_policy_per_process_on_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="policy.engine=vllm with several processes on GPUs is not wired"):

@@ -64,3 +64,26 @@ def test_refusals(capsys):
 ])
 def test_summaries(name, log, want):
     assert gpu_check.summarize(name, log) == want
+
+
+def test_throughput_verdict_and_static_engine_labels():
+    from benchmarks import env_throughput as et
+
+    raw = [("dynamic", 256, {"tokens_per_s": 12000.0}), ("static", 256, {"tokens_per_s": 32000.0})]
+    rows = [("DialogueVectorEnv", "hf", 256, {"tokens_per_s": 2700.0}),
+            ("DialogueVectorEnv", "hf+static", 256, {"tokens_per_s": 16400.0})]
+    met = et.gpu_verdict(rows, raw)
+    assert "hf+static" in met[0] and "16,400" in met[0] and met[0].endswith("met")
+    assert "0.51" in met[1] and met[1].endswith("met")
+    missed = et.gpu_verdict([("DialogueVectorEnv", "hf+static", 256, {"tokens_per_s": 13000.0})], raw)
+    assert missed[0].endswith("missed") and missed[1].endswith("missed")  # 13,000 < 15,000; 0.41 < 0.5
+    assert "not evaluated" in et.gpu_verdict(rows, raw[:1])[0]  # no raw static row: no verdict
+    et.SETTINGS.update(model="tiny", device="cpu", dtype="float32")
+    assert et.env_kwargs("hf+static", 8)["engine_options"] == {"cache": "static"}
+    assert "engine_options" not in et.env_kwargs("hf", 8) and et.env_kwargs("hf", 8)["engine"] == "hf"
+
+
+def test_parallel_check_spreads_the_suite_over_workers():
+    cmd = next(s for s in gpu_check.build_steps("cuda", quick=True, out_dir=Path("/tmp/x"), workers=8)
+               if s.name == "tests").command
+    assert cmd[cmd.index("-n") + 1] == "8" and cmd[cmd.index("--dist") + 1] == "loadfile"

@@ -399,6 +399,7 @@ def test_the_sweep_lr_is_imposed_and_a_sweep_needs_a_validation_split(tmp_path):
     (dict(backend="slurm"), "backend is 'slurm'; allowed: local, submitit"),
     (dict(report_name="a/b"), "report_name must be a plain file name stem"),
     (dict(backend="submitit", submitit=lb.SubmititSettings(cluster="k8s")), "submitit.cluster is 'k8s'"),
+    (dict(backend="submitit", submitit=lb.SubmititSettings(gpus_per_node=-1)), "submitit.gpus_per_node must be >= 0"),
 ])
 def test_bad_sweep_and_backend_settings_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -447,3 +448,15 @@ def test_submitit_local_backend_gives_the_rows_of_the_local_backend(tmp_path):
     quality = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
     assert quality(results["submitit"]["rows"]) == quality(results["local"]["rows"])
     assert results["submitit"]["paired"] == results["local"]["paired"]
+
+
+def test_submitit_jobs_get_a_gpu_when_this_machines_device_is_cuda(monkeypatch):
+    from benchmarks.leaderboard.jobs import job_gpus
+
+    assert job_gpus(lb.SubmititSettings(gpus_per_node=2)) == 2  # an explicit count is used as is
+    monkeypatch.setenv("DIALOGUE_GYM_DEVICE", "cpu")
+    assert job_gpus(lb.SubmititSettings()) == 0
+    monkeypatch.setenv("DIALOGUE_GYM_DEVICE", "cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert job_gpus(lb.SubmititSettings()) == 1  # null: the jobs see a GPU where this process would use one

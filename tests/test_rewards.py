@@ -368,3 +368,15 @@ def test_classifier_dir_serves_as_env_reward(rm_dir):
     results = core.advance(states, ["A short reply.", "Another reply."])
     expected = core.reward.score([s.messages[:2] for s in states])
     np.testing.assert_allclose([r.reward for r in results], expected)
+
+
+def test_batched_prompt_tokenization_equals_one_prompt_at_a_time(tokenizer):
+    from dialogue_gym.generation.base import prompt_token_ids, prompts_token_ids
+
+    prompts = [CHOSEN, [{"role": "user", "content": "Hi"}], [5, 6, 7], REJECTED, CONTEXT]
+    assert prompts_token_ids(tokenizer, prompts) == [prompt_token_ids(tokenizer, p) for p in prompts]
+    assert prompts_token_ids(tokenizer, [[1, 2]]) == [[1, 2]] and prompts_token_ids(tokenizer, []) == []
+    judge = LLMJudge(load_model("tiny"), max_prompt_tokens=40)  # short enough to cut the longer prompts
+    many = judge.prompts_ids([CHOSEN, REJECTED, CONTEXT])
+    assert many == [judge.prompt_ids(c) for c in (CHOSEN, REJECTED, CONTEXT)]
+    assert max(len(x) for x in many) == 40

@@ -109,3 +109,21 @@ def test_sb3_agent_smoke_run(algo, wrapper, tmp_path):
     assert "\r" not in proc.stderr.split("Loading weights")[-1]
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 16 and "eval/solved" in metrics[-1]
+
+
+def test_a_bf16_lm_gives_fp32_logits_and_values_and_trains():
+    """On CUDA the LM loads in bf16 by default: SB3's fp32 value head once crashed on its bf16 features."""
+    lm, tokenizer = load_model("tiny", shared=False, dtype="bfloat16", device="cpu")
+    batched = TokenLevel(make_dialogue_vec(2, **ARITH), tokenizer, window=32, max_reply_tokens=2)
+    venv = DialogueSB3VecEnv(batched, seed=0)
+    model = PPO(LMActorCriticPolicy, venv, policy_kwargs={"lm": lm}, n_steps=4, batch_size=4, n_epochs=1,
+                learning_rate=1e-3, seed=0, device="cpu")
+    obs = model.policy.obs_to_tensor(venv.reset())[0]
+    with torch.no_grad():
+        dist = model.policy.get_distribution(obs)
+        values = model.policy.predict_values(obs)
+    assert dist.distribution.logits.dtype == torch.float32 and values.dtype == torch.float32
+    head = lm.get_output_embeddings().weight
+    before = head.detach().clone()
+    model.learn(total_timesteps=8)
+    assert head.dtype == torch.bfloat16 and not torch.equal(head, before)  # trained through the fp32 read

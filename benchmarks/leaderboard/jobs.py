@@ -145,6 +145,16 @@ def _worker_job(cfg: LeaderboardConfig, kind: str, args: tuple[Any, ...]) -> Any
     return do_job(cfg, _WORKER[cfg.run_dir], kind, args)
 
 
+def job_gpus(settings: Any) -> int:
+    """GPUs per submitit job: ``submitit.gpus_per_node``, or when null, 1 if this machine's device is CUDA
+    (``DIALOGUE_GYM_DEVICE`` / auto) and 0 otherwise: a job given no GPU cannot see one (submitit hides them)."""
+    if settings.gpus_per_node is not None:
+        return int(settings.gpus_per_node)
+    from dialogue_gym.models import resolve_device
+
+    return 1 if resolve_device("auto").type == "cuda" else 0
+
+
 def _submitit_job(cfg: LeaderboardConfig, kind: str, args: tuple[Any, ...], threads: int | None) -> Any:
     _worker_init(threads)
     return _worker_job(cfg, kind, args)
@@ -159,12 +169,7 @@ class SubmititBackend:
 
         s = cfg.submitit
         self.executor = submitit.AutoExecutor(folder=str(Path(cfg.run_dir) / s.folder), cluster=s.cluster)
-        gpus = s.gpus_per_node
-        if gpus is None:  # the jobs run where this process would: on a GPU when its device is CUDA
-            from dialogue_gym.models import resolve_device
-
-            gpus = 1 if resolve_device("auto").type == "cuda" else 0
-        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": gpus,
+        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": job_gpus(s),
                                   "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "name": "leaderboard"}
         if s.partition is not None:
             params["slurm_partition"] = s.partition
