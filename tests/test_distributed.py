@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from agents.common.config import ConfigError
 from agents.common.distributed import Ranks, check_processes, combine_stats, gather, setup, share
+from agents.common.policy import PolicySettings, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(agent: str, run_dir: Path, processes: int, *overrides: str) -> str:
+def run(agent: str, run_dir: Path, processes: int, *overrides: str, config: str = "cpu2.yaml") -> str:
     # On the CPU whatever the suite's device: two processes on one GPU is not a launch NCCL accepts (one GPU per
     # process), and the comparison is of the gloo CPU path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
@@ -29,7 +30,7 @@ def run(agent: str, run_dir: Path, processes: int, *overrides: str) -> str:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "conf" / "accelerate" / "cpu2.yaml"), *args]
+               str(ROOT / "conf" / "accelerate" / config), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
@@ -63,6 +64,41 @@ def test_two_processes_take_the_single_process_step(agent, tmp_path):
     assert len(evals) == 2  # evaluated once before and once after, by the main process only
 
 
+@pytest.mark.slow
+def test_two_sharded_processes_take_the_single_process_full_fine_tuning_step(tmp_path):
+    """FSDP (conf/accelerate/cpu2_fsdp.yaml): every weight of the tiny policy, split over 2 processes, ends where
+    one process's full fine-tuning puts it after two iterations (tolerances as above), and the plain copy the
+    policy samples with is what the checkpoint holds."""
+    full_ft = ("dialogues=4", "policy.lora_r=0")
+    log = run("refuel", tmp_path / "two", 2, *full_ft, config="cpu2_fsdp.yaml")
+    run("refuel", tmp_path / "one", 1, *full_ft)
+    assert "process 1 of 2 (cpu, backend gloo, FSDP)" in log
+    one, two = (load_file(str(tmp_path / d / "checkpoints" / "last" / "trainable.safetensors")) for d in ("one", "two"))
+    assert set(one) == set(two) and any("layers.1.mlp" in k for k in one) and any("embed_tokens" in k for k in one)
+    initial, _ = load_policy(PolicySettings(model="tiny", lora_r=0), seed=0)
+    moved = [k for k, p in initial.state_dict().items() if k in one and not torch.equal(p, one[k])]
+    assert len(moved) == len(one)  # full fine-tuning moved every weight
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for r1, r2 in zip(m1, m2, strict=True):
+        assert r2["loss/loss"] == pytest.approx(r1["loss/loss"], rel=1e-3, abs=1e-6)
+
+
+def test_sharded_launches_are_checked_at_start_up():
+    from agents.common.policy import PolicySettings as P
+    from agents.common.sharding import check_sharding
+
+    check_sharding(False, P(lora_r=16), True, "PPO")  # not sharded: nothing to check
+    check_sharding(True, P(lora_r=0), False, "REFUEL")
+    for args, message in [((P(lora_r=0), False, "PPO"), "PPO does not train with sharded weights"),
+                          ((P(lora_r=16), False, "REBEL"), "for full fine-tuning, but policy.lora_r=16"),
+                          ((P(lora_r=0, engine="vllm"), False, "REFUEL"), "policy.engine=vllm under FSDP"),
+                          ((P(lora_r=0), True, "REFUEL"), "resume under FSDP is not wired")]:
+        with pytest.raises(ConfigError, match=message):
+            check_sharding(True, *args)
+
+
 def test_one_process_is_the_identity():
     ranks = setup()
     assert ranks == Ranks() and ranks.main
@@ -73,8 +109,8 @@ def test_one_process_is_the_identity():
 def test_uneven_dialogues_and_sharding_launchers_fail_at_start_up(monkeypatch):
     with pytest.raises(ConfigError, match="dialogues=5 does not split evenly over the 2 launched processes"):
         check_processes(5, Ranks(0, 2))
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="asks for FSDP.*do not shard the model"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed.*fsdp_gpu8.yaml"):
         setup()
 
 

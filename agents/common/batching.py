@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from agents.common.logprobs import sequence_logprobs
+from agents.common.sharding import LogProbModule
 
 
 @dataclass
@@ -76,6 +77,9 @@ def reply_logprobs(model: Any, replies: Sequence[Reply], pad_id: int, temperatur
     out = []
     for start in range(0, len(replies), batch_size):
         ids, attention, loss = collate(replies[start:start + batch_size], pad_id, max_length)
-        out.append(sequence_logprobs(model, ids.to(device), attention.to(device), loss.to(device),
-                                     temperature=temperature))
+        if isinstance(model, LogProbModule):  # sharded: through the FSDP root's forward (agents/common/sharding.py)
+            out.append(model(ids.to(device), attention.to(device), loss.to(device), temperature))
+        else:
+            out.append(sequence_logprobs(model, ids.to(device), attention.to(device), loss.to(device),
+                                         temperature=temperature))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=device)

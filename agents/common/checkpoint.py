@@ -31,6 +31,8 @@ def save_checkpoint(run_dir: str | Path, model: Any, optimizer: Any, scheduler: 
     """Save everything needed to resume at ``<run_dir>/checkpoints/last`` (atomically).
 
     Args:
+        optimizer: None for a run whose optimizer state cannot be saved here (FSDP: sharded); such a checkpoint
+            holds the weights but cannot be resumed.
         state: JSON-able counters (iteration, rollout cursor, budgets, ...).
     """
     target = Path(run_dir) / "checkpoints" / "last"
@@ -39,7 +41,8 @@ def save_checkpoint(run_dir: str | Path, model: Any, optimizer: Any, scheduler: 
     try:
         weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        optim_state = optimizer.state_dict() if optimizer is not None else None
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None,
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "training_state.pt")
@@ -72,6 +75,9 @@ def load_checkpoint(run_dir: str | Path, model: Any, optimizer: Any, scheduler: 
             p.copy_(weights[n])  # safetensors loads on the CPU; copy_ moves to the parameter's device
     # weights_only: tensors and plain containers only; a pickled object in a tampered file is refused, not run.
     blob = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
+    if blob["optimizer"] is None:
+        raise RuntimeError(f"checkpoint {target} holds no optimizer state (an FSDP run does not save its sharded "
+                           "state): it cannot be resumed")
     optimizer.load_state_dict(blob["optimizer"])  # moves each state tensor to its parameter's device
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])

@@ -18,8 +18,8 @@ would take on the same data (tested on CPU with 2 processes).
 Why not the DDP wrapper's forward hook. The log-prob path calls the decoder and the LM head separately (it never
 materialises full-vocabulary logits; agents/common/logprobs.py), which bypasses a ``DistributedDataParallel``
 wrapper's forward. The gradient synchronisation is therefore the collective DDP itself runs (one all-reduce of the
-LoRA gradients per optimizer step, in one flat bucket), called explicitly. Full fine-tuning with FSDP would need
-the sharded forward and is not wired (README, "Real models and GPUs"); :func:`setup` refuses such a launch.
+LoRA gradients per optimizer step, in one flat bucket), called explicitly. Full fine-tuning with an FSDP launcher
+config shards the weights instead (agents/common/sharding.py; ``Ranks.sharded``); DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: str | None = None  # the launcher's device for this process (None: leave the model where it loads)
+    sharded: bool = False  # an FSDP launch: full fine-tuning with sharded weights (agents/common/sharding.py)
 
     @property
     def main(self) -> bool:
@@ -53,20 +54,23 @@ SINGLE = Ranks()  # one process, no launcher
 
 
 def setup() -> Ranks:
-    """Join the process group ``accelerate launch`` set up (gloo on CPU, NCCL on CUDA); one process otherwise."""
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):
-            from agents.common.config import ConfigError
+    """Join the process group ``accelerate launch`` set up (gloo on CPU, NCCL on CUDA); one process otherwise.
+    An FSDP launcher config gives ``sharded=True`` (checked against the run's settings by
+    :func:`agents.common.sharding.check_sharding`)."""
+    from agents.common.sharding import fsdp_requested
 
-            raise ConfigError(f"the accelerate config asks for {what}; the agents train data-parallel with full "
-                              "replicas (DDP-style gradient all-reduce, LoRA) and do not shard the model: launch "
-                              "with conf/accelerate/ddp_gpu8.yaml (or gpu1.yaml), see README 'Real models and GPUs'")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        from agents.common.config import ConfigError
+
+        raise ConfigError("the accelerate config asks for DeepSpeed, which the agents do not use: launch with "
+                          "conf/accelerate/ddp_gpu8.yaml (LoRA) or fsdp_gpu8.yaml (full fine-tuning)")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
     import torch.distributed as dist
 
+    sharded = fsdp_requested()
     if dist.is_initialized():  # joined already (launch() and run() both ask)
-        return Ranks(dist.get_rank(), dist.get_world_size(), _device())
+        return Ranks(dist.get_rank(), dist.get_world_size(), _device(), sharded)
     if _on_cuda():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if local > torch.cuda.device_count():
@@ -86,9 +90,9 @@ def setup() -> Ranks:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         rank, world, device = dist.get_rank(), dist.get_world_size(), None
-    logging.getLogger("agents").info("process %d of %d (%s, backend %s)", rank, world, device or "cpu",
-                                     dist.get_backend())
-    return Ranks(rank, world, device)
+    logging.getLogger("agents").info("process %d of %d (%s, backend %s%s)", rank, world, device or "cpu",
+                                     dist.get_backend(), ", FSDP" if sharded else "")
+    return Ranks(rank, world, device, sharded)
 
 
 def _on_cuda() -> bool:

@@ -15,6 +15,7 @@ from agents.common.config import OptimSettings
 from agents.common.distributed import SINGLE, Ranks, all_reduce_gradients, all_reduce_sums
 from agents.common.losses import regression_loss
 from agents.common.policy import trainable_parameters
+from agents.common.sharding import dummy_logprob, forwards, is_sharded, lockstep
 
 
 @dataclass
@@ -59,12 +60,19 @@ def steps_per_iteration(pairs: int, optim: OptimSettings) -> int:
     return optim.epochs * max(1, math.ceil(pairs / optim.batch_size))
 
 
-@torch.inference_mode()
 def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temperature: float,
                             optim: OptimSettings) -> None:
-    """π_t log-probs of both replies of every pair, computed once per iteration before any update."""
+    """π_t log-probs of both replies of every pair, computed once per iteration before any update. Sharded
+    (FSDP), every process runs as many forwards as the busiest one (dummy ones after its own), under no_grad
+    (FSDP's gathered weights must not become inference tensors, which the next training step writes into)."""
     replies = [r for p in pairs for r in (p.a, p.b)]
-    logps = reply_logprobs(model, replies, pad_id, temperature, optim.micro_batch_size, optim.max_length)
+    sharded = is_sharded(model)
+    with torch.no_grad() if sharded else torch.inference_mode():
+        logps = reply_logprobs(model, replies, pad_id, temperature, optim.micro_batch_size, optim.max_length)
+        if sharded:
+            mine = forwards(len(replies), optim.micro_batch_size)
+            for _ in range(lockstep(mine) - mine):
+                dummy_logprob(model)
     for i, p in enumerate(pairs):
         p.ref_a, p.ref_b = float(logps[2 * i]), float(logps[2 * i + 1])
 
@@ -80,11 +88,15 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
 
     Data-parallel (``ranks.world > 1``, every process holding all ``pairs``): process ``r`` takes rows ``r, r + W,
     ...`` of each minibatch and the gradients are summed across processes before clipping, so every process takes
-    the single-process step (agents/common/distributed.py).
+    the single-process step (agents/common/distributed.py). Sharded (``model`` an FSDP root, agents/common/
+    sharding.py): FSDP averages the gradients itself, so each loss is scaled by ``W``, and every process runs the
+    same number of micro-batches (a zero-weighted dummy where it has no rows left).
     """
     model.train()
     history = []
     params = list(trainable_parameters(model).values())
+    sharded = is_sharded(model)
+    scale = ranks.world if sharded else 1
     for _ in range(optim.epochs):
         order = rng.permutation(len(pairs))
         for start in range(0, len(order), optim.batch_size):
@@ -98,10 +110,15 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
                 logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
                                       optim.micro_batch_size, optim.max_length)
                 loss, metrics = pair_loss(logp[0::2], logp[1::2], mb)
-                (loss * len(mb) / len(batch)).backward()
+                (loss * (scale * len(mb) / len(batch))).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
-            all_reduce_gradients(params, ranks)
+            if sharded:  # as many micro-batches as the process with the most rows (same for every minibatch)
+                busiest = forwards(len(batch[0::ranks.world]), micro)
+                for _ in range(busiest - forwards(len(mine), micro)):
+                    (dummy_logprob(model) * 0.0).backward()
+            else:
+                all_reduce_gradients(params, ranks)
             sums = all_reduce_sums(sums, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             optimizer.step()

@@ -80,6 +80,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
+from agents.common.sharding import check_sharding
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
@@ -128,6 +129,7 @@ def run(cfg: DpoConfig) -> dict:
         log.warning("mode=online samples its pairs through the env; data.source=%s is ignored", cfg.data.source)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues if from_task else 0, ranks, cfg.policy.engine)  # file pairs: any count
+    check_sharding(ranks.sharded, cfg.policy, cfg.resume, "DPO")
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)

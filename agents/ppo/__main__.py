@@ -112,6 +112,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
+from agents.common.sharding import check_sharding
 from agents.common.train import make_optimizer
 from agents.ppo.config import PpoConfig, validate
 from dialogue_gym.progress import track
@@ -303,6 +304,7 @@ def run(cfg: PpoConfig) -> dict:
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
+    check_sharding(ranks.sharded, cfg.policy, cfg.resume, "PPO")
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)

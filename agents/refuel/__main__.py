@@ -34,6 +34,7 @@ Deviations from the paper and its reference code:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
+from agents.common.sharding import check_sharding, load_full_weights, shard_policy
 from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update, steps_per_iteration
 from agents.refuel.config import RefuelConfig, validate
 from dialogue_gym.progress import track
@@ -73,6 +75,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
+    check_sharding(ranks.sharded, cfg.policy, cfg.resume, name)
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
@@ -80,6 +83,10 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     if ranks.device:  # one GPU per process under a launcher
         cfg.policy.device = ranks.device
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
+    trainer = model  # what the updates train: the model, or its FSDP root when sharded
+    if ranks.sharded:  # full fine-tuning under FSDP: a plain full copy samples, evaluates, checkpoints, exports
+        model = copy.deepcopy(model)  # (refreshed from the shards after every update; agents/common/sharding.py)
+        trainer = shard_policy(trainer, next(model.parameters()).device)
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
     rollin = make_vec(cfg.env, chunk, task=task)
@@ -87,7 +94,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = len(rollin.core.rows)
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
-    optimizer, scheduler = make_optimizer(model, cfg.optim, total_steps)
+    optimizer, scheduler = make_optimizer(trainer, cfg.optim, total_steps)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
     start = 0
@@ -108,11 +115,13 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
                                      n_rows, cfg.turn_sampling, future=future, prefix=prefix, ranks=ranks)
         t_roll = time.time() - t0
-        fill_reference_logprobs(model, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
+        fill_reference_logprobs(trainer, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order
-        history = regression_update(model, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
+        history = regression_update(trainer, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
                                     cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]),
                                     ranks)
+        if ranks.sharded:
+            load_full_weights(model, trainer)  # every process: the plain copy gets the updated weights
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
@@ -122,7 +131,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs and saves (all hold the same weights)
             logger.log(t + 1, metrics)
-            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
+            save_checkpoint(run_dir, model, None if ranks.sharded else optimizer, scheduler, {"iteration": t + 1})
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
             if logger is not None:
