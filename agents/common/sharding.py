@@ -1,4 +1,5 @@
-"""Full fine-tuning with sharded weights (FSDP2, ``torch.distributed.fsdp.fully_shard``) under ``accelerate launch``.
+"""Full fine-tuning with sharded weights (FSDP2, ``torch.distributed.fsdp.fully_shard``) under ``accelerate launch``
+(REFUEL, REBEL, DPO).
 
     accelerate launch --config_file conf/accelerate/fsdp_gpu8.yaml -m agents.refuel policy.lora_r=0 ...
 
@@ -23,7 +24,9 @@ weights in each process, refreshed from the shards after every update (:func:`lo
 for an 8B policy in bf16) beside the shards.
 
 Not wired (refused at start-up by :func:`check_sharding`): LoRA under FSDP (LoRA trains with DDP-style replicas),
-the vLLM policy engine, resuming a sharded run (its optimizer state is sharded and not saved), PPO and DPO.
+the vLLM policy engine, resuming a sharded run (its optimizer state is sharded and not saved), and PPO (its value
+head and the per-token loss path are not wired). DPO with the SFT reference keeps the frozen reference as a second
+plain copy per process.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 from agents.common.logprobs import sequence_logprobs
 
-SHARDED_AGENTS = ("REFUEL", "REBEL")
+SHARDED_AGENTS = ("REFUEL", "REBEL", "DPO")
 
 
 def fsdp_requested() -> bool:

@@ -46,6 +46,7 @@ Deviations from the paper and its reference code:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -80,7 +81,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
-from agents.common.sharding import check_sharding
+from agents.common.sharding import check_sharding, load_full_weights, shard_policy
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
@@ -140,6 +141,10 @@ def run(cfg: DpoConfig) -> dict:
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled
+    trainer = model  # what the updates train: the model, or its FSDP root when sharded
+    if ranks.sharded:  # full fine-tuning under FSDP: a plain full copy samples, evaluates, checkpoints, exports
+        model = copy.deepcopy(model)  # (refreshed from the shards after every update; agents/common/sharding.py)
+        trainer = shard_policy(trainer, next(model.parameters()).device)
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
@@ -167,7 +172,7 @@ def run(cfg: DpoConfig) -> dict:
             data_stats = {"env/pairs": float(len(fixed)), **{f"env/dropped_{k}": float(v) for k, v in dropped.items()}}
             reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the run
     per_iteration = len(fixed) if fixed else cfg.dialogues
-    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * steps_per_iteration(per_iteration,
+    optimizer, scheduler = make_optimizer(trainer, cfg.optim, cfg.iterations * steps_per_iteration(per_iteration,
                                                                                                  cfg.optim))
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
@@ -191,15 +196,17 @@ def run(cfg: DpoConfig) -> dict:
             pairs, stats = collect_pairs(rollin, branches, engine, params, rng, cfg.dialogues, n_rows,
                                          cfg.turn_sampling, cfg.future, "on_policy", k=cfg.n, pairing="best_worst",
                                          length_penalty=cfg.length_penalty, ranks=ranks)
-            reference_logprobs(model, reference, pairs, sft, pad, cfg.optim)
+            reference_logprobs(trainer, reference, pairs, sft, pad, cfg.optim)
             pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order
         else:
             pairs, stats = fixed, dict(data_stats)
         t_roll = time.time() - t0
         if not pairs:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
-        history = preference_update(model, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
+        history = preference_update(trainer, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
+        if ranks.sharded:
+            load_full_weights(model, trainer)  # every process: the plain copy gets the updated weights
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
@@ -210,7 +217,7 @@ def run(cfg: DpoConfig) -> dict:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs and saves (all hold the same weights)
             logger.log(t + 1, metrics)
-            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
+            save_checkpoint(run_dir, model, None if ranks.sharded else optimizer, scheduler, {"iteration": t + 1})
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
             if logger is not None:
