@@ -95,11 +95,12 @@ def dummy_logprob(model: LogProbModule) -> torch.Tensor:
     return model(ids, mask, loss).sum()
 
 
-def lockstep(n: int) -> int:
-    """The largest ``n`` over the processes (the number of forwards every process must run)."""
+def lockstep(n: int, device: torch.device) -> int:
+    """The largest ``n`` over the processes (the number of forwards every process must run); ``device``: the
+    shards' (NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
-    box = torch.tensor([n], dtype=torch.long)
+    box = torch.tensor([n], dtype=torch.long, device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
 
@@ -111,7 +112,7 @@ def forwards(n_rows: int, batch_size: int) -> int:
 def full_state_dict(model: LogProbModule) -> dict[str, torch.Tensor]:
     """The LM's full (unsharded) weights, on every process and on the shards' device, keyed as the plain model's
     ``state_dict``; a collective: every process must call it. (Not offloaded to the CPU: that option hands the full
-    weights to process 0 only.)"""
+    weights to process 0 only; transiently one more full copy on the device.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))

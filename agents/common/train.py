@@ -71,7 +71,7 @@ def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temp
         logps = reply_logprobs(model, replies, pad_id, temperature, optim.micro_batch_size, optim.max_length)
         if sharded:
             mine = forwards(len(replies), optim.micro_batch_size)
-            for _ in range(lockstep(mine) - mine):
+            for _ in range(lockstep(mine, next(model.parameters()).device) - mine):
                 dummy_logprob(model)
     for i, p in enumerate(pairs):
         p.ref_a, p.ref_b = float(logps[2 * i]), float(logps[2 * i + 1])
