@@ -380,3 +380,16 @@ def test_batched_prompt_tokenization_equals_one_prompt_at_a_time(tokenizer):
     many = judge.prompts_ids([CHOSEN, REJECTED, CONTEXT])
     assert many == [judge.prompt_ids(c) for c in (CHOSEN, REJECTED, CONTEXT)]
     assert max(len(x) for x in many) == 40
+
+
+def test_judge_batches_are_capped_in_rows_and_padded_tokens():
+    judge = LLMJudge(load_model("tiny", dtype="float32"), max_batch_size=3, max_batch_tokens=10)
+    lengths = [[0] * n for n in (2, 2, 3, 4, 6, 20)]
+    # 3 rows x 3 tokens fit; the fourth row would pass max_batch_size; 2 x 6 > 10; a 20-token prompt goes alone
+    assert judge._chunks(list(range(6)), lengths) == [[0, 1, 2], [3], [4], [5]]
+    convs = [CHOSEN, REJECTED, CONTEXT, CHOSEN + [{"role": "user", "content": "Sure?"}]]
+    one_forward = LLMJudge(load_model("tiny", dtype="float32"), max_batch_size=8).score(convs)
+    many = LLMJudge(load_model("tiny", dtype="float32"), max_batch_tokens=60).score(convs)  # one prompt per forward
+    np.testing.assert_allclose(many, one_forward, atol=1e-6)
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer, got 0"):
+        LLMJudge(load_model("tiny", dtype="float32"), max_batch_tokens=0)

@@ -36,6 +36,8 @@ class LLMJudge:
         model: model name for :func:`dialogue_gym.models.load_model`, or a ``(model, tokenizer)`` pair.
         max_batch_size: conversations per forward pass (default 16 on CPU, 256 on CUDA: one forward per GPU env
             step at N = 256).
+        max_batch_tokens: padded tokens per forward pass (rows x longest prompt) at most, so wide batches of long
+            prompts stay within memory: 131,072 is 256 prompts of 512 tokens.
         max_prompt_tokens: longer prompts are cut from the left of the dialogue (the instruction is kept).
         device: where a named model loads (``"auto"``: CUDA when available); a given pair stays where it is.
         dtype: weight dtype of a named model (``"auto"``: bfloat16 on CUDA, float32 on CPU); the rating is
@@ -47,7 +49,7 @@ class LLMJudge:
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", max_batch_size: int | None = None,
                  max_prompt_tokens: int = 2048, device: str = "auto", dtype: str | torch.dtype = "auto",
-                 engine: Any = None):
+                 engine: Any = None, max_batch_tokens: int = 131072):
         self.engine = engine
         if engine is not None:
             self.name, self.model, self.tokenizer = str(model), None, engine.tokenizer
@@ -61,6 +63,9 @@ class LLMJudge:
             self.name = "custom"
         on_cuda = self.model is not None and next(self.model.parameters()).device.type == "cuda"
         self.max_batch_size = max_batch_size or (256 if on_cuda else 16)
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+        self.max_batch_tokens = max_batch_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.digit_ids = []
         for d in "123456789":
@@ -104,8 +109,7 @@ class LLMJudge:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         values = torch.arange(1, 10, dtype=torch.float64, device=device)
         digits = torch.tensor(self.digit_ids, dtype=torch.long, device=device)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
+        for chunk in self._chunks(order, prompts):
             width = max(len(prompts[i]) for i in chunk)
             # Built on the host (many small row copies), then moved to the model's device in one transfer.
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -115,12 +119,25 @@ class LLMJudge:
                 mask[r, width - len(prompts[i]):] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1, :]
+                                position_ids=position_ids.to(device), logits_to_keep=1,
+                                use_cache=False).logits[:, -1, :]  # (no KV cache: one forward, nothing to reuse)
             probs = torch.softmax(logits[:, digits].double(), dim=-1)  # (B, 9) fp64 on the model's device
             expected = (probs * values).sum(-1).cpu()  # (B,)
             for r, i in enumerate(chunk):
                 scores[i] = float(expected[r])
         return scores
+
+    def _chunks(self, order: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Consecutive runs of ``order`` (sorted by length) of at most ``max_batch_size`` rows and at most
+        ``max_batch_tokens`` padded tokens (rows x the run's longest prompt) each; a longer prompt goes alone."""
+        chunks: list[list[int]] = []
+        for i in order:  # ascending length: the newest row is the run's longest
+            if chunks and len(chunks[-1]) < self.max_batch_size and \
+                    (len(chunks[-1]) + 1) * len(prompts[i]) <= self.max_batch_tokens:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
 
     def _score_on_engine(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         if getattr(self.engine, "token_prompts", True):
