@@ -102,7 +102,8 @@ def test_generation_is_seeded_splits_are_disjoint_and_answers_follow_the_facts()
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(withheld=3), r"task_kwargs.withheld must be an integer in \[1, 2\]"),
-    (dict(steps=3), r"task_kwargs.steps must be an integer in \[1, 2\]"),
+    (dict(steps=3), r"task_kwargs.steps must be an integer in \[0, 2\]"),
+    (dict(steps=0, withheld=2), r"task_kwargs.withheld must be an integer in \[1, 1\]"),
     (dict(distractors=-1), "task_kwargs.distractors"),
     (dict(vague=1.0), r"task_kwargs.vague must be a probability in \[0, 1\)"),
     (dict(discount=0), "task_kwargs.discount"),
@@ -138,3 +139,12 @@ def test_tasks_without_a_validation_split_say_so():
     with pytest.raises(DialogueError, match="no rows in split 'validation'"):
         gym.make("MultiTurnDialogue-v0", task="embedded", split="validation", model="tiny", user="scripted",
                  reward="judge")
+
+
+def test_zero_steps_withholds_the_start_and_the_answer_is_it():
+    task = ClarifyTask(steps=0, n_train=5, n_validation=5, n_test=5)
+    for row in task.rows("test"):
+        opening = row.messages[-1]["content"]
+        (fact,) = row.profile["facts"]
+        assert " has some " in opening and not any(ch.isdigit() for ch in opening.split(" How many")[0])
+        assert fact["text"].endswith("at the start.") and str(int(row.profile["answer"])) in fact["text"]

@@ -1,11 +1,14 @@
 """Clarify: arithmetic word problems whose needed numbers arrive only in later turns, when the assistant asks.
 
 ## Description
-A seeded story about a person and a quantity, changed by one or two steps, then a question ("How many apples does
-Maya have now?"). ``withheld`` of the story's numbers are left out of the opening message ("Maya has some
-apples."); the scripted user holds them. ``distractors`` adds sentences with numbers the answer does not need
+A seeded story about a person and a quantity, changed by ``steps`` steps (0 to 2), then a question ("How many
+apples does Maya have now?"). ``withheld`` of the story's numbers are left out of the opening message ("Maya has
+some apples."); the scripted user holds them. ``distractors`` adds sentences with numbers the answer does not need
 ("Leo has 9 shells."). The task exists because on ``arithmetic`` everything happens on the first turn; here a
-turn's value shows only later: asking earns nothing at once, and is the only way to the answer.
+turn's value shows only later: asking earns nothing at once, and is the only way to the answer. With ``steps=0``
+the story is only the withheld start: once the user gives it, the answer is that number, so what is left to learn
+is the asking (the CPU leaderboard's shaping: the 135M policy rarely gets even one step of arithmetic right after
+the number comes out).
 
 ## The user (``user: clarify``), after each assistant reply
 1. a correct final answer (:func:`~dialogue_gym.tasks.arithmetic.is_correct`, the verifier's rule) ends the
@@ -195,7 +198,7 @@ class ClarifyTask:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise DialogueError(f"task_kwargs.{key} must be an integer in [{lo}, {hi}], got {v!r}")
 
-        whole("steps", steps, 1, 2)
+        whole("steps", steps, 0, 2)
         whole("withheld", withheld, 1, steps + 1)
         whole("distractors", distractors, 0, 3)
         for key, v in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)):
