@@ -171,12 +171,12 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], compar
            "that the two engines' float kernels break differently; sampled replies differ because each engine "
            "draws its own noise from a seed (same distribution, different samples; the log-prob test checks the "
            "distributions agree).", "", comparison, ""] if comparison else []),
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, torch {info['torch']}, "
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram']}, torch {info['torch']}, "
         f"python {info['python']}, {info['date']}. Load average (1/5/15 min) before: "
         f"{'/'.join(f'{x:.1f}' for x in load_before)}, after: {'/'.join(f'{x:.1f}' for x in load_after)}.", "",
-        "**Measured on a shared, loaded 2-core machine** (other jobs ran at the same time): read the ratios side by "
-        "side, not the absolute numbers. Two processes on two cores split the same cores (one thread each), so "
-        "they show the data-parallel path working, not a speed-up; on GPUs each process gets its own device.",
+        "The load averages say how busy the machine was: read the ratios side by side, not the absolute numbers. "
+        "Two processes on two cores split the same cores (one thread each), so they show the data-parallel path "
+        "working, not a speed-up; on GPUs each process gets its own device.",
     ]
     if args.note:
         text += ["", args.note]

@@ -1,0 +1,19 @@
+"""benchmarks.train_throughput's report: written with the machine line and the rows (the runs themselves are the
+benchmark, not a test)."""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import train_throughput as tt
+
+
+def test_report_is_written_with_the_machine_and_every_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(tt, "RESULTS", tmp_path / "train_throughput.md")
+    args = argparse.Namespace(dialogues=32, max_new_tokens=16, iterations=1, compare=0, note="a note")
+    row = {"setup": "hf", "engine": "hf", "processes": 1, "samples": 112, "samples_per_s": 2.98,
+           "pairs": 31, "pair_updates_per_s": 0.78, "iteration_s": 77.3, "wall_s": 99.0}
+    tt.write_report(args, [row], "", (0.1, 0.2, 0.3))
+    text = (tmp_path / "train_throughput.md").read_text()
+    assert "Machine: " in text and "cores" in text and "Load average (1/5/15 min) before: 0.1/0.2/0.3" in text
+    assert "| hf | hf | 1 | 112 |" in text and text.rstrip().endswith("a note")
