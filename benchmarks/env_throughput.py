@@ -150,21 +150,24 @@ def time_raw_generate(model: Any, n: int, prompt_len: int, new_tokens: int, cach
     return {"tokens_per_s": n * new_tokens / best, "wall_s": best, "warmup_s": warmup}
 
 
+def _play(venv: Any, n: int, steps: int) -> None:
+    for s in range(steps):
+        venv.step([ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)])
+
+
 def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
     venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", **env_kwargs(engine, tokens))
     warmup = 0.0
     if engine.partition("/")[0].endswith("+static"):  # compile every shape of this run before timing it
         t = time.perf_counter()
         venv.reset(seed=0)
-        for s in range(steps):
-            venv.step([ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)])
+        _play(venv, n, steps)
         warmup = time.perf_counter() - t
     timers = Timers()
     with timers.instrument(venv.core) as eng:
         venv.reset(seed=0)
         tok0, t0 = eng.tokens_generated, time.perf_counter()
-        for s in range(steps):
-            venv.step([ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)])
+        _play(venv, n, steps)
         wall = time.perf_counter() - t0
         tokens_made = eng.tokens_generated - tok0
     return summarize(n * steps, wall, tokens_made, timers) | {"warmup_s": warmup}

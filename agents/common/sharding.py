@@ -31,6 +31,7 @@ plain copy per process.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
@@ -80,6 +81,22 @@ def shard_policy(model: Any, device: torch.device) -> LogProbModule:
     root = LogProbModule(model)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard)
     return root
+
+
+def split_for_training(model: Any, sharded: bool) -> tuple[Any, Any]:
+    """``(model, trainer)``: the model every other part of a run uses (samples, evaluates, checkpoints, exports)
+    and what the updates train. One process or DDP: the same object twice. FSDP: a plain full copy, and the
+    sharded root of the original (refresh the copy after each update with :func:`refresh_copy`)."""
+    if not sharded:
+        return model, model
+    plain = copy.deepcopy(model)
+    return plain, shard_policy(model, next(plain.parameters()).device)
+
+
+def refresh_copy(model: Any, trainer: Any) -> None:
+    """After an update: the plain copy gets the sharded weights (every process calls it); a no-op unsharded."""
+    if is_sharded(trainer):
+        load_full_weights(model, trainer)
 
 
 def is_sharded(model: Any) -> bool:

@@ -46,7 +46,6 @@ Deviations from the paper and its reference code:
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -81,7 +80,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
-from agents.common.sharding import check_sharding, load_full_weights, shard_policy
+from agents.common.sharding import check_sharding, refresh_copy, split_for_training
 from agents.common.train import Pair, fill_reference_logprobs, make_optimizer, pair_update, steps_per_iteration
 from agents.dpo.config import DpoConfig, validate
 from agents.dpo.data import load_preferences, tokenize_pair
@@ -141,10 +140,7 @@ def run(cfg: DpoConfig) -> dict:
     pad = pad_id(tokenizer)
     sft = cfg.reference == "sft"
     reference = frozen_reference(model) if sft and cfg.policy.lora_r == 0 else None  # LoRA: adapter disabled
-    trainer = model  # what the updates train: the model, or its FSDP root when sharded
-    if ranks.sharded:  # full fine-tuning under FSDP: a plain full copy samples, evaluates, checkpoints, exports
-        model = copy.deepcopy(model)  # (refreshed from the shards after every update; agents/common/sharding.py)
-        trainer = shard_policy(trainer, next(model.parameters()).device)
+    model, trainer = split_for_training(model, ranks.sharded)  # trainer: the model, or its FSDP root
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     params = sampling_params(cfg.sampling)
     if from_task:
@@ -205,8 +201,7 @@ def run(cfg: DpoConfig) -> dict:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
         history = preference_update(trainer, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
-        if ranks.sharded:
-            load_full_weights(model, trainer)  # every process: the plain copy gets the updated weights
+        refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}

@@ -34,7 +34,6 @@ Deviations from the paper and its reference code:
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ from agents.common.run import (
     policy_engine,
     sampling_params,
 )
-from agents.common.sharding import check_sharding, load_full_weights, shard_policy
+from agents.common.sharding import check_sharding, refresh_copy, split_for_training
 from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update, steps_per_iteration
 from agents.refuel.config import RefuelConfig, validate
 from dialogue_gym.progress import track
@@ -83,10 +82,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     if ranks.device:  # one GPU per process under a launcher
         cfg.policy.device = ranks.device
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
-    trainer = model  # what the updates train: the model, or its FSDP root when sharded
-    if ranks.sharded:  # full fine-tuning under FSDP: a plain full copy samples, evaluates, checkpoints, exports
-        model = copy.deepcopy(model)  # (refreshed from the shards after every update; agents/common/sharding.py)
-        trainer = shard_policy(trainer, next(model.parameters()).device)
+    model, trainer = split_for_training(model, ranks.sharded)  # trainer: the model, or its FSDP root
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
     rollin = make_vec(cfg.env, chunk, task=task)
@@ -120,8 +116,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         history = regression_update(trainer, optimizer, scheduler, pairs, cfg.eta, pad_id(tokenizer),
                                     cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]),
                                     ranks)
-        if ranks.sharded:
-            load_full_weights(model, trainer)  # every process: the plain copy gets the updated weights
+        refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
