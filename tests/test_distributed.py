@@ -76,7 +76,7 @@ def test_two_sharded_processes_take_the_single_process_full_fine_tuning_step(age
     assert "process 1 of 2 (cpu, backend gloo, FSDP)" in log
     one, two = (load_file(str(tmp_path / d / "checkpoints" / "last" / "trainable.safetensors")) for d in ("one", "two"))
     assert set(one) == set(two) and any("layers.1.mlp" in k for k in one) and any("embed_tokens" in k for k in one)
-    initial, _ = load_policy(PolicySettings(model="tiny", lora_r=0), seed=0)
+    initial, _ = load_policy(PolicySettings(model="tiny", lora_r=0, device="cpu"), seed=0)  # where the runs ran
     moved = [k for k, p in initial.state_dict().items() if k in one and not torch.equal(p, one[k])]
     assert len(moved) == len(one)  # full fine-tuning moved every weight
     for k in one:
@@ -107,6 +107,32 @@ def test_one_process_is_the_identity():
     assert ranks == Ranks() and ranks.main
     assert gather([1, 2], ranks) == [1, 2] and combine_stats({"env/pairs": 2.0}, ranks) == {"env/pairs": 2.0}
     assert share(6, Ranks(1, 3)) == slice(2, 4)
+
+
+def test_an_fsdp_launch_of_one_process_joins_a_group_of_one(monkeypatch):
+    """``torchrun --nproc_per_node 1`` with an FSDP config shards over a group of one (how FSDP is checked on a
+    one-GPU machine); the same launch without FSDP, and a plain run with FSDP asked for, stay unlaunched."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DIALOGUE_GYM_DEVICE": "cpu"}
+    for k, v in launched.items():
+        monkeypatch.setenv(k, v)
+    assert setup() == Ranks()  # launched, one process, no FSDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    try:
+        assert setup() == Ranks(0, 1, None, True) and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for k in ("RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k)
+    assert setup() == Ranks()  # FSDP asked for, but no launcher
 
 
 def test_uneven_dialogues_and_sharding_launchers_fail_at_start_up(monkeypatch):

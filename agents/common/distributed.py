@@ -64,11 +64,14 @@ def setup() -> Ranks:
 
         raise ConfigError("the accelerate config asks for DeepSpeed, which the agents do not use: launch with "
                           "conf/accelerate/ddp_gpu8.yaml (LoRA) or fsdp_gpu8.yaml (full fine-tuning)")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    sharded = fsdp_requested()
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # a launcher (torchrun) set up a group
+    # One process stays unlaunched, except an FSDP launch of one process (one GPU): sharding over a group of one
+    # runs the same code path as eight, so it can be checked on a one-GPU machine.
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (sharded and launched):
         return Ranks()
     import torch.distributed as dist
 
-    sharded = fsdp_requested()
     if dist.is_initialized():  # joined already (launch() and run() both ask)
         return Ranks(dist.get_rank(), dist.get_world_size(), _device(), sharded)
     if _on_cuda():
