@@ -2,16 +2,20 @@
 
     python -m benchmarks.train_throughput                       # hf, vllm, hf x2 at 32 dialogues
     python -m benchmarks.train_throughput --setups hf,vllm --dialogues 16 --iterations 2
+    python -m benchmarks.train_throughput --setups "hf full,vllm full"   # full fine-tuning (policy.lora_r=0)
 
 Each setup is a real REFUEL run (``python -m agents.refuel``, or ``accelerate launch --config_file
-conf/accelerate/cpu2.yaml -m agents.refuel`` for 2 processes) with the embedded SmolLM2-135M policy (LoRA r = 16)
+conf/accelerate/cpu2.yaml -m agents.refuel`` for 2 processes) with the embedded SmolLM2-135M policy (LoRA r = 16;
+the ``full`` setups fine-tune every weight and, on vLLM, reload them all into the engine after each update)
 on the arithmetic task, whose critic user and verifier reward need no model, so the figures are the policy's own
 cost: sampling (roll-in, both branches to H') and the update (pi_t log-probs + the regression steps). Read from
 each run's ``metrics.jsonl``:
 
 - policy samples/s: replies sampled in the iteration (``env/policy_samples``) / rollout seconds;
 - pair updates/s: pairs / (iteration seconds − rollout seconds), the reference log-probs included;
-- iteration seconds, and the whole run's wall time (model loads, engine start and the two evaluations included).
+- iteration seconds, and the whole run's wall time (model loads, engine start and the two evaluations included);
+- the bound: what the iteration ratio against the first row would be if sampling took no time at all
+  (first row's iteration seconds / this row's update seconds). A faster sampler cannot beat it.
 
 The last iteration is reported (the first pays one-off costs: vLLM's first adapter load, allocator warm-up).
 Writes ``benchmarks/results/train_throughput.md`` with the machine, its load average and the command.
@@ -33,19 +37,21 @@ from benchmarks.env_throughput import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.md"
-SETUPS = {  # name: (policy engine, processes)
-    "hf": ("hf", 1),
-    "vllm": ("vllm", 1),
-    "hf x2": ("hf", 2),
-    "vllm x2": ("vllm", 2),
+SETUPS = {  # name: (policy engine, processes, LoRA rank; 0 = full fine-tuning)
+    "hf": ("hf", 1, 16),
+    "vllm": ("vllm", 1, 16),
+    "hf x2": ("hf", 2, 16),
+    "vllm x2": ("vllm", 2, 16),
+    "hf full": ("hf", 1, 0),
+    "vllm full": ("vllm", 1, 0),
 }
 
 
 def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, out: Path) -> dict[str, Any]:
     """One REFUEL run; returns the last iteration's throughput figures."""
-    engine, processes = SETUPS[name]
+    engine, processes, lora_r = SETUPS[name]
     run_dir = out / name.replace(" ", "")
-    args = ["-m", "agents.refuel", "+env=arithmetic", "policy.model=embedded", "policy.lora_r=16",
+    args = ["-m", "agents.refuel", "+env=arithmetic", "policy.model=embedded", f"policy.lora_r={lora_r}",
             f"policy.engine={engine}", f"dialogues={dialogues}", f"iterations={iterations}",
             f"sampling.max_new_tokens={max_new_tokens}", "eval.dialogues=2", "optim.batch_size=8",
             "optim.micro_batch_size=8", "export=false", f"hydra.run.dir={run_dir}"]
@@ -62,7 +68,8 @@ def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, o
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     update_s = last["perf/iteration_s"] - last["perf/rollout_s"]
-    return {"setup": name, "engine": engine, "processes": processes, "samples": last["env/policy_samples"],
+    return {"setup": name, "engine": engine, "processes": processes, "lora_r": lora_r,
+            "samples": last["env/policy_samples"],
             "pairs": last["env/pairs"], "rollout_s": last["perf/rollout_s"], "update_s": update_s,
             "iteration_s": last["perf/iteration_s"], "wall_s": wall,
             "samples_per_s": last["env/policy_samples"] / last["perf/rollout_s"],
@@ -111,14 +118,18 @@ def compare_rollouts(dialogues: int, max_new_tokens: int) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     base = results[0]
-    lines = ["| setup | policy engine | processes | policy samples | samples/s | pairs | pair updates/s | "
-             "iteration s | iteration vs first | run wall s |", "|" + "---|" * 10]
+    lines = ["| setup | policy engine | processes | trained | policy samples | rollout s | samples/s | pairs | "
+             "update s | pair updates/s | iteration s | iteration vs first | bound (free sampling) | run wall s |",
+             "|" + "---|" * 14]
     for r in results:
-        lines.append(f"| {r['setup']} | {r['engine']} | {r['processes']} | {r['samples']:.0f} | "
+        trained = f"LoRA r={r['lora_r']}" if r.get("lora_r", 16) else "all weights"
+        lines.append(f"| {r['setup']} | {r['engine']} | {r['processes']} | {trained} | {r['samples']:.0f} | "
+                     f"{r['rollout_s']:.1f} | "
                      f"{r['samples_per_s']:.2f} ({r['samples_per_s'] / base['samples_per_s']:.2f}x) | "
-                     f"{r['pairs']:.0f} | "
+                     f"{r['pairs']:.0f} | {r['update_s']:.1f} | "
                      f"{r['pair_updates_per_s']:.2f} ({r['pair_updates_per_s'] / base['pair_updates_per_s']:.2f}x) | "
-                     f"{r['iteration_s']:.1f} | {base['iteration_s'] / r['iteration_s']:.2f}x | {r['wall_s']:.0f} |")
+                     f"{r['iteration_s']:.1f} | {base['iteration_s'] / r['iteration_s']:.2f}x | "
+                     f"{base['iteration_s'] / r['update_s']:.2f}x | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -161,7 +172,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], compar
         "# REFUEL training throughput: policy on HF vs vLLM, 1 vs 2 processes", "",
         f"Command: `{command}`", "",
         f"REFUEL on the arithmetic task (critic user and verifier: no model in the env), embedded SmolLM2-135M "
-        f"policy with LoRA r = 16, {args.dialogues} dialogues per iteration, replies of at most "
+        f"policy (LoRA r = 16 unless the row says all weights), {args.dialogues} dialogues per iteration, "
+        "replies of at most "
         f"{args.max_new_tokens} tokens, horizon 3, batch 8 pairs; the last of {args.iterations} iteration(s) is "
         "reported. Ratios are against the first row.", "",
         table(results), "",
