@@ -3,10 +3,12 @@
     python -m benchmarks.train_throughput                       # hf, vllm, hf x2 at 32 dialogues
     python -m benchmarks.train_throughput --setups hf,vllm --dialogues 16 --iterations 2
     python -m benchmarks.train_throughput --setups "hf full,vllm full"   # full fine-tuning (policy.lora_r=0)
+    python -m benchmarks.train_throughput --setups "hf,vllm,vllm merged"   # LoRA: adapter vs merged weights
 
 Each setup is a real REFUEL run (``python -m agents.refuel``, or ``accelerate launch --config_file
 conf/accelerate/cpu2.yaml -m agents.refuel`` for 2 processes) with the embedded SmolLM2-135M policy (LoRA r = 16;
-the ``full`` setups fine-tune every weight and, on vLLM, reload them all into the engine after each update)
+the ``full`` setups fine-tune every weight and, on vLLM, reload them all into the engine after each update;
+``vllm merged`` trains LoRA but reloads the merged weights instead of loading a vLLM LoRA adapter)
 on the arithmetic task, whose critic user and verifier reward need no model, so the figures are the policy's own
 cost: sampling (roll-in, both branches to H') and the update (pi_t log-probs + the regression steps). Read from
 each run's ``metrics.jsonl``:
@@ -37,21 +39,23 @@ from benchmarks.env_throughput import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.md"
-SETUPS = {  # name: (policy engine, processes, LoRA rank; 0 = full fine-tuning)
-    "hf": ("hf", 1, 16),
-    "vllm": ("vllm", 1, 16),
-    "hf x2": ("hf", 2, 16),
-    "vllm x2": ("vllm", 2, 16),
-    "hf full": ("hf", 1, 0),
-    "vllm full": ("vllm", 1, 0),
+SETUPS = {  # name: (policy engine, processes, LoRA rank (0 = full fine-tuning), policy.lora_sync)
+    "hf": ("hf", 1, 16, "adapter"),
+    "vllm": ("vllm", 1, 16, "adapter"),
+    "vllm merged": ("vllm", 1, 16, "merged"),
+    "hf x2": ("hf", 2, 16, "adapter"),
+    "vllm x2": ("vllm", 2, 16, "adapter"),
+    "hf full": ("hf", 1, 0, "adapter"),
+    "vllm full": ("vllm", 1, 0, "adapter"),
 }
 
 
 def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, out: Path) -> dict[str, Any]:
     """One REFUEL run; returns the last iteration's throughput figures."""
-    engine, processes, lora_r = SETUPS[name]
+    engine, processes, lora_r, lora_sync = SETUPS[name]
     run_dir = out / name.replace(" ", "")
     args = ["-m", "agents.refuel", "+env=arithmetic", "policy.model=embedded", f"policy.lora_r={lora_r}",
+            f"policy.lora_sync={lora_sync}",
             f"policy.engine={engine}", f"dialogues={dialogues}", f"iterations={iterations}",
             f"sampling.max_new_tokens={max_new_tokens}", "eval.dialogues=2", "optim.batch_size=8",
             "optim.micro_batch_size=8", "export=false", f"hydra.run.dir={run_dir}"]
@@ -68,7 +72,7 @@ def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, o
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     update_s = last["perf/iteration_s"] - last["perf/rollout_s"]
-    return {"setup": name, "engine": engine, "processes": processes, "lora_r": lora_r,
+    return {"setup": name, "engine": engine, "processes": processes, "lora_r": lora_r, "lora_sync": lora_sync,
             "samples": last["env/policy_samples"],
             "pairs": last["env/pairs"], "rollout_s": last["perf/rollout_s"], "update_s": update_s,
             "iteration_s": last["perf/iteration_s"], "wall_s": wall,
@@ -123,6 +127,8 @@ def table(results: list[dict[str, Any]]) -> str:
              "|" + "---|" * 14]
     for r in results:
         trained = f"LoRA r={r['lora_r']}" if r.get("lora_r", 16) else "all weights"
+        if r.get("lora_sync") == "merged" and r["engine"] == "vllm" and r.get("lora_r", 16):
+            trained += ", merged into the engine"
         lines.append(f"| {r['setup']} | {r['engine']} | {r['processes']} | {trained} | {r['samples']:.0f} | "
                      f"{r['rollout_s']:.1f} | "
                      f"{r['samples_per_s']:.2f} ({r['samples_per_s'] / base['samples_per_s']:.2f}x) | "

@@ -86,6 +86,25 @@ def test_two_agents_get_identical_states_and_user_seeds(tmp_path):
     assert [r.messages[2] for r in other] != [r.messages[2] for r in a]
 
 
+@pytest.mark.vllm
+@pytest.mark.embedded
+def test_the_stored_states_are_played_on_vllm_as_on_hf(tmp_path):
+    """policy_engine=vllm: the evaluation plays the same states with the same user seeds on a vLLM engine; greedy
+    replies of the embedded policy are the HF engine's (up to near-ties; none on these states)."""
+    venv = eval_venv(3)
+    states = stored_states(RolloutStore(tmp_path / "states.jsonl"), venv.core, 3, seed=9)
+    played = {}
+    for engine in ("hf", "vllm"):
+        cfg = lb.LeaderboardConfig(policy="embedded", policy_engine=engine, max_new_tokens=12,
+                                   eval=lb.EvalProtocol(states=3, temperature=0.0))
+        store = RolloutStore(tmp_path / f"{engine}.jsonl")
+        records, _ = lb.evaluate(cfg, eval_venv(3), "embedded", states, store, engine, {"engine": engine})
+        assert [r.start for r in records] == [s.id for s in states] and len(store.dialogues()) == 3
+        assert all(r.logprobs and all(len(lp) == len(t) for lp, t in zip(r.logprobs, r.token_ids)) for r in records)
+        played[engine] = records
+    assert [r.messages for r in played["vllm"]] == [r.messages for r in played["hf"]]
+
+
 def test_a_dialogue_solved_on_its_last_turn_is_stored_as_terminated(tmp_path):
     venv = eval_venv(1)
     state = make_states(venv.core, 1, seed=0)
@@ -198,6 +217,9 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     assert lb.agent_config(cfg, "refuel", 0, tmp_path, None).sampling.temperature == 0.8  # the agent's own
     cfg.temperature = 0.5
     assert lb.agent_config(cfg, "dpo", 0, tmp_path, None).sampling.temperature == 0.5
+    assert {lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine for n in cfg.agents} == {"hf"}
+    cfg.policy_engine = "vllm"
+    assert {lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine for n in cfg.agents} == {"vllm"}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -212,6 +234,7 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(threads=0), "threads must be >= 1 or null"),
     (dict(jobs=0), "jobs must be >= 1"),
+    (dict(policy_engine="sglang"), "policy_engine is 'sglang'; allowed: hf, vllm"),
 ])
 def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from agents.common.batching import Reply, collate
 from agents.common.config import ConfigError, merge_schema
 from agents.common.logprobs import token_logprobs
-from agents.common.policy_engine import engine_lora_rank
+from agents.common.policy_engine import engine_lora_rank, sync_policy
 from dialogue_gym.generation import SamplingParams
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -42,6 +42,7 @@ def test_vllm_without_vllm_installed_says_what_to_install(agent, monkeypatch):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["policy.engine=sglang"], "policy.engine is 'sglang'; allowed: hf, vllm"),
+    (["policy.engine=vllm", "policy.lora_sync=copy"], "policy.lora_sync is 'copy'; allowed: adapter, merged"),
     (["policy.engine=vllm", "policy.lora_r=1024"], "policy.lora_r=1024 is above the largest LoRA rank vLLM serves"),
     (["policy.engine=vllm", "policy.engine_memory=0"], r"policy.engine_memory must be in \(0, 1\]"),
     (["policy.engine=vllm", "+sampling.top_p=0.9"], "use sampling.top_p=1.0 or policy.engine=hf"),
@@ -55,6 +56,7 @@ def test_bad_engine_settings_fail_at_start_up(overrides, fragment):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="checks past the install check need vLLM")
 def test_full_fine_tuning_on_vllm_is_accepted():
     _validate("refuel", "policy.engine=vllm", "policy.lora_r=0")  # full weights are synced (no error)
+    _validate("refuel", "policy.engine=vllm", "policy.lora_r=1024", "policy.lora_sync=merged")  # any rank merges
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny model's 16-wide heads only fail on vLLM's CPU path")
@@ -93,6 +95,27 @@ def _perturb_lora(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def _sync_and_compare(engine, model, prompts, perturb, check_version):
+    """Perturb the model, sync the engine, sample, twice; returns the largest |engine - trainer| token log-prob gap,
+    the samples before the first sync and after the last."""
+    params = SamplingParams(temperature=0.8, max_new_tokens=24)
+    seeds = [11, 12, 13]
+    base = engine.generate(prompts, params, seeds=seeds, return_logprobs=True)
+    worst = []
+    for version in (1, 2):
+        perturb(model, version)
+        sync_policy(engine, model)
+        check_version(version)
+        gens = engine.generate(prompts, params, seeds=seeds, return_logprobs=True)
+        replies = [Reply.from_generation(g) for g in gens]
+        with torch.inference_mode():
+            trainer = _trainer_logprobs(model, replies, params.temperature)
+        for r, t in zip(replies, trainer):
+            assert len(r.logprobs) == len(t) == len(r.token_ids)
+            worst.append(float(np.max(np.abs(np.array(r.logprobs) - np.array(t)))))
+    return max(worst), base, gens
+
+
 def _trainer_logprobs(model, replies, temperature):
     out = []
     for r in replies:
@@ -112,22 +135,12 @@ PROMPTS = [[{"role": "user", "content": "What is 17 + 25?"}],
 @pytest.mark.embedded
 def test_engine_log_probs_match_the_trainer_after_each_adapter_load(policy_on_vllm):
     model, _, engine = policy_on_vllm
-    params = SamplingParams(temperature=0.8, max_new_tokens=24)
-    seeds = [11, 12, 13]
-    base = engine.generate(PROMPTS, params, seeds=seeds, return_logprobs=True)
-    worst = []
-    for version in (1, 2):
-        _perturb_lora(model, version)
-        engine.load_adapter(model)
-        assert engine.version == version and engine.request.lora_int_id == version
-        gens = engine.generate(PROMPTS, params, seeds=seeds, return_logprobs=True)
-        replies = [Reply.from_generation(g) for g in gens]
-        with torch.inference_mode():
-            trainer = _trainer_logprobs(model, replies, params.temperature)
-        for r, t in zip(replies, trainer):
-            assert len(r.logprobs) == len(t) == len(r.token_ids)
-            worst.append(float(np.max(np.abs(np.array(r.logprobs) - np.array(t)))))
-    assert max(worst) < 1e-3, worst
+
+    def check_version(v):
+        assert engine.version == v and engine.request.lora_int_id == v
+
+    worst, base, gens = _sync_and_compare(engine, model, PROMPTS, _perturb_lora, check_version)
+    assert worst < 1e-3, worst
     assert [g.token_ids for g in gens] != [g.token_ids for g in base]  # the adapter changed what is sampled
     assert not (engine.adapter_dir / "v1").exists() and (engine.adapter_dir / "v2").is_dir()  # old one removed
 
@@ -147,37 +160,49 @@ def _perturb_all(model, seed: int) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.embedded
-def test_engine_log_probs_match_the_trainer_after_each_full_weight_load():
-    """Full fine-tuning: every weight, the tied embedding / LM head included, changes and is loaded in place."""
+@pytest.mark.parametrize("sync", ["full", "merged"])
+def test_engine_log_probs_match_the_trainer_after_each_full_weight_load(sync):
+    """Full fine-tuning: every weight, the tied embedding / LM head included, changes and is loaded in place.
+    ``lora_sync=merged``: the LoRA adapter is merged into the weights the engine reloads."""
     from agents.common.policy import PolicySettings, load_policy
-    from agents.common.policy_engine import VLLMPolicy, sync_policy
+    from agents.common.policy_engine import VLLMPolicy
 
-    settings = PolicySettings(model="embedded", lora_r=0, engine="vllm", engine_memory=0.15)
+    lora = dict(lora_r=8, lora_alpha=16, lora_sync="merged") if sync == "merged" else dict(lora_r=0)
+    settings = PolicySettings(model="embedded", engine="vllm", engine_memory=0.15, **lora)
     model, _ = load_policy(settings, seed=0)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # SmolLM2 ties them
     engine = VLLMPolicy(settings, seed=0)
     try:
-        params = SamplingParams(temperature=0.8, max_new_tokens=24)
-        seeds = [11, 12, 13]
-        base = engine.generate(LONG, params, seeds=seeds, return_logprobs=True)
-        worst = []
-        for version in (1, 2):
-            _perturb_all(model, version)
-            sync_policy(engine, model)
-            assert engine.version == version and engine.engine.weights_loaded == version
-            gens = engine.generate(LONG, params, seeds=seeds, return_logprobs=True)
-            replies = [Reply.from_generation(g) for g in gens]
-            with torch.inference_mode():
-                trainer = _trainer_logprobs(model, replies, params.temperature)
-            for r, t in zip(replies, trainer):
-                assert len(r.logprobs) == len(t) == len(r.token_ids)
-                worst.append(float(np.max(np.abs(np.array(r.logprobs) - np.array(t)))))
-        assert max(worst) < 1e-3, worst
+        def check_version(v):
+            assert engine.version == v and engine.engine.weights_loaded == v
+
+        perturb = _perturb_lora if sync == "merged" else _perturb_all
+        worst, base, gens = _sync_and_compare(engine, model, LONG, perturb, check_version)
+        assert worst < 1e-3, worst
         assert [g.token_ids for g in gens] != [g.token_ids for g in base]  # the new weights changed the samples
         with pytest.raises(TypeError, match="use load_full_weights"):
             engine.load_adapter(model)
     finally:
         engine.close()
+
+
+def test_merged_weights_are_peft_merge_and_unload_without_touching_the_model():
+    import copy
+
+    from agents.common.policy import PolicySettings, load_policy
+    from agents.common.policy_engine import merged_state_dict
+
+    model, _ = load_policy(PolicySettings(model="tiny", lora_r=4, lora_alpha=8, device="cpu"), seed=0)
+    _perturb_lora(model, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_state_dict(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert set(merged) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
 def test_weight_sync_needs_a_private_engine():

@@ -160,6 +160,8 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
     from agents.common.policy_engine import VLLM_LORA_RANKS
 
     check(policy.engine in ("hf", "vllm"), f"policy.engine is {policy.engine!r}; allowed: hf, vllm")
+    check(policy.lora_sync in ("adapter", "merged"),
+          f"policy.lora_sync is {policy.lora_sync!r}; allowed: adapter, merged")
     if policy.engine != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:
@@ -167,9 +169,9 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
 
         raise ConfigError(f"policy.engine=vllm needs vLLM, which is not installed. {INSTALL_HINT} Or set "
                           "policy.engine=hf.")
-    check(policy.lora_r <= max(VLLM_LORA_RANKS), f"policy.lora_r={policy.lora_r} is above the largest LoRA rank "
-                                                 f"vLLM serves ({max(VLLM_LORA_RANKS)}): lower policy.lora_r or "
-                                                 "set policy.engine=hf")
+    check(policy.lora_sync == "merged" or policy.lora_r <= max(VLLM_LORA_RANKS),
+          f"policy.lora_r={policy.lora_r} is above the largest LoRA rank vLLM serves ({max(VLLM_LORA_RANKS)}): lower "
+          "policy.lora_r, set policy.lora_sync=merged, or set policy.engine=hf")
     check(0 < policy.engine_memory <= 1, f"policy.engine_memory must be in (0, 1], got {policy.engine_memory}")
     check(sampling.top_p == 1.0, f"policy.engine=vllm with sampling.top_p={sampling.top_p}: vLLM's log-probs are "
                                  "renormalised within the nucleus and would not match the trainer's; use "

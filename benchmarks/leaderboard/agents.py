@@ -76,9 +76,10 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
                  lr: float | None = None) -> Any:
     """The agent's typed ``Config`` with the leaderboard's shared settings imposed.
 
-    Shared by every agent: the env, the initial policy, the reply length cap, the sampling temperature (when
-    set), the seed; the learning rate when the sweep chose one (``lr``); the agent's own in-run evaluation is shrunk
-    to ``agent_eval_dialogues`` (the leaderboard evaluates every policy itself).
+    Shared by every agent: the env, the initial policy and its engine (``policy_engine``), the reply length cap,
+    the sampling temperature (when set), the seed; the learning rate when the sweep chose one (``lr``); the
+    agent's own in-run evaluation is shrunk to ``agent_eval_dialogues`` (the leaderboard evaluates every policy
+    itself).
     """
     schema = agent_module(name).Config
     typed = merge_schema(compose_agent_config(name, list(cfg.overrides.get(name, []))), schema)
@@ -87,6 +88,7 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
             raise ConfigError(f"agent {name!r} has no {key!r} setting; the leaderboard needs it ({schema.__name__})")
     typed.env = dataclasses.replace(cfg.env, task_kwargs=dict(cfg.env.task_kwargs), split="train")
     typed.policy.model = cfg.policy
+    typed.policy.engine = cfg.policy_engine
     typed.sampling.max_new_tokens = cfg.max_new_tokens
     if cfg.temperature is not None:
         typed.sampling.temperature = cfg.temperature

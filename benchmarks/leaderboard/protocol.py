@@ -95,12 +95,24 @@ def play_states(venv: Any, engine: Any, params: SamplingParams, states: list[Sta
 
 def evaluate(cfg: LeaderboardConfig, venv: Any, model_name: str, states: list[StateRecord], store: RolloutStore,
              policy: str, tags: dict[str, Any]) -> tuple[list[DialogueRecord], float]:
-    """Load ``model_name`` with ``load_model``, play the stored states, append the dialogues to ``store``."""
+    """Play the stored states with the policy ``model_name`` (a name ``load_model`` knows, or an exported policy's
+    directory) on ``cfg.policy_engine`` (HF, or a private vLLM engine closed afterwards); append the dialogues to
+    ``store``."""
     t0 = time.time()
-    model, tokenizer = load_model(model_name, shared=False)
-    engine = HFEngine((model, tokenizer), seed=cfg.eval.seed)
     params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.max_new_tokens)
-    records = play_states(venv, engine, params, states, policy, tags)
+    if cfg.policy_engine == "vllm":
+        from agents.common.policy import PolicySettings
+        from dialogue_gym.generation.vllm import VLLMEngine
+
+        engine: Any = VLLMEngine(model_name, seed=cfg.eval.seed, shared=False,
+                                 gpu_memory_utilization=PolicySettings().engine_memory)
+        try:
+            records = play_states(venv, engine, params, states, policy, tags)
+        finally:
+            engine.close()
+    else:
+        engine = HFEngine(load_model(model_name, shared=False), seed=cfg.eval.seed)
+        records = play_states(venv, engine, params, states, policy, tags)
     store.append(records)
     return records, time.time() - t0
 

@@ -118,7 +118,8 @@ def _protocol(cfg: LeaderboardConfig, meta: dict[str, Any]) -> list[str]:
             f"training reward `{cfg.env.reward or 'task default'}` ({cfg.env.reward_mode}), horizon "
             f"{cfg.env.max_turns} turns; replies capped at {cfg.max_new_tokens} tokens; training samples at "
             f"temperature {temperature}.",
-            f"- Initial policy of every agent and baseline: `{cfg.policy}`. Agents: {', '.join(cfg.agents)}; "
+            f"- Initial policy of every agent and baseline: `{cfg.policy}`, sampled on {cfg.policy_engine} in "
+            f"training and evaluation. Agents: {', '.join(cfg.agents)}; "
             f"seeds {list(cfg.seeds)}. Learning rate: {lr}.",
             f"- Budget per agent and seed, counted by the env in its training envs: policy samples "
             f"{limit_text(cfg.budget.policy_samples)}, scored conversations "
