@@ -202,8 +202,10 @@ def run(cfg: DpoConfig) -> dict:
         history = preference_update(trainer, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
                                     cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
         refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
+        t_sync = time.time()
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter or weights; HF samples the model
-        metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
+        t_sync = time.time() - t_sync
+        metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
         if from_task:
             metrics["perf/user_calls"] = float(rollin.core.user_calls + branches.core.user_calls)

@@ -349,9 +349,11 @@ def run(cfg: PpoConfig) -> dict:
         stats.update(assign_advantages(turns, cfg.dialogues, kl.value, cfg.gamma, cfg.lam, cfg.whiten_advantages))
         history = ppo_update(agent, optimizer, scheduler, turns, cfg.dialogues, cfg, pad,
                              np.random.default_rng([cfg.seed, t, 1]), ranks)
+        t_sync = time.time()
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter or weights; HF samples the model
+        t_sync = time.time() - t_sync
         kl.update(stats["policy/kl_ref"], cfg.dialogues)
-        metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
+        metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(venv.core.user_calls), "perf/reward_calls": float(venv.core.reward_calls)}
         for k in history[0]:

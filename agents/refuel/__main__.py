@@ -117,8 +117,10 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
                                     cfg.sampling.temperature, cfg.optim, np.random.default_rng([cfg.seed, t, 1]),
                                     ranks)
         refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
+        t_sync = time.time()
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter or weights; HF samples the model
-        metrics = {**stats, "perf/rollout_s": t_roll, "perf/iteration_s": time.time() - t0,
+        t_sync = time.time() - t_sync
+        metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(rollin.core.user_calls + branches.core.user_calls),
                    "perf/reward_calls": float(rollin.core.reward_calls + branches.core.reward_calls)}
