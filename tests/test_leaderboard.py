@@ -218,8 +218,9 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     cfg.temperature = 0.5
     assert lb.agent_config(cfg, "dpo", 0, tmp_path, None).sampling.temperature == 0.5
     assert {lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine for n in cfg.agents} == {"hf"}
-    cfg.policy_engine = "vllm"
-    assert {lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine for n in cfg.agents} == {"vllm"}
+    cfg.policy_engine, cfg.policy_engine_memory = "vllm", 0.3
+    assert {(lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine,
+             lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine_memory) for n in cfg.agents} == {("vllm", 0.3)}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -235,6 +236,7 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
     (dict(threads=0), "threads must be >= 1 or null"),
     (dict(jobs=0), "jobs must be >= 1"),
     (dict(policy_engine="sglang"), "policy_engine is 'sglang'; allowed: hf, vllm"),
+    (dict(policy_engine_memory=0.0), r"policy_engine_memory must be in \(0, 1\]"),
 ])
 def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})

@@ -205,6 +205,18 @@ def test_merged_weights_are_peft_merge_and_unload_without_touching_the_model():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
+def test_checkpoint_tensors_write_a_tied_tensor_once_and_keep_views_of_one_storage():
+    from dialogue_gym.generation.vllm import checkpoint_tensors
+
+    embed = torch.randn(6, 4)
+    flat = torch.arange(16.0)
+    state = {"embed.weight": embed, "head.weight": embed, "a.weight": flat[:8].view(2, 4),
+             "b.weight": flat[8:].view(2, 4), "c.weight": embed.t()}  # c: same memory, other shape
+    out = checkpoint_tensors(state)
+    assert list(out) == ["embed.weight", "a.weight", "b.weight", "c.weight"]
+    assert torch.equal(out["b.weight"], flat[8:].view(2, 4)) and out["c.weight"].is_contiguous()
+
+
 def test_weight_sync_needs_a_private_engine():
     pytest.importorskip("vllm")
     from dialogue_gym.generation.vllm import VLLMEngine

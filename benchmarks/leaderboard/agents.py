@@ -88,7 +88,7 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
             raise ConfigError(f"agent {name!r} has no {key!r} setting; the leaderboard needs it ({schema.__name__})")
     typed.env = dataclasses.replace(cfg.env, task_kwargs=dict(cfg.env.task_kwargs), split="train")
     typed.policy.model = cfg.policy
-    typed.policy.engine = cfg.policy_engine
+    typed.policy.engine, typed.policy.engine_memory = cfg.policy_engine, cfg.policy_engine_memory
     typed.sampling.max_new_tokens = cfg.max_new_tokens
     if cfg.temperature is not None:
         typed.sampling.temperature = cfg.temperature

@@ -67,6 +67,7 @@ class LeaderboardConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds per agent
     policy: str = "embedded"  # the initial policy of every agent, and the baseline of the win rates
     policy_engine: str = "hf"  # where every policy samples, in training (policy.engine) and evaluation: hf or vllm
+    policy_engine_memory: float = 0.15  # with vllm: the engine's share of device memory (policy.engine_memory)
     env: EnvSettings = field(default_factory=EnvSettings)  # task, user, reward of training and evaluation
     max_new_tokens: int = 64  # policy reply cap, in training and evaluation, for every agent
     temperature: float | None = None  # policy sampling temperature in training for every agent; null: each agent's
@@ -105,6 +106,8 @@ def validate(cfg: LeaderboardConfig) -> None:
     check(cfg.eval.n_boot >= 100, f"eval.n_boot must be >= 100, got {cfg.eval.n_boot}")
     check(cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     check(cfg.policy_engine in ("hf", "vllm"), f"policy_engine is {cfg.policy_engine!r}; allowed: hf, vllm")
+    check(0 < cfg.policy_engine_memory <= 1,
+          f"policy_engine_memory must be in (0, 1], got {cfg.policy_engine_memory}")
     check(cfg.temperature is None or cfg.temperature > 0,
           f"temperature must be > 0 (on-policy sampling) or null (each agent's own), got {cfg.temperature}")
     check(cfg.agent_eval_dialogues >= 1, f"agent_eval_dialogues must be >= 1, got {cfg.agent_eval_dialogues}")

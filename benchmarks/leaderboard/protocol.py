@@ -101,11 +101,10 @@ def evaluate(cfg: LeaderboardConfig, venv: Any, model_name: str, states: list[St
     t0 = time.time()
     params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.max_new_tokens)
     if cfg.policy_engine == "vllm":
-        from agents.common.policy import PolicySettings
         from dialogue_gym.generation.vllm import VLLMEngine
 
         engine: Any = VLLMEngine(model_name, seed=cfg.eval.seed, shared=False,
-                                 gpu_memory_utilization=PolicySettings().engine_memory)
+                                 gpu_memory_utilization=cfg.policy_engine_memory)
         try:
             records = play_states(venv, engine, params, states, policy, tags)
         finally:

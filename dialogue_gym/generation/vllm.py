@@ -379,7 +379,6 @@ class VLLMEngine:
         Raises:
             RuntimeError: the engine was not started with ``weight_sync=True``, or was closed.
         """
-        import torch
         from safetensors.torch import save_file
 
         if "llm" not in self.__dict__:
@@ -387,15 +386,7 @@ class VLLMEngine:
         if not self.weight_sync:
             raise RuntimeError("load_weights needs an engine started with VLLMEngine(..., weight_sync=True, "
                                "shared=False)")
-        state = weights.state_dict() if hasattr(weights, "state_dict") else dict(weights)
-        out: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, tensor in state.items():
-            key = tensor.untyped_storage().data_ptr()
-            if key in seen:  # tied weights: the checkpoint holds the tensor once
-                continue
-            seen.add(key)
-            out[name] = tensor.detach().to("cpu").contiguous()
+        out = checkpoint_tensors(weights.state_dict() if hasattr(weights, "state_dict") else dict(weights))
         with tempfile.TemporaryDirectory(prefix="vllm-weights-") as tmp:
             path = str(Path(tmp) / "model.safetensors")
             save_file(out, path)
@@ -509,6 +500,21 @@ def _release_llm(key: str | None, llm: Any) -> None:
                 return
             del _shared_llms[key]
     llm.llm_engine.engine_core.shutdown()
+
+
+def checkpoint_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """``state``'s tensors as a checkpoint holds them: on the CPU, contiguous, a tied tensor (the same memory and
+    shape under two names, e.g. embeddings and LM head) once, under its first name. Two tensors that are views at
+    different offsets of one storage are different weights and both kept."""
+    out = {}
+    seen: set[tuple[str, int, tuple[int, ...]]] = set()
+    for name, tensor in state.items():
+        key = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
 
 
 def _check_cpu_head_size(source: str) -> None:
