@@ -92,7 +92,7 @@ def _perturb_lora(model, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.02)
 
 
 def _sync_and_compare(engine, model, prompts, perturb, check_version):
@@ -155,7 +155,7 @@ def _perturb_all(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.abs().mean())
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05 * p.abs().mean())
 
 
 @pytest.mark.vllm
