@@ -23,7 +23,7 @@ from dialogue_gym.models import load_model
 from tests import testbed as tb
 from tests.testbed import ANSWER, ASK, ETA, GUESS, PI0, REPLIES, STATES, Check, Testbed, centred
 
-REFUEL_SEEDS = range(10)  # the noisy arm: REFUEL's turn-1 targets are Monte-Carlo returns
+REFUEL_SEEDS = range(8)  # the noisy arms: REFUEL's turn-1 targets are Monte-Carlo returns
 FEW_SEEDS = range(4)  # arms whose targets are exact (immediate rewards, signs): the SE only has to exist
 
 
@@ -31,6 +31,7 @@ FEW_SEEDS = range(4)  # arms whose targets are exact (immediate rewards, signs):
 def runs(tmp_path_factory):
     """``runs(name)``: the (seeds, states, replies) log-prob changes of an arm, computed once per module."""
     arms = {"refuel": (tb.refuel_arm("uniform", dialogues=128), REFUEL_SEEDS),
+            "refuel_reference": (tb.refuel_arm("reference", dialogues=128), range(6)),
             "refuel_mutant": (tb.refuel_arm("uniform", dialogues=128, name="REFUEL-mutant"), range(3)),
             "rebel": (tb.rebel_arm("uniform"), FEW_SEEDS),
             "dpo": (tb.dpo_arm(), FEW_SEEDS),
@@ -154,10 +155,23 @@ def test_refuel_moves_log_pi_by_eta_q(runs, bed):
     Derivation: the log-ratio difference of two replies at one state is ``delta_a - delta_b`` (the table's
     normaliser cancels), regressed onto ``eta * (Q_hat_a - Q_hat_b)``; ``Q_hat`` is an unbiased return given
     (s, a) (H' = H, branches completed by pi0), so the least-squares fit is unbiased for ``eta * Q(s, a) + c(s)``.
-    Tolerance: 5 standard errors of the mean over 10 seeds (turn 1's Monte-Carlo returns) + 0.02 (optimiser).
+    Tolerance: 5 standard errors of the mean over 8 seeds (turn 1's Monte-Carlo returns) + 0.02 (optimiser).
     """
     check = Check(ETA * centred(bed.refuel_target("uniform")))
     assert check.failures(runs("refuel")) == []
+
+
+def test_refuel_reference_sampling_dilutes_turn_1_credit(runs, bed):
+    """REFUEL with its reference turn sampling (H' ~ U{1..H}, h ~ U{1..H'}) matches its own closed form, in which
+    two thirds of the turn-1 pairs end at H' = 1 and are scored by their immediate reward: ``E[Q_hat | s1, a] =
+    2/3 r(s1, a) + 1/3 Q(s1, a)``. The ask-guess gap shrinks from 0.48 to 0.03 (the issue's horizon dilution),
+    and the trained table is told apart from the uniform closed form (a branch completed to H instead of H')."""
+    deltas = runs("refuel_reference")
+    assert Check(ETA * centred(bed.refuel_target("reference"))).failures(deltas) == []
+    assert any("state (1, False)" in f for f in Check(ETA * centred(bed.refuel_target("uniform"))).failures(deltas))
+    gap = {m: bed.refuel_target(m)[0, ASK] - bed.refuel_target(m)[0, GUESS] for m in ("reference", "uniform")}
+    assert gap["reference"] == pytest.approx(0.55 / 3 - 0.4 / 3 - 0.2 / 9) and gap["uniform"] == pytest.approx(
+        0.55 - 0.2 / 3)
 
 
 def test_refuel_check_rejects_immediate_reward_credit(runs, bed):

@@ -414,10 +414,13 @@ class Testbed:
         """(states, replies) ``Q(s, a)``: the return over the whole horizon H under pi0."""
         return np.array([[self.q(h, k, a, self.max_turns) for a in range(len(REPLIES))] for h, k in STATES])
 
-    def advantage(self) -> np.ndarray:
-        """(states, replies) ``Q(s, a) - V(s)`` with ``V(s) = sum_a pi0(a|s) Q(s, a)`` (PPO's expected advantage)."""
-        q = self.q_table()
-        return q - (self.pi0 * q).sum(-1, keepdims=True)
+    def advantage(self, turn_sampling: str = "uniform") -> np.ndarray:
+        """(states, replies) ``A(s, a) = y(s, a) - sum_b pi0(b|s) y(s, b)`` with ``y`` REFUEL's target for this turn
+        sampling: ``uniform`` gives ``Q(s, a) - V(s)`` over the whole horizon (PPO's, and a whole-dialogue
+        credit's, expected advantage); ``reference`` the advantage of returns completed to a drawn H' (a
+        turn-level credit through forks with REFUEL's turn sampling)."""
+        y = self.refuel_target(turn_sampling)
+        return y - (self.pi0 * y).sum(-1, keepdims=True)
 
     def pair_frequencies(self, n: int) -> list[dict[tuple[int, int], float]]:
         """Per state, ``P(pair = (best, worst))`` of n replies drawn from pi0 and ranked by immediate reward (the
