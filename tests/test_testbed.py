@@ -1,4 +1,4 @@
-"""The exact algorithm testbed (tests/testbed.py): each agent's real ``run(cfg)`` on a table policy over canned
+"""The exact algorithm testbed (agents/testbed.py): each agent's real ``run(cfg)`` on a table policy over canned
 replies, its trained table checked against the closed form of its update, over seeds, within the Monte-Carlo error.
 
 The arms' runs are shared by the tests through a module-scoped cache (each arm runs once per seed list).
@@ -16,27 +16,19 @@ import pytest
 import torch
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
+from agents import testbed as tb
 from agents.common.batching import Reply, reply_logprobs
+from agents.testbed import ANSWER, ASK, ETA, GUESS, PI0, REPLIES, STATES, Check, Testbed, centred
 from dialogue_gym.generation.base import SamplingParams
 from dialogue_gym.generation.hf import HFEngine
 from dialogue_gym.models import load_model
-from tests import testbed as tb
-from tests.testbed import ANSWER, ASK, ETA, GUESS, PI0, REPLIES, STATES, Check, Testbed, centred
-
-REFUEL_SEEDS = range(8)  # the noisy arms: REFUEL's turn-1 targets are Monte-Carlo returns
-FEW_SEEDS = range(4)  # arms whose targets are exact (immediate rewards, signs): the SE only has to exist
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(name)``: the (seeds, states, replies) log-prob changes of an arm, computed once per module."""
-    arms = {"refuel": (tb.refuel_arm("uniform", dialogues=128), REFUEL_SEEDS),
-            "refuel_reference": (tb.refuel_arm("reference", dialogues=128), range(6)),
-            "refuel_mutant": (tb.refuel_arm("uniform", dialogues=128, name="REFUEL-mutant"), range(3)),
-            "rebel": (tb.rebel_arm("uniform"), FEW_SEEDS),
-            "dpo": (tb.dpo_arm(), FEW_SEEDS),
-            "ppo": (tb.ppo_arm(), FEW_SEEDS)}
-    arms["refuel_mutant"][0].patches.append(tb.refuel_scores_immediate_reward)
+    """``runs(name)``: the (seeds, states, replies) log-prob changes of an arm of ``default_arms``, computed once per
+    module."""
+    arms = tb.default_arms()
     done: dict[str, np.ndarray] = {}
     root = tmp_path_factory.mktemp("testbed")
 

@@ -41,8 +41,12 @@ The closed forms (exact, from the initial table pi_0; :class:`Testbed` computes 
   vanishes, and scales by a positive one), and Adam's first step moves each entry by ``lr`` in its sign: so
   ``delta table[s, b]`` has the sign of the advantage ``Q(s, b) - V(s)``.
 
-Adding an agent: an :class:`AgentSpec` (its ``run``, the config overrides that make its update exact, and a
-``check`` that compares the trained tables with its closed form); see ``docs/testbed.md``.
+Where it runs: ``tests/test_testbed.py`` (the default suite, about 20 s of CPU) and ``python -m benchmarks.testbed``
+(the table of closed forms against trained tables, ``benchmarks/results/testbed.md``). Importing this module
+registers the task as ``task=testbed`` and the policy's architecture with ``transformers``' Auto classes.
+
+Adding an agent: an :class:`Arm` (its ``run``, its config on the testbed, and the :class:`Check` of its closed
+form) and an entry in :func:`default_arms`; see ``docs/testbed.md``.
 """
 
 from __future__ import annotations
@@ -540,6 +544,8 @@ class Arm:
         config: ``config(policy_dir, run_dir, seed)`` -> the agent's config object (start from
             :func:`common_settings`).
         check: ``check(testbed)`` -> the :class:`Check` its trained tables must pass.
+        patches: context managers entered around the runs (a mutant's bug).
+        mutant: the arm is a deliberately broken agent that must FAIL its check.
     """
 
     name: str
@@ -547,6 +553,7 @@ class Arm:
     config: Callable[[Path, Path, int], Any]
     check: Callable[[Testbed], Check]
     patches: list[Callable[[], contextlib.AbstractContextManager]] = field(default_factory=list)
+    mutant: bool = False
 
 
 @contextlib.contextmanager
@@ -692,3 +699,18 @@ def refuel_scores_immediate_reward() -> Iterator[None]:
         yield
     finally:
         refuel.collect_pairs = real
+
+
+def default_arms() -> dict[str, tuple[Arm, range]]:
+    """Every arm the suite and ``python -m benchmarks.testbed`` run, with its seeds: REFUEL's turn-1 targets are
+    Monte-Carlo returns (8 and 6 seeds of 128 dialogues); the other arms' targets are exact (immediate rewards,
+    signs), so their seeds only have to give a standard error. ``refuel_mutant`` must fail the REFUEL check."""
+    mutant = refuel_arm("uniform", dialogues=128, name="REFUEL-mutant")
+    mutant.patches.append(refuel_scores_immediate_reward)
+    mutant.mutant = True
+    return {"refuel": (refuel_arm("uniform", dialogues=128), range(8)),
+            "refuel_reference": (refuel_arm("reference", dialogues=128), range(6)),
+            "refuel_mutant": (mutant, range(3)),
+            "rebel": (rebel_arm("uniform"), range(4)),
+            "dpo": (dpo_arm(), range(4)),
+            "ppo": (ppo_arm(), range(4))}
