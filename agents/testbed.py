@@ -666,8 +666,9 @@ def ppo_arm(dialogues: int = 96) -> Arm:
     """PPO (agents.ppo): one full-batch step, gamma = lambda = 1, no KL penalty, value head at 0.
 
     Closed form: the expected policy gradient on ``table[s, b]`` is ``d(s) pi0(b|s) (Q(s, b) - V(s))``, and
-    AdamW's first step moves each entry by ``lr`` in the sign of its gradient: every reply whose advantage
-    ``Q(s, b) - V(s)`` (:meth:`Testbed.advantage`) is clearly non-zero moves its way.
+    AdamW's first step (zero moments, beta1 = 0 here) moves each entry by exactly ``lr`` in the sign of its
+    gradient: ``delta table[s, b] = lr * sign(Q(s, b) - V(s))`` (:meth:`Testbed.advantage`), once the batch is large
+    enough for the sampled gradient to have its expectation's sign.
     """
     from agents.ppo.__main__ import run
     from agents.ppo.config import PpoConfig
@@ -679,7 +680,7 @@ def ppo_arm(dialogues: int = 96) -> Arm:
         cfg.optim.batch_size = dialogues  # one minibatch: a single step, from pi0
         return cfg
 
-    return Arm("PPO", run, config, lambda tb: Check(tb.advantage(), kind="sign", atol=0.05))
+    return Arm("PPO", run, config, lambda tb: Check(PPO_LR * centred(np.sign(tb.advantage())), atol=0.002))
 
 
 @contextlib.contextmanager

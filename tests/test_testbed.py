@@ -196,9 +196,13 @@ def test_dpo_fits_the_cdpo_optimum_at_each_turn(runs, bed):
 
 
 def test_ppo_moves_each_reply_by_its_advantage_sign(runs, bed):
-    """PPO (one full-batch step from pi0, gamma = lambda = 1, no KL): every reply whose advantage Q(s, a) - V(s)
-    is clearly non-zero (|A| > 0.05) moves its log-prob in the advantage's sign (significantly over seeds)."""
-    assert tb.ppo_arm().check(bed).failures(runs("ppo")) == []
+    """PPO (one full-batch step from pi0, gamma = lambda = 1, no KL, whitened advantages): the expected gradient on
+    ``table[s, b]`` is ``d(s) pi0(b|s) (Q(s, b) - V(s))`` and AdamW's first step (beta1 = 0) moves every entry by
+    exactly ``lr`` in its sign, so ``delta table = lr * sign(Q - V)``: every reply moves by its advantage's sign."""
+    deltas = runs("ppo")
+    assert tb.ppo_arm().check(bed).failures(deltas) == []
+    assert (np.sign(centred(deltas).mean(0)) == np.sign(bed.advantage())).all()
+    assert Check(tb.PPO_LR * centred(-np.sign(bed.advantage())), atol=0.002).failures(deltas)  # a flipped sign fails
 
 
 def test_task_level_refuel_learns_to_ask_and_rebel_does_not(runs):
