@@ -173,6 +173,7 @@ def test_refuel_check_rejects_immediate_reward_credit(runs, bed):
     failures = check.failures(runs("refuel_mutant"))
     assert any("state (1, False)" in f for f in failures), failures
     assert all("state (2," not in f for f in failures)  # at the last turn, Q is the immediate reward
+    assert Check(ETA * centred(bed.immediate())).failures(runs("refuel_mutant")) == []  # it learns REBEL's update
 
 
 def test_rebel_moves_log_pi_by_eta_r(runs, bed):
