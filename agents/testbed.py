@@ -35,11 +35,12 @@ The closed forms (exact, from the initial table pi_0; :class:`Testbed` computes 
   immediate reward.
 - Online DPO (immediate reward, exact fit of the cDPO loss with label smoothing ``eps``): at a state where every
   pair prefers the same reply ``w`` to each other reply ``l``, ``beta * (delta_w - delta_l) = log((1 - eps) /
-  eps)`` for every ``l`` that appears.
+  eps)`` for every ``l`` that appears; where the pair types cannot all be met (answer > guess > ask), the exact
+  minimiser of the loss over the pair types in their exact proportions (:func:`cdpo_optimum`).
 - PPO (one full-batch step, gamma = lambda = 1, value head at 0, no KL): the expected policy gradient on
   ``table[s, b]`` is ``d(s) pi_0(b|s) (Q(s, b) - V(s))`` (whitening shifts by a constant, whose expectation
-  vanishes, and scales by a positive one), and Adam's first step moves each entry by ``lr`` in its sign: so
-  ``delta table[s, b]`` has the sign of the advantage ``Q(s, b) - V(s)``.
+  vanishes, and scales by a positive one), and AdamW's first step (zero moments, beta1 = 0) moves each entry by
+  exactly ``lr`` in its gradient's sign: ``delta table[s, b] = lr * sign(Q(s, b) - V(s))``.
 
 Where it runs: ``tests/test_testbed.py`` (the default suite, about 20 s of CPU) and ``python -m benchmarks.testbed``
 (the table of closed forms against trained tables, ``benchmarks/results/testbed.md``). Importing this module
