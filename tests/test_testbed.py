@@ -103,6 +103,21 @@ def test_env_is_exact_through_the_vector_env():
     venv.close()
 
 
+def test_testbed_parts_reject_what_they_cannot_read():
+    """A reply that is not canned is an error naming it and the allowed ones; so is a conversation longer than the
+    table's horizon."""
+    with pytest.raises(ValueError, match="got the reply 'hello'; allowed: ask, guess, answer"):
+        tb.TestbedUser().respond([[{"role": "user", "content": tb.OPENING}, {"role": "assistant", "content": "hello"}]],
+                                 [{}], [0])
+    model, tokenizer = tb.make_policy({})
+    text = tokenizer.apply_chat_template(tb.conversation_to(2, False) + [{"role": "assistant", "content": "guess"},
+                                                                         {"role": "user", "content": "no"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match="more than max_turns=2 assistant turns"):
+        model.get_decoder()(ids)
+
+
 def test_closed_forms_by_hand(bed):
     """The enumerated closed forms equal the numbers worked out by hand from pi0 (module docstring of testbed)."""
     q = bed.q_table()
