@@ -33,9 +33,10 @@ class FaultServer:
             ``("truncated",)``, ``("drop",)``, ``("choices", k)``, ``("edit", fn)`` (the normal answer after
             ``fn(answer)`` changed it in place; NaN is sent as JSON's ``NaN`` literal), ``("pad", n, declare)``
             (the normal answer with an ``n``-byte padding field, with a ``Content-Length`` header when ``declare``,
-            else streamed until the connection closes), ``("trickle", chunks, seconds)`` (the normal answer in
-            ``chunks`` pieces, ``seconds`` apart), ``("echo", code, pad)`` (HTTP ``code`` whose error message is
-            ``pad`` dots and then the request's ``Authorization`` header, as some proxies do).
+            else streamed until the connection closes), ``("raw", payload)`` (HTTP 200 with these bytes as the
+            body), ``("trickle", chunks, seconds)`` (the normal answer in ``chunks`` pieces, ``seconds`` apart),
+            ``("echo", code, pad)`` (HTTP ``code`` whose error message is ``pad`` dots and then the request's
+            ``Authorization`` header, as some proxies do).
         outage: while set, every POST is answered with this HTTP status (a server that is down for a while).
         requests: ``(method, path, headers, body)`` of every request received.
         max_in_flight: the most requests that were being handled at once.
@@ -115,6 +116,8 @@ class FaultServer:
             return self._send(h, fault[1], json.dumps({"error": {"message": message}}).encode())
         if kind == "garbage":
             return self._send(h, 200, b"<html>definitely not json")
+        if kind == "raw":
+            return self._send(h, 200, fault[1])
         if kind == "truncated":
             return self._send(h, 200, json.dumps(self._completion(body))[:40].encode())
         if kind == "drop":

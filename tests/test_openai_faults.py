@@ -141,6 +141,17 @@ def test_a_corrupt_answer_field_is_a_server_error_naming_it(server, api, call, e
             assert out[0].token_ids == canned_tokens(3)
 
 
+@pytest.mark.parametrize("payload", [b"[" * 100_000 + b"]" * 100_000, b'{"choices": [\xff\xfe]}'],
+                         ids=["nested-too-deep", "not-utf8"])
+def test_an_unparsable_body_is_malformed_json(server, payload):
+    with OpenAIEngine("tiny", server.url, backoff_s=0.01, timeout_s=5) as eng:
+        server.faults = [("raw", payload)]
+        with pytest.raises(ServerError, match="malformed JSON in an HTTP 200 answer") as e:
+            eng.generate(CHATS[:1], PARAMS, seeds=[3])
+        assert e.value.status == 200 and len(e.value.args[0]) < 1000  # the quoted body is cut
+        assert eng.generate(CHATS[:1], PARAMS, seeds=[3])[0].token_ids == canned_tokens(3)
+
+
 def test_a_corrupt_answer_leaves_the_episodes_intact(server):
     """A token id past the vocabulary used to decode to '' and become the fallback question, silently."""
     def corrupt(answer: dict) -> None:
@@ -281,6 +292,17 @@ def test_the_redaction_rules():
     out = redact(text, secrets=[SECRET])
     assert out == "key *** auth: Bearer *** url http://***@host:1/v1 and ***@host"
     assert redact("nothing to hide", secrets=["", None]) == "nothing to hide"
+
+
+def test_a_quoted_body_is_redacted_before_it_is_cut():
+    """The key placed where the quote is cut, after a body that is mostly whitespace (collapsed in the quote)."""
+    from dialogue_gym.generation.http_common import server_error
+
+    for body in (" \n" * 20_000 + "." * 180 + f" x-api-key: {SECRET}", "." * 185 + SECRET):
+        message = str(server_error("HTTP 400", "http://h:1/v1", "tiny", 400, body=body, secrets=[SECRET]))
+        assert not any(SECRET[i:i + 6] in message for i in range(len(SECRET) - 5)), message
+        assert message.startswith("HTTP 400: ....") and message.endswith("[server http://h:1/v1, model 'tiny', "
+                                                                          "HTTP status 400]")
 
 
 def test_the_retry_wait_rule():

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 # What redaction hides: the userinfo of a URL (``user:password@``; also catches the local part of an e-mail
 # address, which an error message can do without) and the token after ``Bearer``.
-_USERINFO = re.compile(r"[^\s/@'\"<>]+@")
+_USERINFO = re.compile(r"[^\s/@'\"<>]{1,256}@")  # bounded: linear time on a long body without "@"
+QUOTED_BODY_CHARS = 200  # how much of an answer body a message quotes
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s'\",;}]+")
 
 
@@ -52,8 +53,9 @@ def server_error(what: str, url: str, model: str, status: int | None = None, bod
         secrets: strings that must never appear (the API key, read from its variable by the caller).
     """
     secrets = list(secrets)
-    if body is not None:
-        what = f"{what}: {snippet(redact(body, secrets))}"
+    if body is not None:  # on one line, a generous head redacted (a secret across the cut is whole), then cut
+        flat = " ".join(body.split())
+        what = f"{what}: {snippet(redact(flat[:QUOTED_BODY_CHARS + 8192], secrets), QUOTED_BODY_CHARS)}"
     where = f"server {url}, model {model!r}" + (f", HTTP status {status}" if status else "")
     return ServerError(redact(f"{what} [{where}]", secrets), url, model, status)
 

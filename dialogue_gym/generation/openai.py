@@ -210,6 +210,7 @@ class OpenAIEngine:
         ids = prompt_token_ids(self.tokenizer, prompt)
         body: dict[str, Any] = {"model": self.name, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "n": 1}
+
         def read(data: Any) -> Any:
             return read_generation(data, api=self.api, vocab_size=self.vocab_size, max_tokens=params.max_new_tokens,
                                    sent_ids=ids, want_logprobs=return_logprobs)
@@ -325,7 +326,7 @@ class OpenAIEngine:
             raise self._error(f"{method} {self.base_url}{path}: HTTP {r.status_code}", r.status_code, body=text)
         try:
             return json.loads(content)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays nested past the parser's depth
             raise self._error(f"{method} {self.base_url}{path}: malformed JSON in an HTTP 200 answer ({e})", 200,
                               body=text) from None
 
