@@ -153,7 +153,7 @@ def read_candidate_logprobs(data: Any, *, api: str, candidates: list[int], candi
     if not isinstance(top[0], dict):
         raise AnswerError(f"choices[0].logprobs.top_logprobs[0] is {_show(top[0])}, not an object")
     where = "choices[0].logprobs.top_logprobs[0]"
-    ids = {_token_key(k, where, vocab_size, as_key=True): _logprob(v, f"{where}[{k!r}]", finite=False)
+    ids = {_token_key(k, where, vocab_size): _logprob(v, f"{where}[{k!r}]", finite=False)
            for k, v in top[0].items()}
     missing = [c for c in candidates if c not in ids]
     if missing:
@@ -192,12 +192,11 @@ def _token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
     return list(value)
 
 
-def _token_key(token: Any, field: str, vocab_size: int, as_key: bool = False) -> int:
-    """The id of a ``token_id:N`` string (``return_tokens_as_token_ids``)."""
-    text = token[9:] if isinstance(token, str) and token.startswith("token_id:") else ""
+def _token_key(key: str, field: str, vocab_size: int) -> int:
+    """The id of a ``token_id:N`` key of a top-log-probs object (``return_tokens_as_token_ids``)."""
+    text = key[9:] if key.startswith("token_id:") else ""
     if not text.isdigit() or not int(text) < vocab_size:
-        what = f"has key {token!r}" if as_key else f"holds {_show(token)}"
-        raise AnswerError(f"{field} {what}; expected 'token_id:N' with N in [0, {vocab_size}) "
+        raise AnswerError(f"{field} has key {_show(key)}; expected 'token_id:N' with N in [0, {vocab_size}) "
                           "(return_tokens_as_token_ids)")
     return int(text)
 
