@@ -3,7 +3,8 @@
 It is a real server (``http.server`` in a thread, real sockets), not a mock transport: the engine's httpx client
 connects, sends and parses exactly as it would with vLLM. By default it answers like vLLM's server with canned,
 deterministic content; a script of faults (status codes, delays, garbage or truncated bodies, dropped
-connections, a wrong number of choices) is served first, one fault per request, in order.
+connections, a wrong number of choices, corrupted fields, huge or trickled bodies, error bodies that echo the
+request's headers) is served first, one fault per request, in order.
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ class FaultServer:
     """Serves ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` on ``127.0.0.1:<free port>``.
 
     Attributes:
-        faults: actions served before normal answers, one per request: ``("status", code)``,
-            ``("delay", seconds)`` (then a normal answer), ``("garbage",)``, ``("truncated",)``, ``("drop",)``,
-            ``("choices", k)``.
+        faults: actions served before normal answers, one per POST request: ``("status", code)`` or
+            ``("status", code, headers)``, ``("delay", seconds)`` (then a normal answer), ``("garbage",)``,
+            ``("truncated",)``, ``("drop",)``, ``("choices", k)``, ``("edit", fn)`` (the normal answer after
+            ``fn(answer)`` changed it in place; NaN is sent as JSON's ``NaN`` literal), ``("pad", n, declare)``
+            (the normal answer with an ``n``-byte padding field, with a ``Content-Length`` header when ``declare``,
+            else streamed until the connection closes), ``("raw", payload)`` (HTTP 200 with these bytes as the
+            body), ``("trickle", chunks, seconds)`` (the normal answer in ``chunks`` pieces, ``seconds`` apart),
+            ``("echo", code, pad)`` (HTTP ``code`` whose error message is ``pad`` dots and then the request's
+            ``Authorization`` header, as some proxies do).
         outage: while set, every POST is answered with this HTTP status (a server that is down for a while).
         requests: ``(method, path, headers, body)`` of every request received.
         max_in_flight: the most requests that were being handled at once.
@@ -101,10 +108,16 @@ class FaultServer:
         if kind == "delay":
             time.sleep(fault[1])
         if kind == "status":
+            headers = fault[2] if len(fault) > 2 else {"Retry-After": "0"} if fault[1] == 429 else None
             return self._send(h, fault[1], json.dumps({"error": {"message": f"injected {fault[1]}"}}).encode(),
-                              extra={"Retry-After": "0"} if fault[1] == 429 else None)
+                              extra=headers)
+        if kind == "echo":
+            message = "." * fault[2] + f" received Authorization: {h.headers.get('Authorization')}"
+            return self._send(h, fault[1], json.dumps({"error": {"message": message}}).encode())
         if kind == "garbage":
             return self._send(h, 200, b"<html>definitely not json")
+        if kind == "raw":
+            return self._send(h, 200, fault[1])
         if kind == "truncated":
             return self._send(h, 200, json.dumps(self._completion(body))[:40].encode())
         if kind == "drop":
@@ -121,7 +134,16 @@ class FaultServer:
         answer = self._chat(body) if h.path.endswith("chat/completions") else self._completion(body)
         if kind == "choices":
             answer["choices"] = answer["choices"][:1] * fault[1]
-        return self._send(h, 200, json.dumps(answer).encode())
+        if kind == "edit":
+            fault[1](answer)
+        if kind == "pad":
+            answer["padding"] = "x" * fault[1]
+            if not fault[2]:
+                return self._stream_until_close(h, json.dumps(answer).encode())
+        payload = json.dumps(answer).encode()
+        if kind == "trickle":
+            return self._send(h, 200, payload, pieces=fault[1], interval_s=fault[2])
+        return self._send(h, 200, payload)
 
     @staticmethod
     def _completion(body: dict[str, Any]) -> dict[str, Any]:
@@ -150,11 +172,34 @@ class FaultServer:
         return {"id": "chat-test", "object": "chat.completion", "model": body["model"], "choices": [choice]}
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, extra: dict[str, str] | None = None) -> None:
+    def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, extra: dict[str, str] | None = None,
+              pieces: int = 1, interval_s: float = 0.0) -> None:
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
         for k, v in (extra or {}).items():
             h.send_header(k, v)
         h.end_headers()
-        h.wfile.write(payload)
+        step = -(-len(payload) // pieces)
+        try:
+            for i in range(0, len(payload), step):
+                if i:
+                    time.sleep(interval_s)
+                h.wfile.write(payload[i:i + step])
+                h.wfile.flush()
+        except OSError:  # the client gave up (a deadline, a size cap): nothing more to send
+            h.close_connection = True
+
+    @staticmethod
+    def _stream_until_close(h: BaseHTTPRequestHandler, payload: bytes) -> None:
+        """A body without ``Content-Length``: the client reads until the server closes the connection."""
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        try:
+            for i in range(0, len(payload), 1 << 16):
+                h.wfile.write(payload[i:i + (1 << 16)])
+        except OSError:
+            pass

@@ -285,6 +285,16 @@ def test_closed_engine_says_so(engine):
     assert engine.generate([CHATS[0]], GREEDY)[0].finished  # the shared engine is still up
 
 
+def test_make_engine_never_hands_out_a_closed_engine(engine):
+    from dialogue_gym.generation import make_engine
+
+    first = make_engine("vllm", "embedded", seed=4321)  # shares the running engine (per-request seeds): no start
+    assert first.llm is engine.llm and make_engine("vllm", "embedded", seed=4321) is first
+    first.close()
+    second = make_engine("vllm", "embedded", seed=4321)
+    assert second is not first and not second.closed and second.generate([CHATS[0]], GREEDY)[0].finished
+
+
 def test_tiny_model_in_vllm_decodes_like_hf():
     """A second engine, on the widened tiny model, with a small KV-cache reservation (the embedded engine stays
     up in make_engine's cache)."""

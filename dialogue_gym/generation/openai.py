@@ -25,11 +25,17 @@ Two APIs:
 Requests carry per-row seeds (``seed``), so a row's output depends on its prompt and seed only, as in
 :class:`~dialogue_gym.generation.vllm.VLLMEngine` (vLLM samples a seeded request with its own generator).
 
-Faults. Timeouts, refused or dropped connections and HTTP 429/500/502/503/504 are retried ``max_retries`` times
-with exponential backoff (or the server's ``Retry-After``, capped); then, like any other HTTP error or a
-malformed answer (bad JSON, wrong number of choices, missing fields), a :class:`ServerError` names the server,
-the model and the status. A batch fails as a whole (no partial results), and the env steps copies of its
-states, so a failed step leaves every episode as it was.
+Faults. ``timeout_s`` is one deadline for a whole HTTP request (connect, send, and the whole answer read), not
+for each read, so a server that trickles its answer cannot hold a step for longer. Timeouts, refused or dropped
+connections and HTTP 429/500/502/503/504 are retried ``max_retries`` times with exponential backoff (or the
+server's ``Retry-After`` when longer), each wait capped at :data:`MAX_RETRY_AFTER_S` seconds, jitter included;
+then, like any other HTTP error, a body over ``max_body_bytes`` or an answer with an unusable field (every field is
+checked, for both APIs, in :mod:`dialogue_gym.generation.http_answers`: token ids in the vocabulary, no more than
+``max_tokens``, log-probs that are numbers and not NaN, ...), a :class:`ServerError` names the server, the model,
+the status and the field. A batch fails as a whole (no partial results), and the env steps copies of its states,
+so a failed step leaves every episode as it was. Messages are made in one place
+(:func:`~dialogue_gym.generation.http_common.server_error`), which redacts the API key, ``Bearer`` tokens and URL
+passwords, also in quoted error bodies of servers that echo the request's headers.
 
 The API key is read from the environment variable named by ``api_key_env`` (default ``OPENAI_API_KEY``) at
 each request and never stored on the engine, so it cannot reach states, configs, logs or the rollout store;
@@ -44,7 +50,7 @@ import os
 import random
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,18 +63,27 @@ from dialogue_gym.generation.base import (
     is_token_prompt,
     prompt_token_ids,
 )
-from dialogue_gym.generation.http_common import ServerError, check_base_url, retry_after, snippet, tokenizer_for
+from dialogue_gym.generation.http_answers import AnswerError, read_candidate_logprobs, read_generation, read_models
+from dialogue_gym.generation.http_common import (
+    ServerError,
+    check_base_url,
+    retry_after,
+    retry_wait,
+    server_error,
+    tokenizer_for,
+)
 
 APIS = ("completions", "chat")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 CHAT_TOP_LOGPROBS = 20  # the most OpenAI's chat API (and vLLM's default max_logprobs) allows
-MAX_RETRY_AFTER_S = 30.0
+MAX_RETRY_AFTER_S = 30.0  # the longest wait before a retry, jitter included, whatever Retry-After asks
+MAX_BODY_BYTES = 16 * 2**20  # default answer-size cap: ~10x a 32k-token completion with ids and log-probs
 
 
 class _Retryable(Exception):
-    def __init__(self, what: str, status: int | None = None, wait_s: float | None = None):
+    def __init__(self, what: str, status: int | None = None, wait_s: float | None = None, body: str | None = None):
         super().__init__(what)
-        self.what, self.status, self.wait_s = what, status, wait_s
+        self.what, self.status, self.wait_s, self.body = what, status, wait_s, body
 
 
 class OpenAIEngine:
@@ -82,10 +97,13 @@ class OpenAIEngine:
         api: ``"completions"`` (token ids in and out; vLLM) or ``"chat"`` (chat messages; any server).
         api_key_env: the environment variable that holds the API key (read at each request, never stored).
         max_concurrency: most requests in flight at once.
-        timeout_s: per-request timeout in seconds (connect, read and write).
+        timeout_s: deadline in seconds for each HTTP request as a whole (connect, send and reading the whole
+            answer); each retry gets a new one, so a call takes at most about ``(max_retries + 1) * timeout_s``
+            plus the waits between tries.
         max_retries: retries after the first attempt for timeouts, connection errors and 429/5xx answers.
         backoff_s: wait before the first retry; doubled after every retry.
         seed: seeds the stream that gives seeds to rows that come without one.
+        max_body_bytes: the largest answer body read (after decompression); a larger one is refused.
         check: ask ``GET /models`` now and fail fast when the server is down or does not serve ``model``.
 
     Raises:
@@ -97,7 +115,7 @@ class OpenAIEngine:
 
     def __init__(self, model: str, base_url: str, *, api: str = "completions", api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 32, timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5,
-                 seed: int = 0, check: bool = True):
+                 seed: int = 0, max_body_bytes: int = MAX_BODY_BYTES, check: bool = True):
         import httpx
 
         if not isinstance(model, str) or not model.strip():
@@ -107,7 +125,8 @@ class OpenAIEngine:
             raise ValueError(f"api is {api!r}; allowed: {', '.join(APIS)}")
         if not isinstance(api_key_env, str) or not api_key_env.strip():
             raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
-        for name, value, low in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0)):
+        for name, value, low in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
+                                 ("max_body_bytes", max_body_bytes, 1024)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not timeout_s > 0 or not backoff_s >= 0:
@@ -118,7 +137,9 @@ class OpenAIEngine:
         self.api_key_env = api_key_env
         self.max_concurrency, self.timeout_s = max_concurrency, float(timeout_s)
         self.max_retries, self.backoff_s = max_retries, float(backoff_s)
+        self.max_body_bytes = max_body_bytes
         self.tokenizer = tokenizer_for(model)
+        self.vocab_size = len(self.tokenizer)  # ids the tokenizer decodes; a sampled id must be below
         self.eos_ids = sorted({int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set())
         self._rng = np.random.default_rng(seed)
         self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
@@ -150,11 +171,7 @@ class OpenAIEngine:
     def check_server(self) -> list[str]:
         """``GET /models`` once (no retries): the served model names. Raises :class:`ServerError` naming the URL
         when the server is down, answers badly, or does not serve ``model``."""
-        data = self._run(self._request("GET", "/models", None, retries=0))
-        try:
-            served = [str(m["id"]) for m in data["data"]]
-        except (KeyError, TypeError) as e:
-            raise self._error(f"GET {self.base_url}/models answered without a model list ({e!r})") from None
+        served = self._run(self._request("GET", "/models", None, read_models, retries=0))
         if self.name not in served:
             raise self._error(f"the server at {self.base_url} serves {served}, not {self.name!r}; start it with "
                               f"--served-model-name {self.name} or set the model to one it serves")
@@ -193,37 +210,27 @@ class OpenAIEngine:
         ids = prompt_token_ids(self.tokenizer, prompt)
         body: dict[str, Any] = {"model": self.name, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "n": 1}
+
+        def read(data: Any) -> Any:
+            return read_generation(data, api=self.api, vocab_size=self.vocab_size, max_tokens=params.max_new_tokens,
+                                   sent_ids=ids, want_logprobs=return_logprobs)
+
         if self.api == "chat":
             body["messages"] = [dict(m) for m in prompt]  # type: ignore[union-attr]
-            choice = self._one_choice(await self._request("POST", "/chat/completions", body))
-            text = _field(choice, ("message", "content"), self)
-            if not isinstance(text, str):
-                raise self._error(f"chat choice has message.content of type {type(text).__name__}, not a string")
+            answer = await self._request("POST", "/chat/completions", body, read)
+            text = answer.text
             return Generation(text=text, token_ids=list(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
-                              finished=choice.get("finish_reason") == "stop", prompt_token_ids=ids)
+                              finished=answer.finished, prompt_token_ids=ids)
         # vLLM extensions: stop ids, plain sampling (no server-side generation-config defaults), ids in and out.
         body.update(prompt=ids, stop_token_ids=stop, top_k=0, min_p=0.0, repetition_penalty=1.0,
                     return_token_ids=True)
         if return_logprobs:
             body.update(logprobs=0, return_tokens_as_token_ids=True)
-        choice = self._one_choice(await self._request("POST", "/completions", body))
-        toks = _int_list(_field(choice, ("token_ids",), self, hint="token_ids is returned by vLLM's server "
-                                         "(return_token_ids); for other servers use api='chat'"), "token_ids", self)
-        seen = choice.get("prompt_token_ids")
-        if seen is not None and list(seen) != ids:
-            raise self._error(f"the server used {len(seen)} prompt token ids that differ from the {len(ids)} sent")
-        finished = choice.get("finish_reason") == "stop"
-        kept = toks[:-1] if finished and toks and toks[-1] in stop else toks
-        logprobs = None
-        if return_logprobs:
-            tokens = _field(choice, ("logprobs", "tokens"), self)
-            values = _field(choice, ("logprobs", "token_logprobs"), self)
-            if not isinstance(tokens, list) or not isinstance(values, list) or \
-                    [_token_id(t, self) for t in tokens] != toks or len(values) != len(toks):
-                raise self._error("the log-probs do not match the returned token ids")
-            logprobs = [float(v) for v in values]
+        answer = await self._request("POST", "/completions", body, read)
+        toks = answer.token_ids
+        kept = toks[:-1] if answer.finished and toks and toks[-1] in stop else toks
         return Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True), token_ids=toks,
-                          logprobs=logprobs, finished=finished, prompt_token_ids=ids)
+                          logprobs=answer.logprobs, finished=answer.finished, prompt_token_ids=ids)
 
     # ---- next-token scoring (the LLM judge) ------------------------------------------------------------------
 
@@ -247,28 +254,19 @@ class OpenAIEngine:
 
     async def _score_one(self, prompt: Prompt, cands: list[int]) -> list[float]:
         body: dict[str, Any] = {"model": self.name, "max_tokens": 1, "temperature": 0.0, "n": 1}
+        texts = [self.tokenizer.decode([c]) for c in cands] if self.api == "chat" else []
+
+        def read(data: Any) -> list[float]:
+            return read_candidate_logprobs(data, api=self.api, candidates=cands, candidate_texts=texts,
+                                           vocab_size=self.vocab_size)
+
         if self.api == "chat":
             body.update(messages=[dict(m) for m in prompt], logprobs=True,  # type: ignore[union-attr]
                         top_logprobs=CHAT_TOP_LOGPROBS)
-            choice = self._one_choice(await self._request("POST", "/chat/completions", body))
-            content = _field(choice, ("logprobs", "content"), self)
-            if not isinstance(content, list) or not content:
-                raise self._error("the chat answer has no log-probs for its first token")
-            top = {str(e["token"]): float(e["logprob"]) for e in content[0].get("top_logprobs") or []}
-            texts = [self.tokenizer.decode([c]) for c in cands]
-            return [top.get(t, -np.inf) for t in texts]
+            return await self._request("POST", "/chat/completions", body, read)
         body.update(prompt=prompt_token_ids(self.tokenizer, prompt), logprobs=1, logprob_token_ids=cands,
                     return_tokens_as_token_ids=True)
-        choice = self._one_choice(await self._request("POST", "/completions", body))
-        top = _field(choice, ("logprobs", "top_logprobs"), self)
-        if not isinstance(top, list) or not top or not isinstance(top[0], dict):
-            raise self._error("the completion has no top log-probs for its first token")
-        got = {_token_id(k, self): float(v) for k, v in top[0].items()}
-        missing = [c for c in cands if c not in got]
-        if missing:
-            raise self._error(f"the server returned no log-prob for token ids {missing}: it ignored "
-                              "logprob_token_ids (a vLLM extension); for other servers use api='chat'")
-        return [got[c] if got[c] > -9999.0 else -np.inf for c in cands]  # vLLM sends -inf as -9999
+        return await self._request("POST", "/completions", body, read)
 
     # ---- HTTP --------------------------------------------------------------------------------------------------
 
@@ -276,59 +274,81 @@ class OpenAIEngine:
         key = os.environ.get(self.api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None, retries: int | None = None) -> Any:
-        """One call with bounded retries; returns the decoded JSON or raises :class:`ServerError`."""
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, read: Callable[[Any], Any],
+                       retries: int | None = None) -> Any:
+        """One call with bounded retries; returns ``read(decoded JSON)`` or raises :class:`ServerError`.
+
+        ``read`` checks the answer (:mod:`~dialogue_gym.generation.http_answers`); its :class:`AnswerError`
+        becomes a ServerError here, not retried (a server that answers nonsense once will again)."""
         retries = self.max_retries if retries is None else retries
         last: _Retryable | None = None
         for attempt in range(retries + 1):
             if attempt:
-                wait = self.backoff_s * 2 ** (attempt - 1)
-                if last is not None and last.wait_s is not None:
-                    wait = min(max(wait, last.wait_s), MAX_RETRY_AFTER_S)
-                await asyncio.sleep(wait * (1 + 0.1 * random.random()))
+                assert last is not None
+                await asyncio.sleep(retry_wait(attempt, self.backoff_s, last.wait_s, random.random(),
+                                               MAX_RETRY_AFTER_S))
             try:
-                return await self._attempt(method, path, body)
+                data = await self._attempt(method, path, body)
             except _Retryable as e:
                 last = e
+                continue
+            try:
+                return read(data)
+            except AnswerError as e:
+                raise self._error(f"{method} {self.base_url}{path}: unusable answer: {e}", 200) from None
         assert last is not None
         tries = f"{retries + 1} attempt{'s' if retries else ''}"
-        raise self._error(f"{method} {self.base_url}{path} failed after {tries}: {last.what}", last.status)
+        raise self._error(f"{method} {self.base_url}{path} failed after {tries}: {last.what}", last.status,
+                          body=last.body)
 
     async def _attempt(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        """One HTTP request under one deadline (``timeout_s``) and the body-size cap; the decoded JSON."""
         import httpx
 
         async with self._sem:
             self.requests += 1
             try:
-                r = await self._client.request(method, self.base_url + path, json=body, headers=self._headers())
-            except httpx.TimeoutException:
+                async with asyncio.timeout(self.timeout_s):
+                    async with self._client.stream(method, self.base_url + path, json=body,
+                                                   headers=self._headers()) as r:
+                        content = await self._read_body(r, method, path)
+            except (TimeoutError, httpx.TimeoutException):
                 raise _Retryable(f"no answer within timeout_s={self.timeout_s:g} s") from None
             except httpx.TransportError as e:
                 raise _Retryable(f"connection failed ({type(e).__name__}: {e})") from None
+        text = content.decode("utf-8", errors="replace")
         if r.status_code in RETRY_STATUSES:
-            raise _Retryable(f"HTTP {r.status_code}: {snippet(r.text)}", r.status_code, retry_after(r))
+            raise _Retryable(f"HTTP {r.status_code}", r.status_code, retry_after(r), body=text)
         if r.status_code == 401:
             hint = f"; set ${self.api_key_env}" if not os.environ.get(self.api_key_env) else ""
             raise self._error(f"{method} {self.base_url}{path}: HTTP 401 (unauthorised){hint}", 401)
         if r.status_code != 200:
-            raise self._error(f"{method} {self.base_url}{path}: HTTP {r.status_code}: {snippet(r.text)}",
-                              r.status_code)
+            raise self._error(f"{method} {self.base_url}{path}: HTTP {r.status_code}", r.status_code, body=text)
         try:
-            return json.loads(r.content)
-        except ValueError as e:
-            raise self._error(f"{method} {self.base_url}{path}: malformed JSON in an HTTP 200 answer ({e}): "
-                              f"{snippet(r.text)}", 200) from None
+            return json.loads(content)
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays nested past the parser's depth
+            raise self._error(f"{method} {self.base_url}{path}: malformed JSON in an HTTP 200 answer ({e})", 200,
+                              body=text) from None
 
-    def _one_choice(self, data: Any) -> dict[str, Any]:
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-            n = len(choices) if isinstance(choices, list) else "no"
-            raise self._error(f"the answer has {n} choices; one was asked for (n=1)")
-        return choices[0]
+    async def _read_body(self, r: Any, method: str, path: str) -> bytes:
+        """The whole body, refused (ServerError) as soon as it is known to pass ``max_body_bytes``: from its
+        ``Content-Length`` before reading, else while streaming it."""
+        too_big = (f"{method} {self.base_url}{path}: the answer is larger than "
+                   f"max_body_bytes={self.max_body_bytes} bytes")
+        declared = r.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._error(f"{too_big} (Content-Length {declared})", r.status_code)
+        chunks, size = [], 0
+        async for chunk in r.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._error(f"{too_big} (stopped reading at {size})", r.status_code)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    def _error(self, what: str, status: int | None = None) -> ServerError:
-        where = f"server {self.base_url}, model {self.name!r}" + (f", HTTP status {status}" if status else "")
-        return ServerError(f"{what} [{where}]", self.base_url, self.name, status)
+    def _error(self, what: str, status: int | None = None, body: str | None = None) -> ServerError:
+        return server_error(what, self.base_url, self.name, status, body=body,
+                            secrets=[os.environ.get(self.api_key_env)])
 
     # ---- plumbing --------------------------------------------------------------------------------------------
 
@@ -351,8 +371,13 @@ class OpenAIEngine:
             for t in tasks:
                 t.cancel()
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`: the engine cannot send requests any more."""
+        return not self._thread.is_alive()
+
     def _check_open(self) -> None:
-        if not self._thread.is_alive():
+        if self.closed:
             raise RuntimeError("this OpenAIEngine was closed; build a new one")
 
     def _run(self, coro: Any) -> Any:
@@ -376,23 +401,3 @@ class OpenAIEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _field(data: dict[str, Any], path: tuple[str, ...], engine: OpenAIEngine, hint: str = "") -> Any:
-    cur: Any = data
-    for key in path:
-        if not isinstance(cur, dict) or key not in cur:
-            raise engine._error(f"the answer lacks {'.'.join(path)}" + (f" ({hint})" if hint else ""))
-        cur = cur[key]
-    return cur
-
-
-def _int_list(value: Any, name: str, engine: OpenAIEngine) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise engine._error(f"{name} is not a list of integers")
-    return list(value)
-
-
-def _token_id(token: Any, engine: OpenAIEngine) -> int:
-    if isinstance(token, str) and token.startswith("token_id:") and token[9:].lstrip("-").isdigit():
-        return int(token[9:])
-    raise engine._error(f"token {token!r} is not a 'token_id:N' string (return_tokens_as_token_ids)")

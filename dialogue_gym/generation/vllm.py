@@ -438,6 +438,11 @@ class VLLMEngine:
                              "must leave room for at least one generated token")
         return ids
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (``make_engine``'s cache then builds a new engine instead of handing this out)."""
+        return "llm" not in self.__dict__
+
     def close(self) -> None:
         """Release the engine; the shared vLLM engine shuts down when its last user closes it."""
         llm = self.__dict__.pop("llm", None)
