@@ -91,13 +91,12 @@ def test_sharded_launches_are_checked_at_start_up():
     from agents.common.policy import PolicySettings as P
     from agents.common.sharding import check_sharding
 
-    check_sharding(False, P(lora_r=16), True, "PPO")  # not sharded: nothing to check
-    check_sharding(True, P(lora_r=0), False, "REFUEL")
-    check_sharding(True, P(lora_r=0), False, "DPO")
-    check_sharding(True, P(lora_r=0, engine="vllm"), False, "REBEL")  # vLLM takes full weights from the plain copy
-    for args, message in [((P(lora_r=0), False, "PPO"), "PPO does not train with sharded weights"),
-                          ((P(lora_r=16), False, "REBEL"), "for full fine-tuning, but policy.lora_r=16"),
-                          ((P(lora_r=0), True, "REFUEL"), "resume under FSDP is not wired")]:
+    check_sharding(False, P(lora_r=16), "PPO")  # not sharded: nothing to check
+    check_sharding(True, P(lora_r=0), "REFUEL")
+    check_sharding(True, P(lora_r=0), "DPO")
+    check_sharding(True, P(lora_r=0, engine="vllm"), "REBEL")  # vLLM takes full weights from the plain copy
+    for args, message in [((P(lora_r=0), "PPO"), "PPO does not train with sharded weights"),
+                          ((P(lora_r=16), "REBEL"), "for full fine-tuning, but policy.lora_r=16")]:
         with pytest.raises(ConfigError, match=message):
             check_sharding(True, *args)
 
