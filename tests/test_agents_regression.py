@@ -18,14 +18,19 @@ from safetensors.torch import load_file
 from agents.common.config import ConfigError, merge_schema
 from agents.common.logging import read_metrics
 from agents.common.policy import PolicySettings, load_policy, trainable_parameters
+from tests.kill import run_killed_after
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 
-def run_agent(agent: str, run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def agent_command(agent: str, run_dir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
     cmd = [sys.executable, "-m", f"agents.{agent}", "+experiment=smoke", f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_agent(agent: str, run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd, env = agent_command(agent, run_dir, *overrides)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -58,16 +63,32 @@ def test_smoke_run_trains_every_parameter_and_writes_outputs(agent, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-@pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
+@pytest.fixture(scope="module")
+def refuel_whole(tmp_path_factory):
+    """One uninterrupted REFUEL smoke run (2 iterations), shared by the resume tests."""
+    whole = tmp_path_factory.mktemp("refuel_whole")
     run_agent("refuel", whole, "export=false")
-    run_agent("refuel", parts, "stop_after=1", "export=false")
-    assert len(read_metrics(parts)) == 1
+    return whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interruption", ["stop_after", "sigkill"])
+def test_resume_equals_an_uninterrupted_run(interruption, refuel_whole, tmp_path):
+    """Stopped by ``stop_after`` (files closed), or killed with SIGKILL right after iteration 1's checkpoint (no
+    handler runs): the resumed run's metrics, final evaluation and weights equal the uninterrupted run's exactly."""
+    whole, parts = refuel_whole, tmp_path / "parts"
+    if interruption == "stop_after":
+        run_agent("refuel", parts, "stop_after=1", "export=false")
+    else:
+        cmd, env = agent_command("refuel", parts, "export=false")
+        run_killed_after(cmd, parts, 1, env, ROOT)
+    assert len(read_metrics(parts)) >= 1
     run_agent("refuel", parts, "resume=true", "export=false")
     assert strip_perf(read_metrics(parts)) == strip_perf(read_metrics(whole))
     final = [json.loads((d / "eval.json").read_text())["evaluations"][-1]["scores"] for d in (whole, parts)]
     assert final[0] == final[1]
+    got, want = (load_file(str(d / "checkpoints" / "last" / "trainable.safetensors")) for d in (parts, whole))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 class Reached(Exception):

@@ -16,21 +16,27 @@ from safetensors.torch import load_file
 from agents.common.config import ConfigError
 from agents.common.distributed import Ranks, check_processes, combine_stats, gather, setup, share
 from agents.common.policy import PolicySettings, load_policy
+from tests.kill import run_killed_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(agent: str, run_dir: Path, processes: int, *overrides: str, config: str = "cpu2.yaml") -> str:
+def command(agent: str, run_dir: Path, processes: int, *overrides: str,
+            config: str = "cpu2.yaml") -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a smoke run of ``agent`` in ``processes`` processes."""
     # On the CPU whatever the suite's device: two processes on one GPU is not a launch NCCL accepts (one GPU per
     # process), and the comparison is of the gloo CPU path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "DIALOGUE_GYM_DEVICE": "cpu"}
     args = ["-m", f"agents.{agent}", "+experiment=smoke", f"hydra.run.dir={run_dir}", "export=false", *overrides]
     if processes == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "conf" / "accelerate" / config), *args]
+        return [sys.executable, *args], env
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "conf" / "accelerate" / config), *args], env
+
+
+def run(agent: str, run_dir: Path, processes: int, *overrides: str, config: str = "cpu2.yaml") -> str:
+    cmd, env = command(agent, run_dir, processes, *overrides, config=config)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
@@ -87,17 +93,62 @@ def test_two_sharded_processes_take_the_single_process_full_fine_tuning_step(age
         assert losses and all(r2[k] == pytest.approx(r1[k], rel=1e-3, abs=1e-6) for k in losses)
 
 
+@pytest.mark.slow
+def test_a_sharded_run_killed_after_an_iteration_resumes_to_the_uninterrupted_weights(tmp_path):
+    """FSDP REFUEL (2 processes, full fine-tuning): SIGKILL every process right after the checkpoint of iteration 1
+    is on disk, resume: the weights, the optimizer's shards, the metrics and the final evaluation equal an
+    uninterrupted run's bit for bit. Exact, not within a tolerance: the resumed run repeats the same computations
+    in the same order (same processes and shards, per-dialogue seeds, restored optimizer, scheduler and RNG
+    states), so nothing rounds differently on the CPU."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    fsdp = ("dialogues=4", "policy.lora_r=0")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run("refuel", whole, 2, *fsdp, config="cpu2_fsdp.yaml")
+    cmd, env = command("refuel", parts, 2, *fsdp, config="cpu2_fsdp.yaml")
+    run_killed_after(cmd, parts, 1, env, ROOT)
+    assert (parts / "checkpoints" / "last" / "sharded" / ".metadata").is_file()
+    assert len(json.loads((parts / "eval.json").read_text())["evaluations"]) == 1  # the initial policy's
+    log = run("refuel", parts, 2, *fsdp, "resume=true", config="cpu2_fsdp.yaml")
+    assert log.count("at iteration 1") == 2  # both processes resumed from iteration 1's checkpoint
+    got, want = (load_file(str(d / "checkpoints" / "last" / "trainable.safetensors")) for d in (parts, whole))
+    assert set(got) == set(want) and any("layers.1.mlp" in k for k in got)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    shards = {}
+    for d in (parts, whole):  # every process's model and optimizer shards, gathered into one file
+        dcp_to_torch_save(d / "checkpoints" / "last" / "sharded", d / "full.pt")
+        shards[d.name] = torch.load(d / "full.pt", weights_only=True)
+    moments = [k for k, v in _flat(shards["whole"]).items() if "exp_avg_sq" in k]
+    assert len(moments) == len(want)  # Adam's second moment of every weight
+    flat_got, flat_want = _flat(shards["parts"]), _flat(shards["whole"])
+    assert sorted(flat_got) == sorted(flat_want)
+    assert [k for k in flat_want if not torch.equal(flat_got[k], flat_want[k])] == []
+    assert metrics(parts) == metrics(whole)  # the row the killed run logged is not repeated
+    final = [json.loads((d / "eval.json").read_text())["evaluations"][-1]["scores"] for d in (parts, whole)]
+    assert final[0] == final[1]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested state dict, keyed by their dotted path."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def test_sharded_launches_are_checked_at_start_up():
     from agents.common.policy import PolicySettings as P
     from agents.common.sharding import check_sharding
 
-    check_sharding(False, P(lora_r=16), True, "PPO")  # not sharded: nothing to check
-    check_sharding(True, P(lora_r=0), False, "REFUEL")
-    check_sharding(True, P(lora_r=0), False, "DPO")
-    check_sharding(True, P(lora_r=0, engine="vllm"), False, "REBEL")  # vLLM takes full weights from the plain copy
-    for args, message in [((P(lora_r=0), False, "PPO"), "PPO does not train with sharded weights"),
-                          ((P(lora_r=16), False, "REBEL"), "for full fine-tuning, but policy.lora_r=16"),
-                          ((P(lora_r=0), True, "REFUEL"), "resume under FSDP is not wired")]:
+    check_sharding(False, P(lora_r=16), "PPO")  # not sharded: nothing to check
+    check_sharding(True, P(lora_r=0), "REFUEL")
+    check_sharding(True, P(lora_r=0), "DPO")
+    check_sharding(True, P(lora_r=0, engine="vllm"), "REBEL")  # vLLM takes full weights from the plain copy
+    for args, message in [((P(lora_r=0), "PPO"), "PPO does not train with sharded weights"),
+                          ((P(lora_r=16), "REBEL"), "for full fine-tuning, but policy.lora_r=16")]:
         with pytest.raises(ConfigError, match=message):
             check_sharding(True, *args)
 

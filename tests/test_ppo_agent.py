@@ -32,6 +32,7 @@ from agents.ppo.__main__ import (
     score_turns,
 )
 from agents.ppo.config import PpoConfig
+from tests.kill import run_killed_after
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -152,9 +153,13 @@ def test_config_composes_with_smoke_and_every_env():
 # ---- end to end, in a subprocess ------------------------------------------------------------------------------
 
 
-def run_agent(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def agent_command(run_dir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
     cmd = [sys.executable, "-m", "agents.ppo", "+experiment=smoke", f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_agent(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd, env = agent_command(run_dir, *overrides)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -196,9 +201,15 @@ def test_smoke_run_trains_every_parameter_and_writes_outputs(smoke_run):
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(smoke_run, tmp_path):
-    run_agent(tmp_path, "stop_after=1", "export=false")
-    assert len(read_metrics(tmp_path)) == 1
+@pytest.mark.parametrize("interruption", ["stop_after", "sigkill"])
+def test_resume_equals_an_uninterrupted_run(interruption, smoke_run, tmp_path):
+    """Stopped by ``stop_after``, or killed with SIGKILL right after iteration 1's checkpoint (tests/kill.py)."""
+    if interruption == "stop_after":
+        run_agent(tmp_path, "stop_after=1", "export=false")
+        assert len(read_metrics(tmp_path)) == 1
+    else:
+        cmd, env = agent_command(tmp_path, "export=false")
+        run_killed_after(cmd, tmp_path, 1, env, ROOT)
     run_agent(tmp_path, "resume=true", "export=false")
     assert strip_perf(read_metrics(tmp_path)) == strip_perf(read_metrics(smoke_run))
     final = [json.loads((d / "eval.json").read_text())["evaluations"][-1]["scores"] for d in (smoke_run, tmp_path)]

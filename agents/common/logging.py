@@ -40,6 +40,14 @@ class MetricLogger:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(clean.items()) if k.startswith(("loss/", "env/")))
         log.info("step %d: %s", step, shown)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the ``metrics.jsonl`` rows of steps after ``step`` (a resumed run: the rows a killed run logged
+        after its last checkpoint, which the resumed run logs again). TensorBoard keeps its events."""
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

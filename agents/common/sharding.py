@@ -24,10 +24,13 @@ weights in each process, refreshed from the shards after every update (:func:`lo
 weights from that copy. It costs one full copy of the weights per device (16 GB for an 8B policy in bf16) beside
 the shards.
 
-Not wired (refused at start-up by :func:`check_sharding`): LoRA under FSDP (LoRA trains with DDP-style replicas),
-resuming a sharded run (its optimizer state is sharded and not saved), and PPO (its value
-head and the per-token loss path are not wired). DPO with the SFT reference keeps the frozen reference as a second
-plain copy per process.
+Checkpoints and resume. Every process writes its model and optimizer shards with ``torch.distributed.checkpoint``
+beside the main process's full weights, atomically (agents/common/checkpoint.py); ``resume=true`` restores the
+shards, the scheduler and every process's RNG states, then refreshes the plain copy from the shards.
+
+Not wired (refused at start-up by :func:`check_sharding`): LoRA under FSDP (LoRA trains with DDP-style replicas)
+and PPO (its value head and the per-token loss path are not wired). DPO with the SFT reference keeps the frozen
+reference as a second plain copy per process.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def load_full_weights(target: Any, model: LogProbModule) -> None:
         tensor.copy_(full[name])
 
 
-def check_sharding(sharded: bool, policy: Any, resume: bool, agent: str) -> None:
+def check_sharding(sharded: bool, policy: Any, agent: str) -> None:
     """Start-up checks of an FSDP launch (a ConfigError says what to change)."""
     if not sharded:
         return
@@ -161,6 +164,3 @@ def check_sharding(sharded: bool, policy: Any, resume: bool, agent: str) -> None
     if policy.lora_r > 0:
         raise ConfigError(f"an FSDP launch is for full fine-tuning, but policy.lora_r={policy.lora_r}: set "
                           "policy.lora_r=0, or train the LoRA adapter data-parallel with conf/accelerate/ddp_gpu8.yaml")
-    if resume:
-        raise ConfigError("resume under FSDP is not wired (the optimizer state is sharded and not checkpointed): "
-                          "start a new run, or train without FSDP")

@@ -129,7 +129,7 @@ def run(cfg: DpoConfig) -> dict:
         log.warning("mode=online samples its pairs through the env; data.source=%s is ignored", cfg.data.source)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues if from_task else 0, ranks, cfg.policy.engine)  # file pairs: any count
-    check_sharding(ranks.sharded, cfg.policy, cfg.resume, "DPO")
+    check_sharding(ranks.sharded, cfg.policy, "DPO")
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
@@ -174,11 +174,13 @@ def run(cfg: DpoConfig) -> dict:
 
     start = 0
     if cfg.resume:
-        saved = load_checkpoint(run_dir, model, optimizer, scheduler)
+        saved = load_checkpoint(run_dir, model, optimizer, scheduler, trainer)  # sharded: every process
         if saved is not None:
             start = saved["iteration"]
-            log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            log.info("resumed from %s at iteration %d", run_dir / "checkpoints", start)
             sync_policy(engine, model)
+        if logger is not None:
+            logger.drop_after(start)  # rows a killed run logged after its last checkpoint
     if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
@@ -212,9 +214,10 @@ def run(cfg: DpoConfig) -> dict:
             metrics["perf/reward_calls"] = float(rollin.core.reward_calls + branches.core.reward_calls)
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
-        if ranks.main:  # one process logs and saves (all hold the same weights)
+        if ranks.main:  # one process logs
             logger.log(t + 1, metrics)
-            save_checkpoint(run_dir, model, None if ranks.sharded else optimizer, scheduler, {"iteration": t + 1})
+        if ranks.main or ranks.sharded:  # one process saves (all hold the same weights); sharded: each its shards
+            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1}, trainer)
         done_here += 1
         if after_iteration(cfg, t, done_here, evaluator, engine):
             if logger is not None:

@@ -304,7 +304,7 @@ def run(cfg: PpoConfig) -> dict:
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
-    check_sharding(ranks.sharded, cfg.policy, cfg.resume, "PPO")
+    check_sharding(ranks.sharded, cfg.policy, "PPO")
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
@@ -330,8 +330,10 @@ def run(cfg: PpoConfig) -> dict:
         saved = load_checkpoint(run_dir, agent, optimizer, scheduler)
         if saved is not None:
             start, kl.value = saved["iteration"], saved["kl_coef"]
-            log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            log.info("resumed from %s at iteration %d", run_dir / "checkpoints", start)
             sync_policy(engine, model)
+        if logger is not None:
+            logger.drop_after(start)  # rows a killed run logged after its last checkpoint
     if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
 
