@@ -14,6 +14,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# HF engines default to the compiled static KV cache on CUDA; the suite opts out (minutes of compilation for tiny
+# models); tests of the static cache ask for it explicitly.
+os.environ.setdefault("DIALOGUE_GYM_HF_CACHE", "dynamic")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

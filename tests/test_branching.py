@@ -222,3 +222,43 @@ def test_make_pairs_best_worst_drops_ties_and_applies_the_length_penalty():
     assert stats["env/reward_chosen"] == 0.9 and stats["env/reward_rejected"] == 0.1
     flipped, _ = make_pairs([_tree([1.0, 1.001])], "best_worst", length_penalty=0.01)  # 1.001 - 0.02 < 1.0 - 0.01
     assert (flipped[0].reward_a, flipped[0].reward_b) == (1.0, 1.001)
+
+
+# ---- progress per turn ---------------------------------------------------------------------------------------
+
+
+def test_planned_replies_count_the_roll_in_and_every_branch_to_its_horizon():
+    from agents.common.branching import planned_replies
+
+    starts = [Start(policy_seed=1, row=0, env_seed=0)] * 3
+    plan = Plan(starts, turns=[1, 2, 3], horizons=[3, 2, 1], k=2)
+    # h=1, H'=3: 0 + 2x3; h=2, H'=2: 1 + 2x1; h=3, H'=1 (completed to h): 2 + 2x1
+    assert planned_replies(plan, 3) == [6, 3, 4]
+    assert planned_replies(Plan(starts, [1, 2, 3], [3, 2, 1], k=2, complete=False), 3) == [2, 3, 4]
+    assert planned_replies(Plan(starts, [1, 2, 3], [3, 3, 3], k=1), 2) == [2, 2, 2]  # capped at the env's turns
+
+
+def test_progress_moves_every_turn_of_a_chunk_with_tokens_per_second(engine, caplog, monkeypatch):
+    import logging
+
+    import agents.common.branching as branching
+
+    monkeypatch.setenv("DIALOGUE_GYM_PROGRESS", "log")
+    monkeypatch.setattr(branching, "PROGRESS_INTERVAL_S", 0.0)  # a line for every step
+    caplog.set_level(logging.INFO, logger="dialogue_gym.progress")
+    plan = Plan(row_starts([0, 1, 2, 3], 5), turns=[1, 2, 3, 3], horizons=[3, 3, 3, 3], k=2)
+    trees = grow(venv(4), venv(8), engine, PARAMS, plan)
+    lines = [r.getMessage() for r in caplog.records]
+    total = sum(branching.planned_replies(plan, 3))
+    assert lines[0].startswith(f"rollouts (4 dialogues x 2, 1 chunk of 4): 0/{total} policy replies (0%)")
+    steps = [ln for ln in lines if "tokens_per_s=" in ln]
+    # roll-in: 2 steps (turns 1, 2); branches: 3 steps at most (turns 1..3); one line per step, then the end
+    assert len(steps) >= 4 and any("phase=roll-in, turn=1" in ln for ln in steps)
+    assert any("phase=branches, turn=3" in ln for ln in steps)
+    counts = [int(ln.split(": ")[1].split("/")[0]) for ln in lines]
+    assert counts == sorted(counts) and counts[-1] == total  # monotone, ends at the plan's most
+    assert 0 < counts[1] < total  # the first step already moved it, before the chunk ended
+    tokens = int(steps[-1].split("tokens=")[1].split(",")[0])
+    branch_tokens = sum(len(r.token_ids) for t in trees for b in t.branches for r in b.replies)
+    rollin = sum(t.rollin_replies for t in trees)  # their tokens are counted too, at most max_new_tokens each
+    assert rollin > 0 and branch_tokens + rollin <= tokens <= branch_tokens + rollin * PARAMS.max_new_tokens

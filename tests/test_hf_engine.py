@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from dialogue_gym.generation import SamplingParams
-from dialogue_gym.generation.hf import HFEngine, _RowSampler, exponential_noise, sample_rows
+from dialogue_gym.generation.hf import (
+    CACHE_ENV,
+    HFEngine,
+    _RowSampler,
+    exponential_noise,
+    resolve_cache,
+    sample_rows,
+    static_shape,
+)
 from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
 
 CHATS = [
@@ -151,7 +159,7 @@ def test_static_cache_gives_the_dynamic_cache_tokens(engine):
     for params in (SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(temperature=1.0,
                                                                                       max_new_tokens=8)):
         want = engine.generate(CHATS[:3], params, seeds=[7, 8, 9])
-        got = static.generate(CHATS[:3], params, seeds=[7, 8, 9])  # 3 rows padded to 4, the width to 64
+        got = static.generate(CHATS[:3], params, seeds=[7, 8, 9])  # 3 rows padded to 8, the width to 64
         assert [g.token_ids for g in got] == [g.token_ids for g in want]
         assert [g.prompt_token_ids for g in got] == [g.prompt_token_ids for g in want]
 
@@ -217,3 +225,78 @@ def test_env_with_bad_device_or_dtype_fails_at_construction():
     if not torch.cuda.is_available():
         with pytest.raises(DialogueError, match="no usable CUDA device"):
             gym.make("MultiTurnDialogue-v0", task="arithmetic", device="cuda")
+
+
+# ---- the KV cache default and the static cache's shape buckets --------------------------------------------------
+
+
+def test_cache_auto_is_static_on_cuda_dynamic_elsewhere_and_the_env_overrides(monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert resolve_cache("auto", torch.device("cuda", 0)) == "static"
+    assert resolve_cache("auto", torch.device("cuda")) == "static"
+    assert resolve_cache("auto", torch.device("cpu")) == "dynamic"
+    assert resolve_cache("auto", "mps") == "dynamic"
+    assert resolve_cache("dynamic", torch.device("cuda")) == "dynamic"  # an explicit choice is taken as given
+    assert resolve_cache("static", torch.device("cpu")) == "static"
+    monkeypatch.setenv(CACHE_ENV, "dynamic")  # the test suite's opt-out (tests/conftest.py)
+    assert resolve_cache("auto", torch.device("cuda")) == "dynamic"
+    assert resolve_cache("static", torch.device("cuda")) == "static"
+    monkeypatch.setenv(CACHE_ENV, " Static ")
+    assert resolve_cache("auto", torch.device("cpu")) == "static"
+
+
+def test_bad_cache_settings_name_the_field_and_what_is_allowed(monkeypatch, engine):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    with pytest.raises(ValueError, match="cache is 'fast'; allowed: auto, dynamic, static"):
+        resolve_cache("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cache is 'fast'; allowed: auto, dynamic, static"):
+        HFEngine((engine.model, engine.tokenizer), cache="fast")
+    monkeypatch.setenv(CACHE_ENV, "compiled")
+    with pytest.raises(ValueError, match="DIALOGUE_GYM_HF_CACHE is 'compiled'; allowed: dynamic, static"):
+        HFEngine("tiny")  # fails before any weights load
+    monkeypatch.delenv(CACHE_ENV)
+    assert engine.generate(CHATS[:1], SamplingParams(temperature=0.0, max_new_tokens=2))[0].token_ids  # still usable
+
+
+def test_engine_default_cache_follows_the_device(monkeypatch, engine):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    eng = HFEngine((engine.model, engine.tokenizer))
+    assert eng.cache == ("static" if eng.device.type == "cuda" else "dynamic")
+    monkeypatch.setenv(CACHE_ENV, "static")
+    assert HFEngine((engine.model, engine.tokenizer)).cache == "static"
+
+
+def test_static_shapes_round_rows_to_a_few_buckets_and_widths_to_powers_of_two():
+    assert [static_shape(n, 10, 256)[0] for n in (1, 2, 4, 5, 16, 17, 64, 65, 200, 256)] == \
+        [1, 4, 4, 16, 16, 64, 64, 256, 256, 256]
+    assert [static_shape(n, 10, 32)[0] for n in (1, 2, 3, 8, 9, 32)] == [1, 2, 8, 8, 32, 32]
+    assert static_shape(300, 10, 256)[0] == 300  # above the cap (the engine splits before): kept
+    assert [static_shape(4, w, 256)[1] for w in (1, 64, 65, 128, 129, 1000)] == [64, 64, 128, 128, 256, 1024]
+    for n in range(1, 257):  # a bucket always holds the batch, at most 4x its rows
+        rows, _ = static_shape(n, 10, 256)
+        assert n <= rows <= 4 * n
+
+
+def test_a_growing_run_meets_a_handful_of_static_shapes():
+    """Every batch size 1..256 and every prompt width up to 2,000 tokens (dialogues growing over a long run):
+    5 row buckets x 6 width buckets at most; one run of fixed width range meets far fewer."""
+    shapes = {static_shape(n, w, 256) for n in range(1, 257) for w in range(1, 2001)}
+    assert len(shapes) == 5 * 6
+    one_run = {static_shape(n, w, 256) for n in (256, 240, 180, 60) for w in range(150, 900)}  # dialogues end
+    assert len(one_run) <= 8
+
+
+def test_the_first_call_of_each_static_shape_is_logged_with_its_seconds(engine, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dialogue_gym.generation")
+    static = HFEngine((engine.model, engine.tokenizer), max_batch_size=8, cache="static")
+    params = SamplingParams(temperature=0.0, max_new_tokens=3)
+    static.generate(CHATS[:3], params)
+    static.generate(CHATS[2:5], params)  # 3 rows again, prompts under 64 tokens: the same shape, no new line
+    static.generate(CHATS[:1], params)  # 1 row: a new shape
+    assert [shape for shape, _ in static.compile_log] == [(8, 64, 3), (1, 64, 3)]
+    assert all(s > 0 for _, s in static.compile_log)
+    lines = [r.getMessage() for r in caplog.records if "static KV cache" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("static KV cache: new shape 8 rows x 64 prompt tokens + 3 new")
+    assert engine.compile_log == [] and static.cache == "static"

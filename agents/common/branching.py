@@ -21,10 +21,14 @@ The rules, each written once here:
   order; the last chunk may be smaller. Because every draw is made before the first chunk and every seed is
   per dialogue, the trees do not depend on the chunk size (up to the float rounding that batching can bring).
 - **Blank replies.** :func:`action_text`: a reply that is only whitespace is sent to the env as ``"..."``.
+- **Progress.** :func:`grow` reports after every batched policy step (each turn of a chunk), counting policy
+  replies against the plan's most (a branch the user or the task ends early counts its unplayed turns as done),
+  with the policy's tokens per second.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +39,10 @@ from agents.common.batching import Reply
 from agents.common.pairs import sample_turn
 from dialogue_gym.conversation import DialogueState
 from dialogue_gym.generation.base import SamplingParams
-from dialogue_gym.progress import track
+from dialogue_gym.progress import Progress
 
 BLANK_REPLY = "..."
+PROGRESS_INTERVAL_S = 10.0  # log mode: at most one progress line per this many seconds (a bar moves every step)
 PREFIXES = ("on_policy", "dataset")
 
 
@@ -182,6 +187,45 @@ class Tree:
         return self.rollin_replies + sum(b.turns for b in self.branches)
 
 
+class StepMeter:
+    """Per-step progress of :func:`grow`: policy replies done out of the plan's most, tokens per second.
+
+    Args:
+        bar: the :class:`~dialogue_gym.progress.Progress` counting replies (its ``total`` is the plan's most).
+    """
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.tokens = 0
+        self.limit = 0  # the count at the end of the current chunk: steps inside a chunk never pass it
+        self._start = time.monotonic()
+
+    def step(self, gens: Sequence[Any], phase: str, turn: int, skipped: int = 0) -> None:
+        """Count one batched policy step: its replies, plus ``skipped`` planned replies that will not be played."""
+        self.tokens += sum(len(g.token_ids) for g in gens if g is not None)
+        done = sum(g is not None for g in gens) + skipped
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        self.bar.set_postfix(phase=phase, turn=turn, tokens=self.tokens, tokens_per_s=round(self.tokens / elapsed, 1))
+        self.bar.update(max(0, min(done, self.limit - self.bar.n)))
+
+    def finish_chunk(self) -> None:
+        """The chunk is over: the count moves to its planned end (turns not played included)."""
+        self.bar.update(max(0, self.limit - self.bar.n))
+
+
+def planned_replies(plan: Plan, turns: int) -> list[int]:
+    """The most policy replies each dialogue of ``plan`` can cost in an env of ``turns`` turns: the roll-in to turn
+    h, then ``k`` branches from h to their horizon (or h alone with ``complete=False``). A start's own earlier
+    turns and dialogues ended early only lower the real count."""
+    out = []
+    for start, h, hp in zip(plan.starts, plan.turns, plan.horizons):
+        first = start.state.turn if start.state is not None else 0
+        h = min(max(h, first + 1), turns)
+        last = min(max(hp, h), turns) if plan.complete else h
+        out.append((h - 1 - first) + plan.k * (last - h + 1))
+    return out
+
+
 def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
         ) -> list[Any]:
     """One batched policy call for the sub-envs with a seed; None (sit out) for the others."""
@@ -204,10 +248,10 @@ def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
     return venv.reset(seed=[s.env_seed for s in padded], options={"task_indices": [s.row for s in padded]})[0]
 
 
-def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Start], turns: Sequence[int]
-            ) -> list[tuple[DialogueState, int, int]]:
+def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Start], turns: Sequence[int],
+            meter: StepMeter | None = None) -> list[tuple[DialogueState, int, int]]:
     """Play each start with the policy until it reaches turn ``turns[i]``; return ``(s_h, h, replies sampled)``
-    per dialogue."""
+    per dialogue. ``meter`` (optional) counts each batched step."""
     if len(starts) > venv.num_envs:
         raise ValueError(f"{len(starts)} dialogues for a vector env of {venv.num_envs}")
     obs = _reset_to_starts(venv, starts)
@@ -222,6 +266,8 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
             break
         gens = act(engine, obs, seeds, params)
         obs, *_ = venv.step([action_text(g) if g is not None else None for g in gens])
+        if meter is not None:
+            meter.step(gens, "roll-in", 1 + max(states[i].turn for i, s in enumerate(seeds) if s is not None))
         for i in range(len(starts)):
             sampled[i] += gens[i] is not None
         states = venv.get_states()
@@ -232,8 +278,9 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
 
 
 def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[DialogueState], policy_seeds: Sequence[int],
-         k: int, horizons: Sequence[int]) -> list[list[Branch]]:
+         k: int, horizons: Sequence[int], meter: StepMeter | None = None) -> list[list[Branch]]:
     """Branch each state ``k`` times and complete every branch to its horizon (its own ``max_turns``).
+    ``meter`` (optional) counts each batched step, and a branch that ends before its horizon as done.
 
     Returns:
         ``branches[i][j]``: branch ``j`` of state ``i``.
@@ -261,6 +308,7 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
         gens = act(engine, obs, seeds, params)
         obs, r, term, trunc, info = venv.step([action_text(g) if g is not None else None for g in gens])
         scored = info.get("_score", np.zeros(venv.num_envs, dtype=bool))
+        skipped = 0  # turns the branches that ended now will not play
         for b in range(n):
             if gens[b] is None:
                 continue
@@ -269,6 +317,9 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
             scores[b].append(float(info["score"][b]) if scored[b] else float("nan"))
             if term[b] or trunc[b]:
                 done[b], final[b] = True, float(r[b])
+                skipped += max(0, int(horizons[b // k]) - turn_now[b] - 1)
+        if meter is not None:
+            meter.step(gens, "branches", 1 + max(turn_now[b] for b in range(n) if gens[b] is not None), skipped)
     end_states = venv.get_states()
     return [[Branch(reply=replies[b][0], reward=final[b], messages=end_states[b].messages, turns=len(replies[b]),
                     replies=replies[b], rewards=rewards[b], scores=scores[b], final=end_states[b])
@@ -292,12 +343,19 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
                          f"{rollin.num_envs} dialogues need {plan.k * rollin.num_envs}")
     size = rollin.num_envs
     out: list[Tree] = []
-    chunks = range(0, len(plan.starts), size)
-    for lo in track(chunks, desc=f"rollouts ({len(plan.starts)} dialogues x {plan.k})", unit=f"chunk of {size}"):
-        starts = plan.starts[lo:lo + size]
-        reached = roll_in(rollin, engine, params, starts, plan.turns[lo:lo + size])
-        horizons = [max(hp, h) if plan.complete else h for hp, (_, h, _) in zip(plan.horizons[lo:lo + size], reached)]
-        tree = fork(branches, engine, params, [s for s, _, _ in reached], [s.policy_seed for s in starts], plan.k,
-                    horizons)
-        out += [Tree(s, h, row, n) for (s, h, n), row in zip(reached, tree)]
+    most = planned_replies(plan, rollin.core.config.max_turns)
+    chunks = -(-len(plan.starts) // size)
+    desc = f"rollouts ({len(plan.starts)} dialogues x {plan.k}, {chunks} chunk{'s' if chunks > 1 else ''} of {size})"
+    with Progress(total=sum(most), desc=desc, unit="policy replies", interval=PROGRESS_INTERVAL_S) as bar:
+        meter = StepMeter(bar)
+        for lo in range(0, len(plan.starts), size):
+            starts = plan.starts[lo:lo + size]
+            meter.limit = sum(most[:lo + size])
+            reached = roll_in(rollin, engine, params, starts, plan.turns[lo:lo + size], meter)
+            horizons = [max(hp, h) if plan.complete else h
+                        for hp, (_, h, _) in zip(plan.horizons[lo:lo + size], reached)]
+            tree = fork(branches, engine, params, [s for s, _, _ in reached], [s.policy_seed for s in starts],
+                        plan.k, horizons, meter)
+            meter.finish_chunk()
+            out += [Tree(s, h, row, n) for (s, h, n), row in zip(reached, tree)]
     return out

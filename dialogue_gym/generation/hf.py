@@ -23,14 +23,19 @@ Consequences:
   goes through ``log``, whose last bit may differ between device libraries. Same device, same dtype, same
   seed: same tokens.
 
-The engine runs on the model's device; every tensor it builds for the model is made there. On CUDA,
-``cache="static"`` uses transformers' static KV cache, which ``generate`` compiles with ``torch.compile``; batch
-sizes and prompt widths are rounded up to powers of two so the compiled graphs are reused (see
-:class:`HFEngine`).
+The engine runs on the model's device; every tensor it builds for the model is made there. The KV cache
+(:func:`resolve_cache`): on CUDA the default (``cache="auto"``) is transformers' static cache, which ``generate``
+compiles with ``torch.compile`` (several times more tokens per second than the dynamic cache once compiled);
+elsewhere it is the dynamic cache. With the static cache, batch sizes and prompt widths are rounded up to a few
+buckets (:func:`static_shape`) so a handful of compiled graphs serve a whole run; each new shape's first call,
+compilation included, is logged with its duration.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +43,8 @@ import numpy as np
 import torch
 
 from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, prompts_token_ids
+
+log = logging.getLogger("dialogue_gym.generation")
 
 # A 32-bit integer mixer (xor-shift-multiply rounds; multipliers from the "lowbias32" search by C. Wellons) on
 # int32 tensors. int32 multiplication wraps modulo 2**32 on CPU and CUDA alike; right shifts are masked so they
@@ -147,16 +154,60 @@ class _RowSampler:
         return out
 
 
-CACHES = ("dynamic", "static")
+CACHES = ("auto", "dynamic", "static")
+CACHE_ENV = "DIALOGUE_GYM_HF_CACHE"  # what cache="auto" means when set: dynamic or static (the test suite: dynamic)
 MIN_WIDTH = 64  # static cache: prompt widths are rounded up to a power of two, at least this many tokens
+ROW_STEP = 4  # static cache: row buckets are the batch cap divided by powers of 4 (256: 1, 4, 16, 64, 256)
+
+
+def resolve_cache(cache: str, device: torch.device) -> str:
+    """The KV cache an HF engine on ``device`` uses: ``"dynamic"`` or ``"static"``.
+
+    ``"auto"`` is ``$DIALOGUE_GYM_HF_CACHE`` when set (``dynamic`` or ``static``; the test suite sets ``dynamic``
+    so it compiles nothing), else ``"static"`` on CUDA (compiled decoding: on an H200 the env's user made 6x the
+    tokens/s of the dynamic cache at 256 dialogues) and ``"dynamic"`` on any other device (on a CPU the static
+    cache is not compiled and gains nothing). ``"dynamic"`` and ``"static"`` are taken as given.
+
+    Raises:
+        ValueError: ``cache`` or ``$DIALOGUE_GYM_HF_CACHE`` is not one of the allowed values.
+    """
+    if cache not in CACHES:
+        raise ValueError(f"cache is {cache!r}; allowed: {', '.join(CACHES)}")
+    if cache != "auto":
+        return cache
+    forced = os.environ.get(CACHE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("dynamic", "static"):
+            raise ValueError(f"{CACHE_ENV} is {forced!r}; allowed: dynamic, static (or unset: static on CUDA, "
+                             "dynamic elsewhere)")
+        return forced
+    return "static" if torch.device(device).type == "cuda" else "dynamic"
 
 
 def _bucket(n: int, cap: int) -> int:
-    """The smallest power of two >= n, capped at ``cap`` (static-cache batch sizes)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max(cap, n))
+    """The row bucket of a batch of ``n`` prompts: the smallest ``cap / 4**k`` (rounded up) that holds ``n``.
+
+    A batch cap of 256 gives the buckets 1, 4, 16, 64, 256; 32 gives 1 (32 / 64 rounded up), 2, 8, 32. Coarser
+    than powers of two (at most 4x the rows, which cost a GPU little at these sizes) so that a run compiles
+    few graphs. A batch above ``cap`` (never made by :class:`HFEngine`, which splits at its cap) keeps its size.
+    """
+    if n >= cap:
+        return n
+    b = cap
+    while b > 1:
+        smaller = -(-b // ROW_STEP)
+        if smaller < n:
+            break
+        b = smaller
+    return b
+
+
+def static_shape(n: int, width: int, cap: int) -> tuple[int, int]:
+    """``(rows, width)`` of a static-cache batch of ``n`` prompts at most ``width`` tokens long under a batch cap
+    ``cap``: rows to :func:`_bucket`, the width to a power of two of at least ``MIN_WIDTH`` tokens. The cache's
+    length is that width plus ``max_new_tokens``, so with one ``max_new_tokens`` per engine the compiled graphs
+    are one per (row bucket, width bucket) met: a handful per run (tests/test_hf_engine.py counts them)."""
+    return _bucket(n, cap), max(MIN_WIDTH, 1 << (max(1, width) - 1).bit_length())
 
 
 RECOMPILE_LIMIT = 64  # compiled graphs kept per function with a static cache (torch's default is 8)
@@ -185,13 +236,14 @@ class HFEngine:
         max_batch_size: prompts per ``generate`` call; larger batches are split. Default: 32 on CPU (where
             batching beyond that gains little), 256 on CUDA (a GPU needs wide batches to be busy).
         seed: seeds the engine's own stream, used for rows that come without a seed.
-        cache: ``"dynamic"`` (transformers' default KV cache) or ``"static"`` (a preallocated cache that
-            ``generate`` compiles with ``torch.compile`` on CUDA: several times faster per token there once
-            compiled; on CPU it runs uncompiled and gains nothing). With ``"static"`` every batch is padded to
-            a power-of-two row count (rows copied, results dropped) and its prompt width to a power of two
-            (at least ``MIN_WIDTH``), so a handful of compiled graphs serve every call as dialogues grow (each
-            new shape compiles once, tens of seconds on a GPU); the tokens are the same as with
-            ``"dynamic"`` up to float rounding.
+        cache: ``"auto"`` (default: static on CUDA, dynamic elsewhere, ``$DIALOGUE_GYM_HF_CACHE`` overrides;
+            :func:`resolve_cache`), ``"dynamic"`` (transformers' default KV cache) or ``"static"`` (a
+            preallocated cache that ``generate`` compiles with ``torch.compile`` on CUDA: several times faster
+            per token there once compiled; on CPU it runs uncompiled and gains nothing). With the static cache
+            every batch is padded to a row bucket (rows copied, results dropped) and its prompt width to a power
+            of two (:func:`static_shape`), so a handful of compiled graphs serve every call as dialogues grow;
+            each new shape compiles once (tens of seconds on a GPU), and its first call is logged with its
+            duration (``compile_log``). The tokens are the same as with ``"dynamic"`` up to float rounding.
 
     Raises:
         DeviceError: the device is not available or the dtype is unknown (before any weights load).
@@ -200,7 +252,7 @@ class HFEngine:
 
     def __init__(self, model: str | tuple[Any, Any] = "embedded", device: str | None = None,
                  max_batch_size: int | None = None, seed: int = 0, dtype: str | torch.dtype = "auto",
-                 cache: str = "dynamic"):
+                 cache: str = "auto"):
         from dialogue_gym.models import load_model, resolve_device, resolve_dtype
 
         if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
@@ -209,6 +261,7 @@ class HFEngine:
                              f"{max_batch_size!r}")
         if cache not in CACHES:
             raise ValueError(f"cache is {cache!r}; allowed: {', '.join(CACHES)}")
+        resolve_cache(cache, torch.device("cpu"))  # a bad $DIALOGUE_GYM_HF_CACHE fails before the weights load
         if isinstance(model, str):
             dev = resolve_device(device or "auto")
             resolve_dtype(dtype, dev)  # an unknown dtype fails before the weights load
@@ -220,8 +273,11 @@ class HFEngine:
             if device is not None:
                 self.model.to(resolve_device(device))
         self.max_batch_size = max_batch_size or (256 if self.device.type == "cuda" else 32)
-        self.cache = cache
-        if cache == "static":
+        self.cache = resolve_cache(cache, self.device)
+        # static cache: the first call of each (rows, width, max_new_tokens) shape and its seconds (compilation
+        # included on CUDA), in the order met
+        self.compile_log: list[tuple[tuple[int, int, int], float]] = []
+        if self.cache == "static":
             _allow_recompiles()
         self._rng = np.random.default_rng(seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -267,10 +323,9 @@ class HFEngine:
         rows, row_seeds = list(batch), list(seeds)
         width = max(len(x) for x in batch)
         if self.cache == "static":  # a few shapes for the compiled graphs: pad rows and width to buckets
-            extra = _bucket(n, self.max_batch_size) - n
-            rows += [batch[0]] * extra
-            row_seeds += [seeds[0]] * extra
-            width = max(MIN_WIDTH, 1 << (width - 1).bit_length())
+            n_rows, width = static_shape(n, width, self.max_batch_size)
+            rows += [batch[0]] * (n_rows - n)
+            row_seeds += [seeds[0]] * (n_rows - n)
         # Built on the host row by row, then moved to the model's device in one transfer each.
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -286,8 +341,17 @@ class HFEngine:
         extra_cfg: dict[str, Any] = {"cache_implementation": "static"} if self.cache == "static" else {}
         config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, eos_token_id=stop,
                                   pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id, **extra_cfg)
+        shape = (len(rows), width, params.max_new_tokens)
+        first = self.cache == "static" and all(shape != s for s, _ in self.compile_log)
+        t0 = time.perf_counter()
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                   generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        if first:
+            seconds = time.perf_counter() - t0
+            self.compile_log.append((shape, seconds))
+            log.info("static KV cache: new shape %d rows x %d prompt tokens + %d new (shape %d of this engine); its "
+                     "first generate took %.1f s%s", *shape, len(self.compile_log), seconds,
+                     ", torch.compile included" if device.type == "cuda" else " (not compiled off CUDA)")
         new = out[:n, width:].cpu()  # (n, T_new): one transfer back to the host
         logps = torch.stack(sampler.logprobs, dim=1)[:n].cpu() if sampler.logprobs else torch.zeros(n, 0)
         gens = []
