@@ -231,3 +231,20 @@ def test_two_processes_take_the_single_process_step(tmp_path):
                                             "env/trained_replies"))
         for k in r1:
             assert r2[k] == pytest.approx(r1[k], rel=1e-2, abs=1e-5), k
+
+
+# ---- the leaderboard's agent contract -------------------------------------------------------------------------
+
+
+def test_both_credits_are_leaderboard_arms(tmp_path):
+    import benchmarks.leaderboard as lb
+    from tests.test_leaderboard import smoke_config
+
+    cfg = smoke_config(tmp_path, "agents=[grpo_turn,grpo_traj]")
+    cfg.overrides = {"grpo_traj": ["baseline=loo"]}
+    lb.check_agents(cfg)
+    assert {"grpo", "grpo_turn", "grpo_traj"} <= set(lb.available_agents())
+    turn, traj = (lb.agent_config(cfg, n, 0, tmp_path / n, 3) for n in cfg.agents)
+    assert isinstance(turn, GrpoConfig) and lb.agent_module("grpo_traj").Config is GrpoConfig
+    assert (turn.credit, turn.baseline, traj.credit, traj.baseline) == ("turn", "mean", "trajectory", "loo")
+    assert turn.policy.model == "tiny" and traj.iterations == 3 and traj.seed == 0
