@@ -1,9 +1,10 @@
-"""REFUEL training throughput: the policy on HF vs vLLM, and 1 vs 2 processes.
+"""REFUEL training throughput: the policy on HF vs vLLM, and 1 vs 2 processes; GRPO beside it.
 
     python -m benchmarks.train_throughput                       # hf, vllm, hf x2 at 32 dialogues
     python -m benchmarks.train_throughput --setups hf,vllm --dialogues 16 --iterations 2
     python -m benchmarks.train_throughput --setups "hf full,vllm full"   # full fine-tuning (policy.lora_r=0)
     python -m benchmarks.train_throughput --setups "hf,vllm,vllm merged"   # LoRA: adapter vs merged weights
+    python -m benchmarks.train_throughput --setups "hf,grpo hf"  # GRPO (credit=turn, G = 4) beside REFUEL
 
 Each setup is a real REFUEL run (``python -m agents.refuel``, or ``accelerate launch --config_file
 conf/accelerate/cpu2.yaml -m agents.refuel`` for 2 processes) with the embedded SmolLM2-135M policy (LoRA r = 16;
@@ -16,6 +17,9 @@ each run's ``metrics.jsonl``:
 - policy samples/s: replies sampled in the iteration (``env/policy_samples``) / rollout seconds;
 - pair updates/s: pairs / (iteration seconds − rollout seconds), the reference log-probs included;
 - iteration seconds, and the whole run's wall time (model loads, engine start and the two evaluations included);
+- a ``grpo`` row runs ``python -m agents.grpo credit=turn group_size=4`` with dialogues / 2 groups (as many
+  turn-h replies as REFUEL's 2 per dialogue); its "pairs" are its trained replies / 2 (an all-equal group trains
+  none);
 - the bound: what the iteration ratio against the first row would be if sampling took no time at all
   (first row's iteration seconds / this row's update seconds). A faster sampler cannot beat it.
 
@@ -47,16 +51,21 @@ SETUPS = {  # name: (policy engine, processes, LoRA rank (0 = full fine-tuning),
     "vllm x2": ("vllm", 2, 16, "adapter"),
     "hf full": ("hf", 1, 0, "adapter"),
     "vllm full": ("vllm", 1, 0, "adapter"),
+    "grpo hf": ("hf", 1, 16, "adapter"),  # GRPO credit=turn (agents.grpo) beside REFUEL's "hf" row
 }
+GRPO_GROUP = 4  # G; a GRPO row plays dialogues / 2 groups, so it samples as many turn-h replies as REFUEL's pairs
 
 
 def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, out: Path) -> dict[str, Any]:
-    """One REFUEL run; returns the last iteration's throughput figures."""
+    """One REFUEL (or, for a ``grpo`` setup, GRPO) run; returns the last iteration's throughput figures."""
     engine, processes, lora_r, lora_sync = SETUPS[name]
     run_dir = out / name.replace(" ", "")
-    args = ["-m", "agents.refuel", "+env=arithmetic", "policy.model=embedded", f"policy.lora_r={lora_r}",
+    grpo = name.startswith("grpo")
+    agent = ["agents.grpo", "credit=turn", f"group_size={GRPO_GROUP}"] if grpo else ["agents.refuel"]
+    groups = max(1, dialogues * 2 // GRPO_GROUP) if grpo else dialogues
+    args = ["-m", agent[0], *agent[1:], "+env=arithmetic", "policy.model=embedded", f"policy.lora_r={lora_r}",
             f"policy.lora_sync={lora_sync}",
-            f"policy.engine={engine}", f"dialogues={dialogues}", f"iterations={iterations}",
+            f"policy.engine={engine}", f"dialogues={groups}", f"iterations={iterations}",
             f"sampling.max_new_tokens={max_new_tokens}", "eval.dialogues=2", "optim.batch_size=8",
             "optim.micro_batch_size=8", "export=false", f"hydra.run.dir={run_dir}"]
     launcher = [sys.executable] if processes == 1 else [
@@ -71,6 +80,8 @@ def run_setup(name: str, dialogues: int, iterations: int, max_new_tokens: int, o
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
+    if grpo:  # GRPO trains replies, not pairs: two trained replies count as one pair's worth of update
+        last["env/pairs"] = last["env/trained_replies"] / 2
     update_s = last["perf/iteration_s"] - last["perf/rollout_s"]
     return {"setup": name, "engine": engine, "processes": processes, "lora_r": lora_r, "lora_sync": lora_sync,
             "samples": last["env/policy_samples"],

@@ -262,3 +262,23 @@ def test_progress_moves_every_turn_of_a_chunk_with_tokens_per_second(engine, cap
     branch_tokens = sum(len(r.token_ids) for t in trees for b in t.branches for r in b.replies)
     rollin = sum(t.rollin_replies for t in trees)  # their tokens are counted too, at most max_new_tokens each
     assert rollin > 0 and branch_tokens + rollin <= tokens <= branch_tokens + rollin * PARAMS.max_new_tokens
+
+def test_future_samples_score_a_reply_by_the_mean_of_m_continuations(engine):
+    """CollabLLM's multiturn-aware reward: each branch's turn-h reply is sent on m forks and completed m times;
+    continuation 0 is exactly the plain branch, the reward is the mean of the m final scores, and every
+    continuation's turns are counted."""
+    plain = grow(venv(2), venv(4), engine, PARAMS, plan_dialogues(np.random.default_rng(5), 2, 30, 3, "uniform", k=2))
+    plan = plan_dialogues(np.random.default_rng(5), 2, 30, 3, "uniform", k=2, futures=3)
+    trees = grow(venv(2), venv(12), engine, PARAMS, plan)
+    assert [t.turn for t in trees] == [t.turn for t in plain]
+    for tree, ref in zip(trees, plain):
+        for b, r in zip(tree.branches, ref.branches):
+            assert b.messages == r.messages and b.replies[0].token_ids == r.reply.token_ids  # continuation 0
+            assert len(b.futures) == 3 and b.futures[0] == r.reward
+            assert b.reward == pytest.approx(np.mean(b.futures))
+            assert b.turns == 3 * r.turns  # the scripted user never ends early: m continuations of equal length
+    assert any(len(set(b.futures)) > 1 for t in trees for b in t.branches if t.turn < 3)  # the futures differ
+    with pytest.raises(ValueError, match="2 branches x 3 continuations of 2 dialogues need 12"):
+        grow(venv(2), venv(4), engine, PARAMS, plan)
+    with pytest.raises(ValueError, match="futures=2 continuations need complete=True"):
+        Plan(plan.starts, plan.turns, plan.horizons, k=2, complete=False, futures=2)

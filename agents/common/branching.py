@@ -105,6 +105,9 @@ class Plan:
             Use ``h`` itself (``complete=False``) to end every branch right after its turn-h reply.
         k: branches per dialogue.
         complete: False ends every branch right after the turn-h reply (immediate reward), whatever H' says.
+        futures: m >= 1 continuations per branch (CollabLLM's multiturn-aware reward): the branch's turn-h reply
+            is sent on m forks of s_h, each completed to the horizon, and the branch's reward is the mean of
+            their m final scores. 1: one continuation, the branch itself.
     """
 
     starts: list[Start]
@@ -112,6 +115,7 @@ class Plan:
     horizons: list[int]
     k: int = 2
     complete: bool = True
+    futures: int = 1
 
     def __post_init__(self) -> None:
         if not len(self.starts) == len(self.turns) == len(self.horizons):
@@ -119,10 +123,15 @@ class Plan:
                              f"{len(self.turns)} turns, {len(self.horizons)} horizons")
         if self.k < 1:
             raise ValueError(f"k (branches per dialogue) must be >= 1, got {self.k}")
+        if self.futures < 1:
+            raise ValueError(f"futures (continuations per branch) must be >= 1, got {self.futures}")
+        if self.futures > 1 and not self.complete:
+            raise ValueError(f"futures={self.futures} continuations need complete=True (a branch that ends after its "
+                             "turn-h reply has no future to sample)")
 
 
 def plan_dialogues(rng: np.random.Generator, dialogues: int, n_rows: int, max_turns: int, turn_sampling: str,
-                   prefix: str = "on_policy", future: bool = True, k: int = 2) -> Plan:
+                   prefix: str = "on_policy", future: bool = True, k: int = 2, futures: int = 1) -> Plan:
     """The plan of one iteration, drawn from ``rng`` in the documented order (module docstring).
 
     Args:
@@ -134,6 +143,7 @@ def plan_dialogues(rng: np.random.Generator, dialogues: int, n_rows: int, max_tu
             prefix (h = the row's turn + 1).
         future: complete each branch to H' (REFUEL's Q estimate); False ends it after the turn-h reply.
         k: branches per dialogue.
+        futures: continuations per branch (:class:`Plan`); draws nothing, so the plan's draws do not depend on it.
     """
     if prefix not in PREFIXES:
         raise ValueError(f"prefix is {prefix!r}; allowed: {', '.join(PREFIXES)}")
@@ -143,7 +153,7 @@ def plan_dialogues(rng: np.random.Generator, dialogues: int, n_rows: int, max_tu
     policy_seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=dialogues)]
     starts = [Start(policy_seed=p, row=r, env_seed=e) for r, e, p in zip(rows, env_seeds, policy_seeds)]
     turns = [h for _, h in drawn] if prefix == "on_policy" else [1] * dialogues
-    return Plan(starts, turns, [hp for hp, _ in drawn], k=k, complete=future)
+    return Plan(starts, turns, [hp for hp, _ in drawn], k=k, complete=future, futures=futures)
 
 
 @dataclass
@@ -159,6 +169,9 @@ class Branch:
         rewards: the env reward after each of those replies.
         scores: the raw score of each turn when the env scored it, else NaN (every turn in ``per_turn`` mode).
         final: the env state at the end of the branch (``terminated``/``truncated``, fingerprint).
+        futures: with m > 1 continuations (:class:`Plan` ``futures``), the final score of each; ``reward`` is their
+            mean, and ``messages``, ``replies``, ``rewards``, ``scores``, ``final`` are continuation 0's. Empty
+            with m = 1.
     """
 
     reply: Reply
@@ -169,6 +182,7 @@ class Branch:
     rewards: list[float] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     final: DialogueState | None = None
+    futures: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -215,14 +229,15 @@ class StepMeter:
 
 def planned_replies(plan: Plan, turns: int) -> list[int]:
     """The most policy replies each dialogue of ``plan`` can cost in an env of ``turns`` turns: the roll-in to turn
-    h, then ``k`` branches from h to their horizon (or h alone with ``complete=False``). A start's own earlier
+    h, then ``k`` branches (each played ``futures`` times) from h to their horizon (or h alone with
+    ``complete=False``). A start's own earlier
     turns and dialogues ended early only lower the real count."""
     out = []
     for start, h, hp in zip(plan.starts, plan.turns, plan.horizons):
         first = start.state.turn if start.state is not None else 0
         h = min(max(h, first + 1), turns)
         last = min(max(hp, h), turns) if plan.complete else h
-        out.append((h - 1 - first) + plan.k * (last - h + 1))
+        out.append((h - 1 - first) + plan.k * plan.futures * (last - h + 1))
     return out
 
 
@@ -278,21 +293,33 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
 
 
 def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[DialogueState], policy_seeds: Sequence[int],
-         k: int, horizons: Sequence[int], meter: StepMeter | None = None) -> list[list[Branch]]:
+         k: int, horizons: Sequence[int], futures: int = 1, meter: StepMeter | None = None
+         ) -> list[list[Branch]]:
     """Branch each state ``k`` times and complete every branch to its horizon (its own ``max_turns``).
     ``meter`` (optional) counts each batched step, and a branch that ends before its horizon as done.
+
+    With ``futures = m > 1`` each branch is played on m sub-envs reset to the same state: the first samples the
+    branch's turn-h reply and the other m − 1 send that same reply (a copy, not a sample), then all m are completed
+    independently (each user reply and each later policy reply its own draw: the env forks the user's stream per
+    repeat of a state, and continuation ``c`` samples with branch key ``j + k·c``). The branch's reward is the mean
+    of the m final scores (CollabLLM's multiturn-aware reward). Sub-env ``(i·m + c)·k + j`` plays continuation
+    ``c`` of branch ``j`` of state ``i``, so continuation 0 of every branch is exactly the plain branch (same
+    sub-env fork index, same seeds), and m = 1 is k plain branches. The env counts every continuation's turns as
+    stepped, the m − 1 copied turn-h replies included.
 
     Returns:
         ``branches[i][j]``: branch ``j`` of state ``i``.
     """
-    n = len(states) * k
+    m = futures
+    n = len(states) * k * m
     if n > venv.num_envs:
-        raise ValueError(f"{len(states)} states x {k} branches need {n} sub-envs; the vector env has {venv.num_envs}")
+        raise ValueError(f"{len(states)} states x {k} branches x {m} continuations need {n} sub-envs; the vector "
+                         f"env has {venv.num_envs}")
     starts: list[DialogueState] = []
     for i, s in enumerate(states):
         s = s.copy()
         s.max_turns = int(horizons[i])
-        starts += [s] * k
+        starts += [s] * (k * m)
     # spare sub-envs repeat the last branch's state (later fork indices, so they change no real branch); they
     # sit every step out
     obs, _ = venv.reset(options={"states": starts + [starts[-1]] * (venv.num_envs - n)})
@@ -301,11 +328,17 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
     scores: list[list[float]] = [[] for _ in range(n)]
     final = [0.0] * n
     done = [False] * n
+    first = True
     while not all(done):
         turn_now = [s.turn for s in venv.get_states()]
-        seeds = [policy_turn_seed(policy_seeds[b // k], turn_now[b], b % k) if b < n and not done[b] else None
+        # sub-env b plays continuation c = (b % (k·m)) // k of branch j = b % k: its seed key is b % (k·m)
+        seeds = [policy_turn_seed(policy_seeds[b // (k * m)], turn_now[b], b % (k * m))
+                 if b < n and not done[b] and not (first and b % (k * m) >= k) else None
                  for b in range(venv.num_envs)]
         gens = act(engine, obs, seeds, params)
+        if first:  # continuations c > 0 send continuation 0's turn-h reply
+            gens = [gens[b - (b % (k * m)) // k * k] if b < n else g for b, g in enumerate(gens)]
+            first = False
         obs, r, term, trunc, info = venv.step([action_text(g) if g is not None else None for g in gens])
         scored = info.get("_score", np.zeros(venv.num_envs, dtype=bool))
         skipped = 0  # turns the branches that ended now will not play
@@ -317,13 +350,22 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
             scores[b].append(float(info["score"][b]) if scored[b] else float("nan"))
             if term[b] or trunc[b]:
                 done[b], final[b] = True, float(r[b])
-                skipped += max(0, int(horizons[b // k]) - turn_now[b] - 1)
+                skipped += max(0, int(horizons[b // (k * m)]) - turn_now[b] - 1)
         if meter is not None:
             meter.step(gens, "branches", 1 + max(turn_now[b] for b in range(n) if gens[b] is not None), skipped)
     end_states = venv.get_states()
-    return [[Branch(reply=replies[b][0], reward=final[b], messages=end_states[b].messages, turns=len(replies[b]),
-                    replies=replies[b], rewards=rewards[b], scores=scores[b], final=end_states[b])
-             for b in range(i * k, (i + 1) * k)] for i in range(len(states))]
+    out: list[list[Branch]] = []
+    for i in range(len(states)):
+        row = []
+        for j in range(k):
+            b = i * k * m + j  # continuation 0
+            group = range(b, b + k * m, k)
+            row.append(Branch(reply=replies[b][0], reward=float(np.mean([final[c] for c in group])),
+                              messages=end_states[b].messages, turns=sum(len(replies[c]) for c in group),
+                              replies=replies[b], rewards=rewards[b], scores=scores[b], final=end_states[b],
+                              futures=[final[c] for c in group] if m > 1 else []))
+        out.append(row)
+    return out
 
 
 def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: Plan) -> list[Tree]:
@@ -331,16 +373,18 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
 
     Args:
         rollin: a DialogueVectorEnv in DISABLED autoreset mode; its ``num_envs`` is the chunk size.
-        branches: a DialogueVectorEnv in DISABLED mode with at least ``plan.k * rollin.num_envs`` sub-envs, in the
-            reward mode the caller wants scored (``terminal`` for a return at the horizon, ``per_turn`` for
-            evaluation). It may be ``rollin`` itself when ``plan.k == 1``.
+        branches: a DialogueVectorEnv in DISABLED mode with at least ``plan.k * plan.futures * rollin.num_envs``
+            sub-envs, in the reward mode the caller wants scored (``terminal`` for a return at the horizon,
+            ``per_turn`` for evaluation). It may be ``rollin`` itself when ``plan.k == 1``.
 
     Returns:
         One :class:`Tree` per dialogue, in plan order.
     """
-    if branches.num_envs < plan.k * rollin.num_envs:
-        raise ValueError(f"the branch env has {branches.num_envs} sub-envs; {plan.k} branches of "
-                         f"{rollin.num_envs} dialogues need {plan.k * rollin.num_envs}")
+    width = plan.k * plan.futures
+    if branches.num_envs < width * rollin.num_envs:
+        each = f"{plan.k} branches" + (f" x {plan.futures} continuations" if plan.futures > 1 else "")
+        raise ValueError(f"the branch env has {branches.num_envs} sub-envs; {each} of {rollin.num_envs} dialogues "
+                         f"need {width * rollin.num_envs}")
     size = rollin.num_envs
     out: list[Tree] = []
     most = planned_replies(plan, rollin.core.config.max_turns)
@@ -355,7 +399,7 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
             horizons = [max(hp, h) if plan.complete else h
                         for hp, (_, h, _) in zip(plan.horizons[lo:lo + size], reached)]
             tree = fork(branches, engine, params, [s for s, _, _ in reached], [s.policy_seed for s in starts],
-                        plan.k, horizons, meter)
+                        plan.k, horizons, plan.futures, meter)
             meter.finish_chunk()
             out += [Tree(s, h, row, n) for (s, h, n), row in zip(reached, tree)]
     return out

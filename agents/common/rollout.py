@@ -73,7 +73,7 @@ def make_pairs(trees: Sequence[Tree], pairing: str = "both", length_penalty: flo
 
 def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParams, rng: np.random.Generator,
                   dialogues: int, n_rows: int, turn_sampling: str, future: bool, prefix: str, k: int = 2,
-                  pairing: str = "both", length_penalty: float = 0.0, ranks: Ranks = SINGLE
+                  pairing: str = "both", length_penalty: float = 0.0, ranks: Ranks = SINGLE, futures: int = 1
                   ) -> tuple[list[Any], dict[str, float]]:
     """Pairs at turn h of ``dialogues`` dialogues, each reply scored by the env.
 
@@ -86,18 +86,23 @@ def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParam
        turn-h reply (the immediate reward: REBEL, DPO);
     4. :func:`make_pairs` with ``pairing``.
 
+    ``futures = m > 1`` (needs ``future=True``): each reply's return is the mean final score of m continuations
+    completed from it (CollabLLM's multiturn-aware reward, :func:`~agents.common.branching.fork`); ``branches``
+    then holds ``k·m`` sub-envs per dialogue of a chunk.
+
     ``rollin.num_envs`` dialogues are played at a time (``rollout_batch``); ``branches`` holds ``k`` sub-envs
     per dialogue of a chunk. Under a launcher each process plays its block of the plan (``ranks``,
     agents/common/distributed.py) and returns the pairs and statistics of that block.
     """
-    plan = plan_dialogues(rng, dialogues, n_rows, rollin.core.config.max_turns, turn_sampling, prefix, future, k)
+    plan = plan_dialogues(rng, dialogues, n_rows, rollin.core.config.max_turns, turn_sampling, prefix, future, k,
+                          futures)
     return make_pairs(grow(rollin, branches, engine, params, part(plan, ranks)), pairing, length_penalty)
 
 
 def part(plan: Plan, ranks: Ranks) -> Plan:
     """This process's contiguous block of the plan (the whole plan in one process)."""
     block = share(len(plan.starts), ranks)
-    return Plan(plan.starts[block], plan.turns[block], plan.horizons[block], plan.k, plan.complete)
+    return Plan(plan.starts[block], plan.turns[block], plan.horizons[block], plan.k, plan.complete, plan.futures)
 
 
 def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.random.Generator, dialogues: int,

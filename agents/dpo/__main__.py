@@ -42,6 +42,9 @@ Deviations from the paper and its reference code:
      one pair per context, so the schedule does not quite reach 0 when ties are dropped.
   7. Evaluation is in-run: fixed held-out states and user seeds, win rate per turn vs the initial policy judged by
      the env's reward (the paper uses AlpacaEval 2, MT-Bench and Arena-Hard).
+  8. ``future=true future_samples=m`` (m > 1): each reply is scored by the mean final score of m continuations
+     forked after it (CollabLLM's multiturn-aware reward, arXiv 2502.00640), not by one; every continuation's
+     turns count toward the budget. Default m = 1 (one continuation, as before).
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def run(cfg: DpoConfig) -> dict:
     if from_task:
         chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
         rollin = make_vec(cfg.env, chunk, task=task)
-        branches = make_vec(cfg.env, cfg.n * chunk, task=task, reward_mode="terminal")
+        branches = make_vec(cfg.env, cfg.n * cfg.future_samples * chunk, task=task, reward_mode="terminal")
         n_rows = len(rollin.core.rows)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
 
@@ -193,7 +196,8 @@ def run(cfg: DpoConfig) -> dict:
         if online:
             pairs, stats = collect_pairs(rollin, branches, engine, params, rng, cfg.dialogues, n_rows,
                                          cfg.turn_sampling, cfg.future, "on_policy", k=cfg.n, pairing="best_worst",
-                                         length_penalty=cfg.length_penalty, ranks=ranks)
+                                         length_penalty=cfg.length_penalty, ranks=ranks,
+                                         futures=cfg.future_samples)
             reference_logprobs(trainer, reference, pairs, sft, pad, cfg.optim)
             pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order
         else:

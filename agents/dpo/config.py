@@ -46,6 +46,7 @@ class DpoConfig:
     label_smoothing: float = 0.0  # cDPO: probability that a label is flipped, in [0, 0.5) (recipe code: 0.1)
     length_penalty: float = 0.0  # λ: pairs ranked by reward - λ * characters (recipe's concise variant: 0.001)
     future: bool = False  # online: score each branch at its horizon H' (REFUEL-style); false: immediate reward
+    future_samples: int = 1  # m, with future=true: each reply scored by the mean of m continuations (CollabLLM)
     turn_sampling: str = "reference"  # online turn h: reference (H' ~ U{1..H}, h ~ U{1..H'}) or uniform
     reference: str = "sft"  # sft: the initial policy; previous: the last iterate (log-probs once per iteration)
     resume: bool = False  # continue from <run_dir>/checkpoints/last when present
@@ -70,6 +71,11 @@ def validate(cfg: DpoConfig) -> None:
     check(cfg.reference in REFERENCES, f"reference is {cfg.reference!r}; allowed: {', '.join(REFERENCES)}")
     check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")
     check(cfg.stop_after >= 0, f"stop_after must be >= 0 (0 = never), got {cfg.stop_after}")
+    check(cfg.future_samples >= 1, f"future_samples (m, continuations per reply) must be >= 1, got "
+                                   f"{cfg.future_samples}")
+    check(cfg.future_samples == 1 or (cfg.mode == "online" and cfg.future),
+          f"future_samples={cfg.future_samples} needs mode=online and future=true (the continuations it averages); "
+          "set future_samples=1")
     if cfg.mode == "offline":
         check(cfg.reference == "sft", "reference=previous needs mode=online (offline DPO keeps the initial policy "
                                       "as its reference)")

@@ -30,6 +30,9 @@ Deviations from the paper and its reference code:
   7. The task rows of an iteration are drawn without replacement, and every dialogue carries its own env and
      policy seeds (agents/common/branching.py), so the pairs do not depend on rollout_batch or on how many
      processes share the iteration (accelerate launch, agents/common/distributed.py).
+  8. ``future_samples=m > 1`` (CollabLLM's multiturn-aware reward, arXiv 2502.00640): each turn-h reply's Q is
+     the mean final score of m continuations forked after it (agents/common/branching.py), a lower-variance
+     estimate than the paper's one rollout; every continuation's turns count toward the budget. Default m = 1.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from omegaconf import DictConfig
 
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
-from agents.common.config import build_task_early
+from agents.common.config import ConfigError, build_task_early
 from agents.common.distributed import check_processes, combine_stats, gather, setup
 from agents.common.logging import MetricLogger
 from agents.common.policy import load_policy
@@ -72,6 +75,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name: str = "REFUEL") -> dict:
     """Train and evaluate. REBEL reuses this loop with ``future=False`` (immediate reward, no completion)."""
     validate(cfg)
+    if not future and cfg.future_samples > 1:
+        raise ConfigError(f"future_samples={cfg.future_samples} needs a future to sample: {name} scores the immediate "
+                          "reward of the turn-h reply; set future_samples=1 (or train REFUEL)")
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
     check_sharding(ranks.sharded, cfg.policy, name)
@@ -86,7 +92,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     engine = policy_engine(cfg.policy, model, tokenizer, seed=cfg.seed)
     chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
     rollin = make_vec(cfg.env, chunk, task=task)
-    branches = make_vec(cfg.env, 2 * chunk, task=task, reward_mode="terminal")
+    branches = make_vec(cfg.env, 2 * cfg.future_samples * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = len(rollin.core.rows)
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
@@ -111,7 +117,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, t])  # everything an iteration draws comes from (seed, t)
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling), rng, cfg.dialogues,
-                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix, ranks=ranks)
+                                     n_rows, cfg.turn_sampling, future=future, prefix=prefix, ranks=ranks,
+                                     futures=cfg.future_samples)
         t_roll = time.time() - t0
         fill_reference_logprobs(trainer, pairs, pad_id(tokenizer), cfg.sampling.temperature, cfg.optim)
         pairs, stats = gather(pairs, ranks), combine_stats(stats, ranks)  # every process: all pairs, plan order

@@ -24,6 +24,7 @@ class RefuelConfig:
     rollout_batch: int = 0  # dialogues per vector-env batch (0: all at once); must divide dialogues
     eta: float = 1.0  # reward-difference scale in the regression target (reference: 1e3 with raw ArmoRM)
     turn_sampling: str = "reference"  # reference: H' ~ U{1..H}, h ~ U{1..H'}; uniform: h ~ U{1..H}, H' = H
+    future_samples: int = 1  # m: each turn-h reply's Q is the mean final score of m continuations (CollabLLM)
     resume: bool = False  # continue from <run_dir>/checkpoints/last when present
     stop_after: int = 0  # stop (as if interrupted) after this many iterations of this process; 0 = never
     run_dir: str = "."  # output directory (Hydra's run dir)
@@ -41,6 +42,8 @@ def validate(cfg: RefuelConfig) -> None:
     check(cfg.turn_sampling in ("reference", "uniform"),
           f"turn_sampling is {cfg.turn_sampling!r}; allowed: reference, uniform")
     check(cfg.eval.dialogues >= 1, f"eval.dialogues must be >= 1, got {cfg.eval.dialogues}")
+    check(cfg.future_samples >= 1, f"future_samples (m, continuations per reply) must be >= 1, got "
+                                   f"{cfg.future_samples}")
 
 
 __all__ = ["ConfigError", "RefuelConfig", "validate"]

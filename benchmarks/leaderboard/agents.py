@@ -21,11 +21,14 @@ from dialogue_gym.budget import LIMITS, Budget, BudgetExhausted, Usage, use_budg
 
 log = logging.getLogger("benchmarks.leaderboard")
 SHARED = ("env", "policy", "sampling", "eval", "seed", "iterations", "run_dir", "export", "optim")
+# Arms: one agent package run with fixed settings under its own name (GRPO's two credits are separate entries);
+# the arm's overrides come first, so ``overrides.<arm>`` can still change anything else.
+ARMS = {"grpo_turn": ("grpo", ["credit=turn"]), "grpo_traj": ("grpo", ["credit=trajectory"])}
 
 
 def available_agents() -> list[str]:
-    """The agent packages with an entry point (``agents/<name>/__main__.py``)."""
-    return sorted(p.name for p in (ROOT / "agents").iterdir() if (p / "__main__.py").is_file())
+    """The agent packages with an entry point (``agents/<name>/__main__.py``), and the :data:`ARMS`."""
+    return sorted([p.name for p in (ROOT / "agents").iterdir() if (p / "__main__.py").is_file()] + list(ARMS))
 
 
 def agent_module(name: str) -> Any:
@@ -34,6 +37,7 @@ def agent_module(name: str) -> Any:
     Raises:
         ConfigError: no such agent (naming the ones that exist), or it does not keep the contract.
     """
+    name = ARMS[name][0] if name in ARMS else name
     try:
         module = importlib.import_module(f"agents.{name}.__main__")
     except ModuleNotFoundError as e:
@@ -82,7 +86,8 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
     itself).
     """
     schema = agent_module(name).Config
-    typed = merge_schema(compose_agent_config(name, list(cfg.overrides.get(name, []))), schema)
+    package, fixed = ARMS.get(name, (name, []))
+    typed = merge_schema(compose_agent_config(package, fixed + list(cfg.overrides.get(name, []))), schema)
     for key in SHARED:
         if not hasattr(typed, key):
             raise ConfigError(f"agent {name!r} has no {key!r} setting; the leaderboard needs it ({schema.__name__})")

@@ -1,0 +1,1 @@
+"""GRPO / RLOO / Dr. GRPO with turn-level credit through forks (``python -m agents.grpo``)."""
