@@ -69,12 +69,12 @@ from benchmarks.leaderboard.protocol import (
 )
 from benchmarks.leaderboard.report import results_path, write_report
 from benchmarks.leaderboard.runner import check_sweep, run
-from benchmarks.leaderboard.stats import hierarchical_ci, hierarchical_means, paired_difference
+from benchmarks.leaderboard.stats import crossed_ci, crossed_interval, crossed_means, paired_difference, seed_test
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
            "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents",
            "behaviour_matrix", "calibrate", "check_agents", "check_sweep", "completed_iterations",
-           "compose_agent_config", "do_job", "eval_env", "evaluate", "export_checkpoint_policy", "hierarchical_ci",
-           "hierarchical_means", "job_threads", "paired_difference", "play_states", "played", "results_path", "run",
-           "score_matrix", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
+           "compose_agent_config", "do_job", "eval_env", "evaluate", "export_checkpoint_policy", "crossed_ci",
+           "crossed_interval", "crossed_means", "job_threads", "paired_difference", "play_states", "played", "results_path", "run",
+           "score_matrix", "seed_test", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
            "write_report"]
