@@ -72,9 +72,9 @@ from benchmarks.leaderboard.runner import check_sweep, run
 from benchmarks.leaderboard.stats import crossed_ci, crossed_interval, crossed_means, paired_difference, seed_test
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
-           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents",
-           "behaviour_matrix", "calibrate", "check_agents", "check_sweep", "completed_iterations",
-           "compose_agent_config", "do_job", "eval_env", "evaluate", "export_checkpoint_policy", "crossed_ci",
-           "crossed_interval", "crossed_means", "job_threads", "paired_difference", "play_states", "played", "results_path", "run",
-           "score_matrix", "seed_test", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
+           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "behaviour_matrix",
+           "calibrate", "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "crossed_ci",
+           "crossed_interval", "crossed_means", "do_job", "eval_env", "evaluate", "export_checkpoint_policy",
+           "job_threads", "paired_difference", "play_states", "played", "results_path", "run", "score_matrix",
+           "seed_test", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
            "write_report"]
