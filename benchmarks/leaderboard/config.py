@@ -20,6 +20,7 @@ class BudgetSettings:
 
     policy_samples: int | None = 256  # assistant turns an agent may step while training (null: no limit)
     scored_conversations: int | None = None  # conversations the reward model may score while training (null: none)
+    optimizer_steps: int | None = None  # optimizer steps an agent may take while training (null: no limit)
     calibrate: bool = True  # set each agent's iterations from one measured iteration; false: the agent's own
     margin: float = 0.1  # calibration headroom: iterations = floor(limit / (cost per iteration * (1 + margin)))
     max_iterations: int = 100  # upper bound on calibrated iterations

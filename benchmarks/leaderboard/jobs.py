@@ -95,6 +95,7 @@ def train_and_evaluate(cfg: LeaderboardConfig, ctx: Context, name: str, seed: in
     the dialogues go to the split's store)."""
     run_dir = run_dir_of(cfg, name, seed, lr, sweep)
     budget = Budget(policy_samples=cfg.budget.policy_samples, scored_conversations=cfg.budget.scored_conversations,
+                    optimizer_steps=cfg.budget.optimizer_steps,
                     count_tokens=ctx.count_tokens)
     typed, stop, train_s = train(cfg, name, seed, run_dir, iterations, budget, lr)
     if stop == "budget" or not (run_dir / "policy").is_dir():

@@ -205,5 +205,6 @@ def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:
             "policy_samples": mean(lambda r: r.usage.policy_samples),
             "policy_tokens": mean(lambda r: r.usage.policy_tokens),
             "scored_conversations": mean(lambda r: r.usage.scored_conversations),
-            "reward_calls": mean(lambda r: r.usage.reward_calls), "train_s": mean(lambda r: r.train_s),
+            "reward_calls": mean(lambda r: r.usage.reward_calls),
+            "optimizer_steps": mean(lambda r: r.usage.optimizer_steps), "train_s": mean(lambda r: r.train_s),
             "eval_s": mean(lambda r: r.eval_s), "lr": group[0].lr}
