@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -25,6 +26,7 @@ from agents.common.checkpoint import completed_iterations, export_checkpoint_pol
 from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
+from benchmarks.leaderboard.stats import crossed_ci
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -171,7 +173,9 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     assert get["initial", "all", 1]["success"] == 0.0 and get["initial", "all", 2]["success"] == 0.5
     assert get["refuel", "0", 1]["success"] == 0.5 and get["refuel", "all", 2]["success"] == 0.5
     lo, hi = get["refuel", "all", 1]["win_lo"], get["refuel", "all", 1]["win_hi"]
-    assert 0.5 <= lo <= 0.625 <= hi <= 0.875
+    # the crossed interval of the (seeds, states) win matrix at h=1 (seed 100 + h - 1, as metric_rows draws it)
+    assert (0.625, lo, hi) == crossed_ci(np.array([[1.0, 0.5], [0.5, 0.5]]), n_boot=200, seed=100)
+    assert lo < 0.625 < hi and (0.625 - lo) == pytest.approx(hi - 0.625)
     assert get["refuel", "all", 1]["policy_samples"] == 11 and get["refuel", "all", 1]["stopped_by_budget"] == 1
     assert get["refuel", "0", 1]["train_s"] == 30.0
 
@@ -183,7 +187,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
     assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
     assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
-    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
+    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 0.0 | 60 | 5 | 3 | 40 | 3 |" in md
     assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
     with (tmp_path / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))

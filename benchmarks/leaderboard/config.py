@@ -77,6 +77,8 @@ class LeaderboardConfig:
     sweep: SweepSettings = field(default_factory=SweepSettings)  # learning rates chosen on the validation split
     agent_eval_dialogues: int = 1  # size of each agent's own in-run evaluation (the leaderboard evaluates anyway)
     overrides: dict[str, list[str]] = field(default_factory=dict)  # Hydra overrides per agent, e.g. {dpo: [n=4]}
+    arms: dict[str, str] = field(default_factory=dict)  # arm name -> agent package, for a second arm of one agent
+    # under its own name and overrides, e.g. {dpo_last: dpo} with overrides.dpo_last: [mode=offline, ...]
     results_dir: str = "benchmarks/results"  # where the report files are written
     report_name: str = "leaderboard"  # report file names: <report_name>.md, .csv, _paired.csv, .png
     threads: int | None = None  # torch CPU threads per process (null: the cores shared out among the jobs)

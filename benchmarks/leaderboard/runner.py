@@ -20,7 +20,7 @@ from agents.common.config import ConfigError
 from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, validate
-from benchmarks.leaderboard.jobs import Context, Scheduler, job_threads, run_dir_of
+from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
 from benchmarks.leaderboard.stats import crossed_interval
@@ -129,7 +129,9 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
         runs.sort(key=lambda r: order[(r.agent, r.seed)])
         finished = {(r.agent, r.seed) for r in runs}
-        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks)
+        probe_file = out / PROBE_FILE
+        base_probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
