@@ -175,3 +175,36 @@ def test_paired_rows_compare_each_agent_with_the_initial_policy_and_with_each_ot
     assert pairs["refuel", "rebel", "score", 1]["diff"] == 0.5
     assert ("refuel", "dpo", "score", 1) not in pairs  # different seeds: no agent-agent pairing
     assert len(rows) == (3 + 1) * 2 * 2  # 3 vs initial + refuel-rebel; 2 metrics; 2 turns
+
+
+def test_a_sweep_that_cannot_tell_rates_apart_gives_every_agent_one_shared_rate():
+    from benchmarks.leaderboard.runner import choose_rates
+
+    n = 64
+    ones, zeros, half = np.ones(n), np.zeros(n), np.r_[np.ones(n // 2), np.zeros(n // 2)]
+    # refuel: 1e-3 solves everything, 1e-4 nothing (decisive); rebel: the same outcomes at both rates (a tie)
+    values = {"refuel": {1e-4: zeros, 1e-3: ones}, "rebel": {1e-4: half, 1e-3: half.copy()}}
+    chosen, decisive, shared = choose_rates([1e-4, 1e-3], values, n_boot=200)
+    assert decisive == {"refuel": True, "rebel": False}
+    assert shared == 1e-3 and chosen == {"refuel": 1e-3, "rebel": 1e-3}  # pooled: (0 + .5) vs (1 + .5)
+    # both decisive, for different rates: each keeps its own
+    values["rebel"] = {1e-4: ones, 1e-3: zeros}
+    chosen, decisive, _ = choose_rates([1e-4, 1e-3], values, n_boot=200)
+    assert all(decisive.values()) and chosen == {"refuel": 1e-3, "rebel": 1e-4}
+    # a one-state difference is noise, not a decision; a full tie goes to the rate listed first
+    tie = {"rebel": {1e-4: half, 1e-3: np.r_[half[:-1], 1.0]}, "dpo": {1e-4: half, 1e-3: half}}
+    chosen, decisive, shared = choose_rates([1e-4, 1e-3], tie, n_boot=200)
+    assert not any(decisive.values()) and shared == 1e-3 and set(chosen.values()) == {1e-3}
+    chosen, _, shared = choose_rates([1e-4, 1e-3], {"dpo": {1e-4: half, 1e-3: half}}, n_boot=200)
+    assert shared == 1e-4 == chosen["dpo"]
+
+
+def test_fairness_is_the_spread_of_samples_and_optimizer_steps():
+    from benchmarks.leaderboard.report import FAIR, fairness
+
+    rows = [{"policy_samples": 100.0, "optimizer_steps": 16.0}, {"policy_samples": 104.0, "optimizer_steps": 20.0}]
+    spread = fairness(rows)
+    assert spread["policy_samples"] == pytest.approx(0.04) and spread["policy_samples"] <= FAIR
+    assert spread["optimizer_steps"] == pytest.approx(0.25) and spread["optimizer_steps"] > FAIR
+    assert fairness(rows[:1]) == {} and fairness([{"policy_samples": 0.0}, {"policy_samples": 3.0}])[
+        "policy_samples"] == float("inf")
