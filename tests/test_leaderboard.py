@@ -489,3 +489,36 @@ def test_submitit_jobs_get_a_gpu_when_this_machines_device_is_cuda(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     assert job_gpus(lb.SubmititSettings()) == 1  # null: the jobs see a GPU where this process would use one
+
+
+@pytest.mark.slow
+def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_crossed_intervals(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke_clarify", "agents=[rebel,dpo_last]",
+                                                               "sweep.lrs=[]", "budget.policy_samples=16",
+                                                               "env.reward=judge"])  # the random tiny model never
+    # solves clarify: with the verifier every pair would be a tie (offline DPO then has nothing to train on)
+    raw.results_dir = str(tmp_path / "results")
+    cfg = merge_schema(raw, lb.LeaderboardConfig)
+    cfg.run_dir = str(tmp_path / "run")
+    result = lb.run(cfg, command="pytest")
+    runs = {(r.agent, r.seed): r for r in result["runs"]}
+    assert set(runs) == {("rebel", 0), ("rebel", 1), ("dpo_last", 0), ("dpo_last", 1)}
+    # the arm is the dpo package with its own overrides: offline pairs at the last turn of the initial policy's roll-in
+    typed = lb.agent_config(cfg, "dpo_last", 0, tmp_path / "x", 1)
+    assert (typed.mode, typed.data.prefix, typed.turn_sampling) == ("offline", "on_policy", "last")
+    for r in runs.values():
+        assert r.usage.optimizer_steps > 0 and len(r.probe) == cfg.eval.states
+    # the probe: change from the initial policy's value on each test state, compared with crossed intervals
+    base = json.loads((Path(cfg.run_dir) / "probe_initial.json").read_text())
+    probe = {(p["a"], p["b"]): p for p in result["paired"] if p["metric"] == "probe"}
+    assert set(probe) == {("rebel", "initial"), ("dpo_last", "initial"), ("rebel", "dpo_last")}
+    change = np.array([runs["rebel", s].probe for s in (0, 1)]) - np.array(base)[None, :]
+    assert probe["rebel", "initial"]["diff"] == pytest.approx(change.mean())
+    assert (probe["rebel", "initial"]["diff"], probe["rebel", "initial"]["lo"], probe["rebel", "initial"]["hi"]) == \
+        pytest.approx(crossed_ci(change, n_boot=cfg.eval.n_boot, seed=300))
+    last = [p for p in result["paired"] if p["metric"] == "success" and p["turn"] == 2]
+    assert all(p["seeds"] == 2 and p["mde80"] >= 0 and (p["lo"] <= p["diff"] <= p["hi"]) for p in last)
+    with (tmp_path / "results" / "leaderboard_clarify_paired.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert {r["metric"] for r in table} == {"success", "score", "probe"} and "seed_p" in table[0]
