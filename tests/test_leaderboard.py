@@ -258,7 +258,8 @@ def test_presets_compose_and_validate(preset, tmp_path):
         lb.validate(cfg)
         for name in cfg.agents:  # every agent's settings compose and pass the agent's own checks
             typed = lb.agent_config(cfg, name, cfg.seeds[0], tmp_path / name, None)
-            validate = getattr(importlib.import_module(f"agents.{name}.config"), "validate", None)
+            package = cfg.arms.get(name, name)  # an arm runs an agent package under its own name
+            validate = getattr(importlib.import_module(f"agents.{package}.config"), "validate", None)
             if validate is not None:
                 validate(typed)
     assert cfg.budget.policy_samples is not None
