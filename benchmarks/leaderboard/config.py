@@ -34,7 +34,7 @@ class EvalProtocol:
     seed: int = 1234  # seeds the user seed streams and policy seeds of the stored states
     temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)
     reward: str | None = None  # the judge: a reward spec for the eval env; null = the env's own reward
-    n_boot: int = 2000  # hierarchical bootstrap resamples (training seeds, then states) for the 95% intervals
+    n_boot: int = 2000  # crossed bootstrap replicates (seeds and one shared resample of states) per interval
 
 
 @dataclass

@@ -175,7 +175,7 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     """The report's numbers: ``(rows, paired)``.
 
     ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
-    verifier) success by turn h, each with its 95% interval (hierarchical bootstrap over seeds, then states; see
+    verifier) success by turn h, each with its 95% interval (crossed bootstrap of seeds and states; see
     :mod:`benchmarks.leaderboard.stats`), and the mean cost per seed. The initial policy's win rate is 0.5 by
     definition. With ``asks`` (the task's behaviour test, e.g. clarify's), also the share of turn-h replies that show
     it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals, seed-level

@@ -75,7 +75,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("win rate vs initial policy")
     ax.set_ylim(0, 1)
     ax.set_xticks(sorted({r["turn"] for r in rows}))
-    ax.set_title(f"{title}: win rate at turn h (95% hierarchical bootstrap CI)", fontsize=9)
+    ax.set_title(f"{title}: win rate at turn h (95% crossed-bootstrap CI)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
