@@ -207,15 +207,15 @@ class SeedTest:
     Attributes:
         seeds: seeds (rows) tested.
         mean: the mean of the per-seed means.
-        lo, hi: the ``level`` t-interval of the per-seed means (NaN with one seed).
-        p: two-sided p-value (NaN with one seed; 0 or 1 when every seed's mean is the same).
+        lo, hi: the ``level`` t-interval of the per-seed means (None with one seed: no test).
+        p: two-sided p-value (None with one seed; 0 or 1 when every seed's mean is the same).
     """
 
     seeds: int
     mean: float
-    lo: float
-    hi: float
-    p: float
+    lo: float | None
+    hi: float | None
+    p: float | None
 
 
 def seed_test(diff: Any, level: float = LEVEL) -> SeedTest:
@@ -225,7 +225,7 @@ def seed_test(diff: Any, level: float = LEVEL) -> SeedTest:
     d = _matrix(diff).mean(axis=1)  # (S,) per-seed means
     s, m = len(d), float(d.mean())
     if s < 2:
-        return SeedTest(s, m, float("nan"), float("nan"), float("nan"))
+        return SeedTest(s, m, None, None, None)
     sd = float(d.std(ddof=1))
     if sd == 0.0:
         return SeedTest(s, m, m, m, 1.0 if m == 0 else 0.0)
