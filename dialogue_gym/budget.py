@@ -7,7 +7,9 @@ An agent builds several vector envs (roll-in, branches, its own held-out evaluat
 - ``policy_samples``: assistant turns stepped (one per sub-env per step; a sit-out ``None`` action is free);
 - ``policy_tokens``: their tokens, when the budget has a ``count_tokens`` function (e.g. the policy tokenizer);
 - ``scored_conversations``: conversations the reward model scored; ``reward_calls``: batched reward calls;
-- ``steps``: batched env steps.
+- ``steps``: batched env steps;
+- ``optimizer_steps``: ``torch.optim`` optimizer steps taken anywhere in the process (a global step pre-hook,
+  charged to the ``"train"`` split), so an agent that squeezes more updates out of the same samples is seen.
 
 Counts are kept per split. Limits apply to ``limited_splits`` (``"train"``: the agent's training rollouts); the
 agents' own evaluations on the ``"test"`` split are counted but never stopped. A step that would take a limited
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-LIMITS = ("policy_samples", "scored_conversations")
+LIMITS = ("policy_samples", "scored_conversations", "optimizer_steps")
 
 
 class BudgetExhausted(RuntimeError):
@@ -43,6 +45,7 @@ class Usage:
         scored_conversations: conversations scored by the reward model.
         reward_calls: batched reward-model calls.
         steps: batched env steps (``DialogueCore.advance`` calls).
+        optimizer_steps: optimizer steps taken (counted on the ``"train"`` split only).
     """
 
     policy_samples: int = 0
@@ -50,6 +53,7 @@ class Usage:
     scored_conversations: int = 0
     reward_calls: int = 0
     steps: int = 0
+    optimizer_steps: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -62,6 +66,7 @@ class Budget:
     Attributes:
         policy_samples: most assistant turns the limited splits may step (None: no limit).
         scored_conversations: most conversations the reward model may score on the limited splits (None: no limit).
+        optimizer_steps: most optimizer steps the process may take (None: no limit; charged to ``"train"``).
         limited_splits: the splits the limits apply to; other splits are counted only.
         count_tokens: maps an assistant message to its number of tokens, for ``Usage.policy_tokens``.
         used: counters per split (filled by the envs).
@@ -72,6 +77,7 @@ class Budget:
 
     policy_samples: int | None = None
     scored_conversations: int | None = None
+    optimizer_steps: int | None = None
     limited_splits: tuple[str, ...] = ("train",)
     count_tokens: Callable[[str], int] | None = None
     used: dict[str, Usage] = field(default_factory=dict)
@@ -119,6 +125,21 @@ class Budget:
             u.steps += 1
 
 
+    def charge_optimizer_step(self) -> None:
+        """Pay for one optimizer step (split ``"train"``).
+
+        Raises:
+            BudgetExhausted: the step would take ``"train"`` past ``optimizer_steps`` (when limited); not counted.
+        """
+        with self._lock:
+            u = self.used.setdefault("train", Usage())
+            if "train" in self.limited_splits and self.optimizer_steps is not None and \
+                    u.optimizer_steps + 1 > self.optimizer_steps:
+                raise BudgetExhausted(f"budget exhausted on split 'train': optimizer_steps would reach "
+                                      f"{u.optimizer_steps + 1}, the limit is {self.optimizer_steps}")
+            u.optimizer_steps += 1
+
+
 _active: Budget | None = None
 _active_lock = threading.Lock()
 
@@ -137,9 +158,14 @@ def use_budget(budget: Budget) -> Iterator[Budget]:
         if _active is not None:
             raise RuntimeError("a budget is already active in this process; budgets do not nest")
         _active = budget
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    # every optimizer of the process, whatever agent built it: the step is charged (or refused) before it is taken
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: budget.charge_optimizer_step())
     try:
         yield budget
     finally:
+        hook.remove()
         with _active_lock:
             _active = None
 

@@ -103,5 +103,31 @@ def test_usage_is_a_copy():
     u.policy_samples = 99
     assert budget.usage().policy_samples == 1
     assert budget.usage().as_dict() == {"policy_samples": 1, "policy_tokens": 0, "scored_conversations": 1,
-                                        "reward_calls": 1, "steps": 1}
-    assert budget.limits() == {"policy_samples": None, "scored_conversations": None}
+                                        "reward_calls": 1, "steps": 1, "optimizer_steps": 0}
+    assert budget.limits() == {"policy_samples": None, "scored_conversations": None, "optimizer_steps": None}
+
+
+def test_optimizer_steps_are_counted_and_limited_for_every_optimizer_of_the_process():
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt_a, opt_b = torch.optim.SGD([w], lr=0.5), torch.optim.AdamW([w], lr=0.1)
+
+    def step(opt):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        opt.step()
+
+    with use_budget(Budget(optimizer_steps=3)) as budget:
+        step(opt_a)  # w = 1 - 0.5 * 2 = 0
+        step(opt_b)
+        step(opt_a)
+        before = w.detach().clone()
+        with pytest.raises(BudgetExhausted, match="optimizer_steps would reach 4, the limit is 3"):
+            step(opt_b)
+        assert torch.equal(w.detach(), before)  # refused before the step: the weights did not move
+    assert budget.usage("train").optimizer_steps == 3 and budget.usage("test").optimizer_steps == 0
+    step(opt_a)  # outside the budget nothing is charged or refused
+    assert budget.usage("train").optimizer_steps == 3
+    with pytest.raises(ValueError, match="budget optimizer_steps must be a non-negative integer"):
+        Budget(optimizer_steps=-1)

@@ -148,3 +148,22 @@ def test_zero_steps_withholds_the_start_and_the_answer_is_it():
         (fact,) = row.profile["facts"]
         assert " has some " in opening and not any(ch.isdigit() for ch in opening.split(" How many")[0])
         assert fact["text"].endswith("at the start.") and str(int(row.profile["answer"])) in fact["text"]
+
+
+def test_a_strict_user_gives_the_number_only_to_a_reply_that_asks_or_clearly_holds_back():
+    strict = ClarifyUser(reveal="strict")
+    for reply in ("How many apples did she have?", "I can't tell yet.", "Is it 20?"):  # asks, or no number at all
+        assert respond([reply], user=strict).text.endswith("Maya has 12 apples at the start."), reply
+        assert asks_or_holds_back(reply, "strict")
+    for reply in ("Maya has 9 apples.", "12 + 4 apples", "The answer is 9."):  # a number without a question
+        turn = respond([reply], user=strict)
+        assert "12" not in turn.text and "how many apples Maya has at the start" in turn.text, reply
+        assert not asks_or_holds_back(reply, "strict")
+    assert respond(["Maya has 9 apples."]).text.endswith("at the start.")  # the lenient user gives it
+    task = ClarifyTask(steps=0, reveal="strict", n_train=5, n_validation=5, n_test=5)
+    assert task.asks("I can't tell yet.") and not task.asks("17 apples.") and task.describe()["reveal"] == "strict"
+    assert task.make_user("clarify", lambda: None).reveal == "strict"
+    with pytest.raises(DialogueError, match="task_kwargs.reveal is 'loose'; allowed: lenient, strict"):
+        ClarifyTask(reveal="loose", n_train=5, n_validation=5, n_test=5)
+    with pytest.raises(DialogueError, match="reveal is 'x'; allowed: lenient, strict"):
+        ClarifyUser(reveal="x")

@@ -213,6 +213,8 @@ def test_immediate_reward_ends_branches_at_h_and_future_completes_them(monkeypat
     assert any(H > h for H, h in zip(seen["horizons"], seen["turns"]))
     collect(_Venv(8), _Venv(16), None, None, np.random.default_rng(0), 8, 2, 10, "reference", False, "dataset", 0.0)
     assert seen["turns"] == [1] * 8  # offline generation: the task rows' own prefixes
+    collect(_Venv(8), _Venv(16), None, None, np.random.default_rng(0), 8, 2, 10, "last", False, "on_policy", 0.0)
+    assert seen["turns"] == [5] * 8 and seen["horizons"] == [5] * 8  # last-turn DPO: the horizon H = 5, scored there
 
 
 def test_length_penalty_can_flip_the_pair(monkeypatch):
@@ -286,7 +288,8 @@ def no_model_loads(monkeypatch):
         (["mode=offline", "data.source=file"], "data.source=file needs data.path"),
         (["mode=offline", "data.source=file", "data.path=/nonexistent.jsonl"], "is not a file"),
         (["mode=offline", "data.source=hub"], "data.source=hub needs data.hub_id"),
-        (["turn_sampling=last"], "turn_sampling is 'last'"),
+        (["turn_sampling=first"], "turn_sampling is 'first'; allowed: reference, uniform, last"),
+        (["mode=offline", "data.prefix=row"], "data.prefix is 'row'; allowed: on_policy, dataset"),
         (["iterations=0"], "iterations must be >= 1"),
         (["rollout_batch=3"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.task=chess"], "env.task is 'chess'"),

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -25,6 +26,7 @@ from agents.common.checkpoint import completed_iterations, export_checkpoint_pol
 from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
+from benchmarks.leaderboard.stats import crossed_ci
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -171,7 +173,9 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     assert get["initial", "all", 1]["success"] == 0.0 and get["initial", "all", 2]["success"] == 0.5
     assert get["refuel", "0", 1]["success"] == 0.5 and get["refuel", "all", 2]["success"] == 0.5
     lo, hi = get["refuel", "all", 1]["win_lo"], get["refuel", "all", 1]["win_hi"]
-    assert 0.5 <= lo <= 0.625 <= hi <= 0.875
+    # the crossed interval of the (seeds, states) win matrix at h=1 (seed 100 + h - 1, as metric_rows draws it)
+    assert (0.625, lo, hi) == crossed_ci(np.array([[1.0, 0.5], [0.5, 0.5]]), n_boot=200, seed=100)
+    assert lo < 0.625 < hi and (0.625 - lo) == pytest.approx(hi - 0.625)
     assert get["refuel", "all", 1]["policy_samples"] == 11 and get["refuel", "all", 1]["stopped_by_budget"] == 1
     assert get["refuel", "0", 1]["train_s"] == 30.0
 
@@ -183,7 +187,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
     assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
     assert "| refuel | 0.625 [" in md and "python -m benchmarks.leaderboard x=1" in md
-    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 60 | 5 | 3 | 40 | 3 |" in md
+    assert "| refuel | own | 2.5/3.0 | 1/2 | 11 | 0.0 | 60 | 5 | 3 | 40 | 3 |" in md
     assert "| refuel | 1 | budget (2/3) | 0.500 | 0.500 | 0.500 |" in md and "torch" in md and "cores" in md
     with (tmp_path / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -254,7 +258,8 @@ def test_presets_compose_and_validate(preset, tmp_path):
         lb.validate(cfg)
         for name in cfg.agents:  # every agent's settings compose and pass the agent's own checks
             typed = lb.agent_config(cfg, name, cfg.seeds[0], tmp_path / name, None)
-            validate = getattr(importlib.import_module(f"agents.{name}.config"), "validate", None)
+            package = cfg.arms.get(name, name)  # an arm runs an agent package under its own name
+            validate = getattr(importlib.import_module(f"agents.{package}.config"), "validate", None)
             if validate is not None:
                 validate(typed)
     assert cfg.budget.policy_samples is not None
@@ -485,3 +490,36 @@ def test_submitit_jobs_get_a_gpu_when_this_machines_device_is_cuda(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     assert job_gpus(lb.SubmititSettings()) == 1  # null: the jobs see a GPU where this process would use one
+
+
+@pytest.mark.slow
+def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_crossed_intervals(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke_clarify", "agents=[rebel,dpo_last]",
+                                                               "sweep.lrs=[]", "budget.policy_samples=16",
+                                                               "env.reward=judge"])  # the random tiny model never
+    # solves clarify: with the verifier every pair would be a tie (offline DPO then has nothing to train on)
+    raw.results_dir = str(tmp_path / "results")
+    cfg = merge_schema(raw, lb.LeaderboardConfig)
+    cfg.run_dir = str(tmp_path / "run")
+    result = lb.run(cfg, command="pytest")
+    runs = {(r.agent, r.seed): r for r in result["runs"]}
+    assert set(runs) == {("rebel", 0), ("rebel", 1), ("dpo_last", 0), ("dpo_last", 1)}
+    # the arm is the dpo package with its own overrides: offline pairs at the last turn of the initial policy's roll-in
+    typed = lb.agent_config(cfg, "dpo_last", 0, tmp_path / "x", 1)
+    assert (typed.mode, typed.data.prefix, typed.turn_sampling) == ("offline", "on_policy", "last")
+    for r in runs.values():
+        assert r.usage.optimizer_steps > 0 and len(r.probe) == cfg.eval.states
+    # the probe: change from the initial policy's value on each test state, compared with crossed intervals
+    base = json.loads((Path(cfg.run_dir) / "probe_initial.json").read_text())
+    probe = {(p["a"], p["b"]): p for p in result["paired"] if p["metric"] == "probe"}
+    assert set(probe) == {("rebel", "initial"), ("dpo_last", "initial"), ("rebel", "dpo_last")}
+    change = np.array([runs["rebel", s].probe for s in (0, 1)]) - np.array(base)[None, :]
+    assert probe["rebel", "initial"]["diff"] == pytest.approx(change.mean())
+    assert (probe["rebel", "initial"]["diff"], probe["rebel", "initial"]["lo"], probe["rebel", "initial"]["hi"]) == \
+        pytest.approx(crossed_ci(change, n_boot=cfg.eval.n_boot, seed=300))
+    last = [p for p in result["paired"] if p["metric"] == "success" and p["turn"] == 2]
+    assert all(p["seeds"] == 2 and p["mde80"] >= 0 and (p["lo"] <= p["diff"] <= p["hi"]) for p in last)
+    with (tmp_path / "results" / "leaderboard_clarify_paired.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert {r["metric"] for r in table} == {"success", "score", "probe"} and "seed_p" in table[0]

@@ -94,10 +94,17 @@ def test_sample_turn_uniform_and_determinism():
     assert sample_turn(np.random.default_rng(0), max_horizon=1) == (1, 1)
 
 
+def test_sample_turn_last_is_the_horizon_and_draws_nothing():
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    assert [sample_turn(rng, 4, "last") for _ in range(3)] == [(4, 4)] * 3
+    assert rng.bit_generator.state == state  # the plan's later draws (seeds) are unchanged by the mode
+
+
 def test_sample_turn_errors():
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="mode must be one of reference, uniform"):
-        sample_turn(rng, 5, "last")
+    with pytest.raises(ValueError, match="mode must be one of reference, uniform, last"):
+        sample_turn(rng, 5, "first")
     with pytest.raises(ValueError, match="max_horizon must be an int >= 1"):
         sample_turn(rng, 0)
     with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):

@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["TURN_MODES", "reference_turn_distribution", "sample_turn", "select_best_worst"]
 
-TURN_MODES = ("reference", "uniform")
+TURN_MODES = ("reference", "uniform", "last")
 
 
 def _as_vector(name: str, values: Sequence[float] | np.ndarray, fn: str) -> np.ndarray:
@@ -89,7 +89,7 @@ def _check_max_horizon(max_horizon: int, fn: str) -> int:
 
 
 def sample_turn(
-    rng: np.random.Generator, max_horizon: int = 5, mode: Literal["reference", "uniform"] = "reference"
+    rng: np.random.Generator, max_horizon: int = 5, mode: Literal["reference", "uniform", "last"] = "reference"
 ) -> tuple[int, int]:
     """Draw REFUEL's rollout horizon H' and the turn h (1 ≤ h ≤ H') at which to branch.
 
@@ -98,11 +98,14 @@ def sample_turn(
         {1..H'}. Early turns are drawn more often — for max_horizon 5, P(h=1) ≈ .46 … P(h=5) = .04 (see
         :func:`reference_turn_distribution`) — and the branches are only rolled out to H'.
         ``"uniform"``: h uniform in {1..max_horizon} and H' = max_horizon.
+        ``"last"``: h = H' = max_horizon (no draw): the last-turn baseline of the REFUEL paper (a dialogue that
+        ends earlier is branched at the last turn it reached).
 
     Args:
-        rng: the caller's seeded generator (consumed: two draws in ``"reference"`` mode, one in ``"uniform"``).
+        rng: the caller's seeded generator (consumed: two draws in ``"reference"`` mode, one in ``"uniform"``,
+            none in ``"last"``).
         max_horizon: the longest dialogue, in assistant turns (reference: 5).
-        mode: ``"reference"`` or ``"uniform"``.
+        mode: ``"reference"``, ``"uniform"`` or ``"last"``.
 
     Returns:
         ``(horizon, turn)`` as Python ints.
@@ -116,6 +119,8 @@ def sample_turn(
         return horizon, int(rng.integers(1, horizon + 1))
     if mode == "uniform":
         return max_horizon, int(rng.integers(1, max_horizon + 1))
+    if mode == "last":
+        return max_horizon, max_horizon
     raise ValueError(f"{fn}: mode must be one of {', '.join(TURN_MODES)}, got {mode!r}")
 
 

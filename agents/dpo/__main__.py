@@ -17,8 +17,10 @@ multi-turn context rendered by the chat template. π_ref's log-probs are compute
 update, for every pair.
 
 mode=offline: fixed pairs, trained for ``iterations`` passes (each ``optim.epochs`` epochs). data.source:
-  - task: at ``dialogues`` task rows (the rows' own prefixes), sample n replies each from the initial policy; the
-    env scores every reply (a fork of n branches that end right after the reply), best vs worst is the pair;
+  - task: at ``dialogues`` task rows (the rows' own prefixes; with ``data.prefix=on_policy`` the initial policy's
+    roll-in to the turn ``turn_sampling`` draws, e.g. ``last``: the paper's last-turn DPO), sample n replies each
+    from the initial policy; the env scores every reply (a fork of n branches that end right after the reply),
+    best vs worst is the pair;
   - file / hub: (context, chosen, rejected) records, see agents/dpo/data.py for the layouts.
 mode=online, each iteration t (the recipe's loop, multi-turn):
   1. for each of ``dialogues`` task rows (drawn without replacement) draw (H', h) (``turn_sampling``) and roll in
@@ -159,7 +161,7 @@ def run(cfg: DpoConfig) -> dict:
         if from_task:
             fixed, data_stats = collect_pairs(
                 rollin, branches, engine, params, np.random.default_rng([cfg.seed, DATA_STREAM]), cfg.dialogues,
-                n_rows, cfg.turn_sampling, future=False, prefix="dataset", k=cfg.n, pairing="best_worst",
+                n_rows, cfg.turn_sampling, future=False, prefix=cfg.data.prefix, k=cfg.n, pairing="best_worst",
                 length_penalty=cfg.length_penalty, ranks=ranks)
             reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the run
             fixed, data_stats = gather(fixed, ranks), combine_stats(data_stats, ranks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.common.branching import PREFIXES
 from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
 from agents.common.config import check_common as _check_common
 from agents.common.pairs import TURN_MODES
@@ -24,6 +25,8 @@ class DataSettings:
     hub_id: str | None = None  # hub dataset id read with `datasets` (source=hub; needs network or a cached copy)
     hub_split: str = "train"  # split of the hub dataset
     max_pairs: int = 0  # keep the first max_pairs pairs of the file or hub data set; 0 = all
+    prefix: str = "dataset"  # source=task: dataset (the rows' own prefixes) or on_policy (the initial policy rolls
+    # in to the turn drawn by turn_sampling; with turn_sampling=last: the paper's last-turn DPO baseline)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class DpoConfig:
     length_penalty: float = 0.0  # λ: pairs ranked by reward - λ * characters (recipe's concise variant: 0.001)
     future: bool = False  # online: score each branch at its horizon H' (REFUEL-style); false: immediate reward
     future_samples: int = 1  # m, with future=true: each reply scored by the mean of m continuations (CollabLLM)
-    turn_sampling: str = "reference"  # online turn h: reference (H' ~ U{1..H}, h ~ U{1..H'}) or uniform
+    turn_sampling: str = "reference"  # turn h: reference (H' ~ U{1..H}, h ~ U{1..H'}), uniform, or last (h = H)
     reference: str = "sft"  # sft: the initial policy; previous: the last iterate (log-probs once per iteration)
     resume: bool = False  # continue from <run_dir>/checkpoints/last when present
     stop_after: int = 0  # stop (as if interrupted) after this many iterations of this process; 0 = never
@@ -82,6 +85,7 @@ def validate(cfg: DpoConfig) -> None:
         d = cfg.data
         check(d.source in SOURCES, f"data.source is {d.source!r}; allowed: {', '.join(SOURCES)}")
         check(d.max_pairs >= 0, f"data.max_pairs must be >= 0 (0 = all), got {d.max_pairs}")
+        check(d.prefix in PREFIXES, f"data.prefix is {d.prefix!r}; allowed: {', '.join(PREFIXES)}")
         if d.source == "file":
             check(bool(d.path), "data.source=file needs data.path: a JSON-lines file of {\"context\": [...], "
                                 "\"chosen\": str, \"rejected\": str} records")

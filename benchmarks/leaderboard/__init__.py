@@ -16,7 +16,8 @@ Protocol (the package's files show its parts):
   3. Budget to iterations (``budget.calibrate``, :mod:`.agents`): each agent runs one iteration with nothing capped;
      its cost as counted by the env sets its iteration count, ``floor(limit / (cost * (1 + margin)))``.
   4. Learning rates (``sweep.lrs``): per agent, one run per rate at the full budget (seed ``sweep.seed``), each
-     evaluated on the validation states; the best by ``sweep.metric`` at the last turn trains the reported seeds.
+     evaluated on the validation states; when every agent's sweep is decisive each trains at its best rate by
+     ``sweep.metric`` at the last turn, else all share one rate (:func:`.runner.choose_rates`).
      Every choice made by looking at results is made on validation; the test states serve the final report only.
   5. Training: each agent and seed starts from the initial policy on the same env under the same budget, counted
      by the env (:mod:`dialogue_gym.budget`). A step that would exceed it raises ``BudgetExhausted``; the policy of
@@ -27,10 +28,11 @@ Protocol (the package's files show its parts):
   (``backend: submitit``: SLURM, or its local executor); every job seeds itself, so the rows do not depend on where
   the jobs ran.
   7. Report (:mod:`.report`; ``results_dir``: <report_name>.md, .csv, _paired.csv, .png): win rate against the
-     initial policy at each turn h, the mean turn-h score and task success by turn h, each with a 95% hierarchical
-     bootstrap interval (training seeds, then states: :mod:`.stats`); paired differences agent - initial and agent -
-     agent on the same states; per-seed rows; cost (policy samples and tokens, scored conversations, reward calls,
-     wall time).
+     initial policy at each turn h, the mean turn-h score and task success by turn h, each with a 95% interval from
+     the crossed bootstrap of the (seeds x states) design (:mod:`.stats`); paired differences agent - initial and
+     agent - agent on the same states, each with a seed-level test and its power (mde80); the turn-1 log-prob probe
+     where the task has one (:mod:`.probe`); per-seed rows; cost (policy samples, optimizer steps and tokens, scored
+     conversations, reward calls, wall time) with the fair-arms check.
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ from benchmarks.leaderboard.protocol import (
 )
 from benchmarks.leaderboard.report import results_path, write_report
 from benchmarks.leaderboard.runner import check_sweep, run
-from benchmarks.leaderboard.stats import hierarchical_ci, hierarchical_means, paired_difference
+from benchmarks.leaderboard.stats import crossed_ci, crossed_interval, crossed_means, paired_difference, seed_test
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
-           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents",
-           "behaviour_matrix", "calibrate", "check_agents", "check_sweep", "completed_iterations",
-           "compose_agent_config", "do_job", "eval_env", "evaluate", "export_checkpoint_policy", "hierarchical_ci",
-           "hierarchical_means", "job_threads", "paired_difference", "play_states", "played", "results_path", "run",
-           "score_matrix", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
+           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "behaviour_matrix",
+           "calibrate", "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "crossed_ci",
+           "crossed_interval", "crossed_means", "do_job", "eval_env", "evaluate", "export_checkpoint_policy",
+           "job_threads", "paired_difference", "play_states", "played", "results_path", "run", "score_matrix",
+           "seed_test", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
            "write_report"]

@@ -50,14 +50,22 @@ def agent_module(name: str) -> Any:
     return module
 
 
+def package(cfg: LeaderboardConfig, name: str) -> str:
+    """The agent package an arm runs: ``arms[name]``, else the arm's own name."""
+    return cfg.arms.get(name, name)
+
+
 def check_agents(cfg: LeaderboardConfig) -> None:
-    """Every agent exists and keeps the contract; every override names an agent."""
+    """Every arm's agent exists and keeps the contract; every override names an agent or an arm."""
+    for arm, pkg in cfg.arms.items():
+        if pkg not in available_agents():
+            raise ConfigError(f"arms.{arm} is {pkg!r}, which is no agent; available: {', '.join(available_agents())}")
     for name in cfg.agents:
-        agent_module(name)
-    unknown = sorted(set(cfg.overrides) - set(available_agents()))
+        agent_module(package(cfg, name))
+    unknown = sorted(set(cfg.overrides) - set(available_agents()) - set(cfg.arms))
     if unknown:
         raise ConfigError(f"overrides name agent(s) {unknown} that do not exist; agents: "
-                          f"{', '.join(available_agents())}")
+                          f"{', '.join(available_agents())}; arms: {', '.join(cfg.arms) or 'none'}")
 
 
 def compose_agent_config(name: str, overrides: list[str]) -> DictConfig:
@@ -85,9 +93,10 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
     agent's own in-run evaluation is shrunk to ``agent_eval_dialogues`` (the leaderboard evaluates every policy
     itself).
     """
-    schema = agent_module(name).Config
-    package, fixed = ARMS.get(name, (name, []))
-    typed = merge_schema(compose_agent_config(package, fixed + list(cfg.overrides.get(name, []))), schema)
+    pkg = package(cfg, name)
+    base, fixed = ARMS.get(pkg, (pkg, []))
+    schema = agent_module(base).Config
+    typed = merge_schema(compose_agent_config(base, fixed + list(cfg.overrides.get(name, []))), schema)
     for key in SHARED:
         if not hasattr(typed, key):
             raise ConfigError(f"agent {name!r} has no {key!r} setting; the leaderboard needs it ({schema.__name__})")
@@ -116,7 +125,7 @@ def train(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, iteration
     stop = "completed"
     with use_budget(budget):
         try:
-            agent_module(name).run(typed)
+            agent_module(package(cfg, name)).run(typed)
         except BudgetExhausted as e:
             stop = "budget"
             log.info("%s seed %d stopped by the budget: %s", name, seed, e)
@@ -154,7 +163,7 @@ def calibrate(cfg: LeaderboardConfig, name: str, out: Path, count_tokens: Any) -
         typed.export = False
         t0 = time.time()
         with use_budget(budget):
-            agent_module(name).run(typed)
+            agent_module(package(cfg, name)).run(typed)
         cost, wall = budget.usage("train"), time.time() - t0
         saved.write_text(json.dumps({**cost.as_dict(), "wall_s": wall}))
     fits = [getattr(cfg.budget, n) / (getattr(cost, n) * (1 + cfg.budget.margin))

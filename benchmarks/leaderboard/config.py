@@ -20,6 +20,7 @@ class BudgetSettings:
 
     policy_samples: int | None = 256  # assistant turns an agent may step while training (null: no limit)
     scored_conversations: int | None = None  # conversations the reward model may score while training (null: none)
+    optimizer_steps: int | None = None  # optimizer steps an agent may take while training (null: no limit)
     calibrate: bool = True  # set each agent's iterations from one measured iteration; false: the agent's own
     margin: float = 0.1  # calibration headroom: iterations = floor(limit / (cost per iteration * (1 + margin)))
     max_iterations: int = 100  # upper bound on calibrated iterations
@@ -33,7 +34,7 @@ class EvalProtocol:
     seed: int = 1234  # seeds the user seed streams and policy seeds of the stored states
     temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)
     reward: str | None = None  # the judge: a reward spec for the eval env; null = the env's own reward
-    n_boot: int = 2000  # hierarchical bootstrap resamples (training seeds, then states) for the 95% intervals
+    n_boot: int = 2000  # crossed bootstrap replicates (seeds and one shared resample of states) per interval
 
 
 @dataclass
@@ -76,6 +77,8 @@ class LeaderboardConfig:
     sweep: SweepSettings = field(default_factory=SweepSettings)  # learning rates chosen on the validation split
     agent_eval_dialogues: int = 1  # size of each agent's own in-run evaluation (the leaderboard evaluates anyway)
     overrides: dict[str, list[str]] = field(default_factory=dict)  # Hydra overrides per agent, e.g. {dpo: [n=4]}
+    arms: dict[str, str] = field(default_factory=dict)  # arm name -> agent package, for a second arm of one agent
+    # under its own name and overrides, e.g. {dpo_last: dpo} with overrides.dpo_last: [mode=offline, ...]
     results_dir: str = "benchmarks/results"  # where the report files are written
     report_name: str = "leaderboard"  # report file names: <report_name>.md, .csv, _paired.csv, .png
     threads: int | None = None  # torch CPU threads per process (null: the cores shared out among the jobs)

@@ -41,6 +41,7 @@ class AgentRun:
     train_s: float  # wall time of the agent's run (model loading and its own small evaluation included)
     eval_s: float  # wall time of the leaderboard's evaluation of the trained policy
     lr: float | None = None  # the learning rate the sweep chose (None: the agent's own)
+    probe: list[float] | None = None  # (states,) turn-1 log-prob probe on the test states (.probe), if the task has it
     records: list[DialogueRecord] = field(default_factory=list, repr=False)
 
     @property
@@ -51,7 +52,7 @@ class AgentRun:
     def to_json(self) -> dict[str, Any]:
         return {"agent": self.agent, "seed": self.seed, "iterations": self.iterations, "completed": self.completed,
                 "stop": self.stop, "usage": self.usage.as_dict(), "train_s": self.train_s, "eval_s": self.eval_s,
-                "lr": self.lr}
+                "lr": self.lr, "probe": self.probe}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], records: list[DialogueRecord]) -> AgentRun:
@@ -169,15 +170,17 @@ def behaviour_matrix(records: list[DialogueRecord], states: list[StateRecord], a
 
 
 def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
-              states: list[StateRecord], verifier: Any | None, asks: Any | None = None
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+              states: list[StateRecord], verifier: Any | None, asks: Any | None = None,
+              base_probe: list[float] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The report's numbers: ``(rows, paired)``.
 
     ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
-    verifier) success by turn h, each with its 95% interval (hierarchical bootstrap over seeds, then states; see
+    verifier) success by turn h, each with its 95% interval (crossed bootstrap of seeds and states; see
     :mod:`benchmarks.leaderboard.stats`), and the mean cost per seed. The initial policy's win rate is 0.5 by
     definition. With ``asks`` (the task's behaviour test, e.g. clarify's), also the share of turn-h replies that show
-    it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals.
+    it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals, seed-level
+    tests and power; with ``base_probe`` (the initial policy's turn-1 probe) and every run's ``probe``, also the
+    probe's change from the initial policy (metric ``probe``, turn 1).
     """
     horizon = max(cfg.env.max_turns - s.state.turn for s in states)
     base = score_matrix(baseline, horizon)
@@ -191,6 +194,10 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
         if not mine:
             continue
         groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success, behaviour)
+        if base_probe is not None and all(r.probe is not None for r in mine):
+            change = np.array([r.probe for r in mine], dtype=float) - np.asarray(base_probe, dtype=float)[None, :]
+            groups[name]["probe"] = change[:, :, None]  # (S, N, 1): the change from the initial policy
+            groups["initial"]["probe"] = np.zeros((1, len(base_probe), 1))
         seeds[name] = [r.seed for r in mine]
         cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
         rows += [{**row, **cost[row["seed"]]} for row in
@@ -205,5 +212,6 @@ def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:
             "policy_samples": mean(lambda r: r.usage.policy_samples),
             "policy_tokens": mean(lambda r: r.usage.policy_tokens),
             "scored_conversations": mean(lambda r: r.usage.scored_conversations),
-            "reward_calls": mean(lambda r: r.usage.reward_calls), "train_s": mean(lambda r: r.train_s),
+            "reward_calls": mean(lambda r: r.usage.reward_calls),
+            "optimizer_steps": mean(lambda r: r.usage.optimizer_steps), "train_s": mean(lambda r: r.train_s),
             "eval_s": mean(lambda r: r.eval_s), "lr": group[0].lr}

@@ -16,9 +16,11 @@ from benchmarks.machine import machine_info
 
 CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
               "success_lo", "success_hi", "asks", "asks_lo", "asks_hi", "lr", "runs", "iterations", "completed",
-              "stopped_by_budget", "policy_samples", "policy_tokens", "scored_conversations", "reward_calls", "train_s",
-              "eval_s")
-PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "excludes_0")
+              "stopped_by_budget", "policy_samples", "policy_tokens", "scored_conversations", "reward_calls",
+              "optimizer_steps", "train_s", "eval_s")
+FAIR = 0.05  # arms are fair when their policy samples and optimizer steps are within 5% of each other
+PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "se", "df", "mde80", "excludes_0", "seeds", "seed_lo",
+                 "seed_hi", "seed_p")
 
 
 def results_path(cfg: LeaderboardConfig) -> Path:
@@ -73,7 +75,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("win rate vs initial policy")
     ax.set_ylim(0, 1)
     ax.set_xticks(sorted({r["turn"] for r in rows}))
-    ax.set_title(f"{title}: win rate at turn h (95% hierarchical bootstrap CI)", fontsize=9)
+    ax.set_title(f"{title}: win rate at turn h (95% crossed-bootstrap CI)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -123,15 +125,20 @@ def _protocol(cfg: LeaderboardConfig, meta: dict[str, Any]) -> list[str]:
             f"seeds {list(cfg.seeds)}. Learning rate: {lr}.",
             f"- Budget per agent and seed, counted by the env in its training envs: policy samples "
             f"{limit_text(cfg.budget.policy_samples)}, scored conversations "
-            f"{limit_text(cfg.budget.scored_conversations)}. Iterations: {iterations}.",
+            f"{limit_text(cfg.budget.scored_conversations)}, optimizer steps {limit_text(cfg.budget.optimizer_steps)}"
+            f". Iterations: {iterations}. Fair arms: every agent's mean policy samples and optimizer steps within "
+            f"{FAIR:.0%} of each other (checked under Cost).",
             f"- Evaluation: {meta['states']} stored test states (user and policy seeds fixed, seed {cfg.eval.seed}), "
             f"policy temperature {cfg.eval.temperature}, judge `{cfg.eval.reward or cfg.env.reward or 'env default'}`"
             " scoring every turn. Turn-h score carried forward after a dialogue ended; win = higher turn-h score "
             "than the initial policy on the same state (tie 0.5).",
-            "- Intervals: 95% hierarchical percentile bootstrap (training seeds resampled, then the states within "
-            "each), so seed-to-seed variance of training is in every interval; a single seed's row resamples its "
-            f"states. Paired differences are bootstrapped on the same states (and seeds). {cfg.eval.n_boot} "
-            "resamples.", ""]
+            "- Intervals: 95%, from the crossed bootstrap of the (seeds x states) design (each replicate resamples "
+            "the training seeds and one resample of the states shared by every seed; its seed, state and "
+            "interaction parts rescaled to their variance components), mean +- t x SE with Satterthwaite degrees of "
+            f"freedom; {cfg.eval.n_boot} replicates. A single seed's row resamples its states. Paired differences "
+            "are taken on the same states (and, between agents, the same training seeds). Beside each: a seed-level "
+            "t-test over the per-seed mean differences and mde80, the smallest true difference the interval "
+            "excludes 0 for with 80% probability at this design (its power).", ""]
 
 
 def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],
@@ -159,31 +166,63 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[di
     lines += ["", f"![win rate vs turn]({cfg.report_name}.png)", ""]
     if paired:
         metric = "success" if any(p["metric"] == "success" for p in paired) else "score"
-        lines += [f"## Paired differences in {metric} at the last turn (h={horizon})", "",
-                  "Same states (and, between agents, the same training seeds); * = the 95% interval excludes 0.", "",
-                  "| a | b | a - b | 95% interval |", "|---|---|---|---|"]
-        for p in paired:
-            if p["metric"] == metric and p["turn"] == horizon:
-                lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
-                             f"[{p['lo']:+.3f}, {p['hi']:+.3f}] |")
-        lines.append("")
+        lines += paired_table(paired, metric, horizon, f"Paired differences in {metric} at the last turn "
+                                                        f"(h={horizon})")
+        if any(p["metric"] == "probe" for p in paired):
+            lines += paired_table(paired, "probe", 1, "Turn-1 log-prob probe: change in log pi(ask) - log pi(guess) "
+                                                      "on the test openings (nats)")
     lines += _cost(cfg, agents, pooled, meta) + _sweep(meta) + _per_seed(rows, runs, horizon, hs)
     if cfg.notes:
         lines += ["", "## Notes", "", cfg.notes.strip()]
     return "\n".join(lines) + "\n"
 
 
+def paired_table(paired: list[dict[str, Any]], metric: str, turn: int, heading: str) -> list[str]:
+    """The Markdown table of the paired comparisons of ``metric`` at ``turn``."""
+    lines = [f"## {heading}", "",
+             "Same states (and, between agents, the same training seeds). Crossed 95% interval (* = excludes 0); "
+             "mde80 = the smallest true difference this design detects with 80% probability; seed-level test = "
+             "t-interval and p over the per-seed mean differences (n/a with one seed).", "",
+             "| a | b | a - b | 95% interval | mde80 | seed-level 95% t-interval | seed-level p |",
+             "|---|---|---|---|---|---|---|"]
+    for p in paired:
+        if p["metric"] == metric and p["turn"] == turn:
+            seed = ("n/a", "n/a") if p["seeds"] < 2 else (f"[{p['seed_lo']:+.3f}, {p['seed_hi']:+.3f}]",
+                                                          f"{p['seed_p']:.3f}")
+            lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
+                         f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['mde80']:.3f} | {seed[0]} | {seed[1]} |")
+    return lines + [""]
+
+
+def fairness(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``max / min - 1`` of the agents' mean policy samples and optimizer steps (the arms are fair within
+    :data:`FAIR`); empty with fewer than two agents. A zero minimum with a positive maximum is ``inf``."""
+    if len(rows) < 2:
+        return {}
+    out = {}
+    for key in ("policy_samples", "optimizer_steps"):
+        vals = [float(r.get(key, 0.0)) for r in rows]
+        out[key] = 0.0 if max(vals) == 0 else (max(vals) / min(vals) - 1 if min(vals) > 0 else float("inf"))
+    return out
+
+
 def _cost(cfg: LeaderboardConfig, agents: list[str], pooled: Any, meta: dict[str, Any]) -> list[str]:
     lines = ["## Cost (mean per seed; training only)", "",
-             "| agent | lr | iterations (done/asked) | stopped by budget | policy samples | policy tokens | "
-             "scored conversations | reward calls | training wall s | eval wall s |", "|---" * 10 + "|"]
+             "| agent | lr | iterations (done/asked) | stopped by budget | policy samples | optimizer steps | "
+             "policy tokens | scored conversations | reward calls | training wall s | eval wall s |",
+             "|---" * 11 + "|"]
     for name in agents:
         r = pooled(name)[0]
         lr = f"{r['lr']:.2g}" if r.get("lr") else "own"
         lines.append(f"| {name} | {lr} | {r['completed']:.1f}/{r['iterations']:.1f} | {r['stopped_by_budget']}/"
-                     f"{r['runs']} | {r['policy_samples']:.0f} | {r['policy_tokens']:.0f} | "
-                     f"{r['scored_conversations']:.0f} | {r['reward_calls']:.0f} | {r['train_s']:.0f} | "
-                     f"{r['eval_s']:.0f} |")
+                     f"{r['runs']} | {r['policy_samples']:.0f} | {r.get('optimizer_steps', 0):.1f} | "
+                     f"{r['policy_tokens']:.0f} | {r['scored_conversations']:.0f} | {r['reward_calls']:.0f} | "
+                     f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
+    spread = fairness([pooled(name)[0] for name in agents])
+    if spread:
+        lines += ["", "Fair arms (max / min - 1 over the agents, limit " + f"{FAIR:.0%}): " + "; ".join(
+            f"{k.replace('_', ' ')} {v:.1%}{'' if v <= FAIR else ' **(not fair)**'}" for k, v in spread.items())
+            + "."]
     if meta["calibration"]:
         lines += ["", "Calibration (one iteration, first seed): " + "; ".join(
             f"{k}: {v['policy_samples']} samples, {v['scored_conversations']} scored" for k, v in
@@ -195,9 +234,21 @@ def _sweep(meta: dict[str, Any]) -> list[str]:
     sweep, lrs = meta.get("sweep") or {}, meta.get("sweep_lrs") or []
     if not sweep:
         return []
+    rule = meta.get("sweep_rule") or {}
+    if not rule:
+        verdict = "The rates are not chosen yet."
+    elif rule["all_decisive"]:
+        verdict = ("Every agent's sweep told its rates apart (its best rate beat the others with a paired 95% "
+                   "interval above 0 on the validation states): each agent trained at its own best rate.")
+    else:
+        undecided = [n for n, v in sweep.items() if not v.get("decisive")]
+        verdict = (f"**The sweep could not tell the rates apart** for {', '.join(undecided)} (no paired 95% "
+                   f"interval on the validation states excluded 0), so every agent trained at one shared rate, "
+                   f"{rule['shared']:g} (the best pooled over the agents): different rates would compare rates, not "
+                   "algorithms.")
     lines = ["## Learning-rate sweep (validation split)", "",
              f"{meta.get('sweep_metric')} at the last turn on the validation states, one run per learning rate at "
-             "the same budget; the chosen rate (bold) trained every reported seed.", "",
+             "the same budget; the chosen rate (bold) trained every reported seed. " + verdict, "",
              "| agent | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
     for name, s in sweep.items():
         cells = ["—" if lr not in s["results"] else f"**{s['results'][lr]:.3f}**" if lr == s.get("chosen")

@@ -14,13 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agents.common.config import ConfigError
 from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, validate
-from benchmarks.leaderboard.jobs import Context, Scheduler, job_threads, run_dir_of
+from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
+from benchmarks.leaderboard.stats import crossed_interval
 from dialogue_gym.progress import Progress
 from dialogue_gym.rollouts import DialogueRecord
 
@@ -40,14 +43,42 @@ def check_sweep(cfg: LeaderboardConfig) -> None:
                           "arithmetic and clarify have one (task_kwargs.n_validation), or set sweep.lrs=[]")
 
 
-def sweep_value(cfg: LeaderboardConfig, records: list[DialogueRecord], ctx: Context, verifier: Any | None) -> float:
-    """The sweep's metric of one run: success (with a verifier) or the carried-forward score, at the last turn."""
+def sweep_values(cfg: LeaderboardConfig, records: list[DialogueRecord], ctx: Context, verifier: Any | None
+                 ) -> np.ndarray:
+    """(states,) the sweep's metric of one run on each validation state: success (with a verifier) or the
+    carried-forward score, at the last turn."""
     states = ctx.validation.states
     horizon = max(cfg.env.max_turns - s.state.turn for s in states)
     use_success = cfg.sweep.metric == "success" or (cfg.sweep.metric == "auto" and verifier is not None)
     if use_success:
-        return float(success_matrix(records, states, verifier, horizon)[:, -1].mean())
-    return float(carry_forward(score_matrix(records, horizon))[:, -1].mean())
+        return success_matrix(records, states, verifier, horizon)[:, -1]
+    return carry_forward(score_matrix(records, horizon))[:, -1]
+
+
+def choose_rates(lrs: list[float], values: dict[str, dict[float, np.ndarray]], n_boot: int
+                 ) -> tuple[dict[str, float], dict[str, bool], float]:
+    """Each agent's learning rate from its sweep on the validation states.
+
+    An agent's sweep is *decisive* when its best rate beats every other rate by a paired difference on the same
+    validation states whose 95% crossed interval excludes 0 (:mod:`.stats`). When every agent's sweep is decisive,
+    each trains at its best rate. Otherwise the sweep cannot tell the rates apart for some agent, and giving agents
+    different rates would compare rates, not algorithms: every agent trains at one shared rate, the best pooled
+    over the agents (ties: the rate listed first).
+
+    Returns:
+        ``(rate per agent, decisive per agent, the shared rate)``.
+    """
+    def best(means: dict[float, float]) -> float:
+        return max(lrs, key=lambda lr: (means[lr], -lrs.index(lr)))
+
+    decisive, own = {}, {}
+    for name, by_lr in values.items():
+        own[name] = best({lr: float(v.mean()) for lr, v in by_lr.items()})
+        decisive[name] = all(crossed_interval((by_lr[own[name]] - by_lr[lr])[None, :], n_boot=n_boot).lo > 0
+                             for lr in lrs if lr != own[name])
+    shared = best({lr: float(np.mean([by_lr[lr].mean() for by_lr in values.values()])) for lr in lrs})
+    chosen = own if all(decisive.values()) else {name: shared for name in values}
+    return chosen, decisive, shared
 
 
 def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
@@ -88,7 +119,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     runs: list[AgentRun] = []
     calibration: dict[str, dict[str, int]] = {}
     plan: dict[str, tuple[int | None, float]] = {}  # agent -> (iterations, expected seconds per run)
-    sweep: dict[str, dict[str, Any]] = {}  # agent -> {"results": {lr: value}, "chosen": lr}
+    sweep: dict[str, dict[str, Any]] = {}  # agent -> {"values": {lr: (states,)}, "results": {lr: mean}, "chosen": lr}
+    sweep_rule: dict[str, Any] = {}  # the shared rate and whether every agent's sweep was decisive
     sweep_metric = "success" if cfg.sweep.metric == "success" or (cfg.sweep.metric == "auto" and verifier) \
         else "score"
     order = {(a, s): k for k, (a, s) in enumerate((a, s) for a in cfg.agents for s in cfg.seeds)}
@@ -97,12 +129,15 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
         runs.sort(key=lambda r: order[(r.agent, r.seed)])
         finished = {(r.agent, r.seed) for r in runs}
-        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks)
+        probe_file = out / PROBE_FILE
+        base_probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
                 "calibration": {a: calibration[a] for a in cfg.agents if a in calibration},
-                "sweep": {a: sweep[a] for a in cfg.agents if a in sweep}, "sweep_metric": sweep_metric,
+                "sweep": {a: {k: v for k, v in sweep[a].items() if k != "values"} for a in cfg.agents if a in sweep},
+                "sweep_rule": dict(sweep_rule), "sweep_metric": sweep_metric,
                 "sweep_lrs": list(cfg.sweep.lrs),
                 "states": len(states), "jobs": cfg.jobs, "threads": threads,
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
@@ -119,26 +154,31 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                 sched.add("train", (name, seed, iterations, lr), estimate)
 
     def sweep_finished(sched: Scheduler, name: str) -> None:
-        """Once every learning rate of ``name`` has a validation result, choose the best and start its runs."""
-        results = sweep[name]["results"]
-        if len(results) < len(cfg.sweep.lrs):
-            return
-        chosen = max(cfg.sweep.lrs, key=lambda lr: (results[lr], -cfg.sweep.lrs.index(lr)))  # ties: listed first
-        sweep[name]["chosen"] = chosen
-        log.info("sweep: %s -> lr %g (%s at the last turn: %s)", name, chosen, sweep_metric, results)
-        add_runs(sched, name, chosen)
+        """Once every agent has a validation result at every learning rate, choose the rates (:func:`choose_rates`)
+        and start the agents' runs."""
+        if sweep_rule or any(len(sweep.get(a, {}).get("values", {})) < len(cfg.sweep.lrs) for a in cfg.agents):
+            return  # chosen already, or results still to come
+        values = {a: sweep[a]["values"] for a in cfg.agents}
+        chosen, decisive, shared = choose_rates(list(cfg.sweep.lrs), values, cfg.eval.n_boot)
+        sweep_rule.update(shared=shared, all_decisive=all(decisive.values()))
+        for a in cfg.agents:
+            sweep[a].update(chosen=chosen[a], decisive=decisive[a],
+                            results={lr: float(v.mean()) for lr, v in values[a].items()})
+            log.info("sweep: %s -> lr %g (%s at the last turn: %s; decisive: %s)", a, chosen[a], sweep_metric,
+                     sweep[a]["results"], decisive[a])
+            add_runs(sched, a, chosen[a])
 
     def start(sched: Scheduler, name: str, iterations: int | None, estimate: float) -> None:
         plan[name] = (iterations, estimate)
         if not cfg.sweep.lrs:
             add_runs(sched, name, None)
             return
-        sweep[name] = {"results": {}, "chosen": None}
+        sweep[name] = {"results": {}, "values": {}, "chosen": None}
         val = played(ctx.validation.store, ctx.validation.states)
         for lr in cfg.sweep.lrs:
             if (run_dir_of(cfg, name, 0, lr, True) / "leaderboard_result.json").is_file() and \
                     f"{name}/lr-{lr:g}" in val:
-                sweep[name]["results"][lr] = sweep_value(cfg, val[f"{name}/lr-{lr:g}"], ctx, verifier)
+                sweep[name]["values"][lr] = sweep_values(cfg, val[f"{name}/lr-{lr:g}"], ctx, verifier)
             else:
                 sched.add("sweep", (name, lr, iterations), estimate)
         sweep_finished(sched, name)
@@ -170,7 +210,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
             elif kind == "sweep":
                 name, lr = args[0], args[1]
                 records = played(ctx.validation.store, ctx.validation.states)[f"{name}/lr-{lr:g}"]
-                sweep[name]["results"][lr] = sweep_value(cfg, records, ctx, verifier)
+                sweep[name]["values"][lr] = sweep_values(cfg, records, ctx, verifier)
                 sweep_finished(sched, name)
             else:
                 name, seed = args[0], args[1]

@@ -14,7 +14,8 @@ the number comes out).
 1. a correct final answer (:func:`~dialogue_gym.tasks.arithmetic.is_correct`, the verifier's rule) ends the
    conversation (``terminated``) - a lucky guess before asking counts too;
 2. otherwise, while numbers are still withheld: a reply that **asks** (has a "?") or **commits to no final answer**
-   (states no "The answer is N" / ``\\boxed{N}``, see :func:`~dialogue_gym.tasks.arithmetic.stated_answer`)
+   (states no "The answer is N" / ``\\boxed{N}``, see :func:`~dialogue_gym.tasks.arithmetic.stated_answer`; with
+   ``reveal: strict`` it must also name no number at all, so a bare guess like "17 apples." gets nothing)
    gets the next withheld number ("Sorry, I left that out: Maya has 12 apples at the start."); with probability
    ``vague`` (drawn from the conversation's seed) the user answers vaguely instead and the number stays withheld;
    a reply that commits to a wrong answer is told what is unknown ("You can't know that yet: I haven't told you
@@ -52,6 +53,7 @@ numbers) pair appears in two splits.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -126,9 +128,21 @@ def revealed(fact: Mapping[str, str], conversation: Sequence[Message]) -> bool:
     return any(m["role"] == "user" and fact["text"] in m["content"] for m in conversation[1:])
 
 
-def asks_or_holds_back(reply: str) -> bool:
-    """The behaviour the user rewards with a number: the reply asks (has a "?") or commits to no final answer."""
-    return "?" in reply or stated_answer(reply) is None
+REVEAL_RULES = ("lenient", "strict")
+
+
+def asks_or_holds_back(reply: str, reveal: str = "lenient") -> bool:
+    """The behaviour the user rewards with a number.
+
+    ``lenient``: the reply asks (has a "?") or commits to no final answer. ``strict``: it asks, or it *clearly*
+    holds back: no final answer and no number at all (a reply that names a number without "The answer is" is a
+    guess too).
+    """
+    if "?" in reply:
+        return True
+    if reveal == "strict":
+        return stated_answer(reply) is None and re.search(r"\d", reply) is None
+    return stated_answer(reply) is None
 
 
 class ClarifyUser:
@@ -136,14 +150,18 @@ class ClarifyUser:
 
     Args:
         vague: probability in [0, 1) that a request for a withheld number gets a vague reply instead.
+        reveal: which replies get a withheld number, ``lenient`` or ``strict`` (:func:`asks_or_holds_back`).
     """
 
-    def __init__(self, vague: float = 0.0):
-        self.vague = float(vague)
+    def __init__(self, vague: float = 0.0, reveal: str = "lenient"):
+        if reveal not in REVEAL_RULES:
+            raise DialogueError(f"reveal is {reveal!r}; allowed: {', '.join(REVEAL_RULES)}")
+        self.vague, self.reveal = float(vague), reveal
 
     def describe(self) -> dict[str, Any]:
-        return {"user": "clarify", "vague": self.vague, "reveal": list(REVEAL_INTROS), "vague_replies":
-                list(VAGUE_REPLIES), "unknown": list(UNKNOWN_TEMPLATES), "correct": list(CORRECT_REPLIES)}
+        return {"user": "clarify", "vague": self.vague, "reveal_rule": self.reveal, "reveal": list(REVEAL_INTROS),
+                "vague_replies": list(VAGUE_REPLIES), "unknown": list(UNKNOWN_TEMPLATES),
+                "correct": list(CORRECT_REPLIES)}
 
     def respond(self, conversations: Sequence[Sequence[Message]], profiles: Sequence[Mapping[str, Any]],
                 seeds: Sequence[int]) -> list[UserTurn]:
@@ -159,7 +177,7 @@ class ClarifyUser:
                 out.append(UserTurn(_pick(rng, CORRECT_REPLIES), done=True))
             elif not missing:
                 out.append(UserTurn(scripted_critique(reply, int(profile.get("steps", 1)), int(seed))))
-            elif asks_or_holds_back(reply):
+            elif asks_or_holds_back(reply, self.reveal):
                 if rng.random() < self.vague:
                     out.append(UserTurn(_pick(rng, VAGUE_REPLIES)))
                 else:
@@ -182,6 +200,8 @@ class ClarifyTask:
         instruction: appended to every opening (tells the model to ask, and how to state its answer).
         discount: the verifier reward is ``discount ** (turns - 1)`` for a correct reply at turn ``turns``.
         system_prompt: an optional system message opening every conversation.
+        reveal: which replies the user gives a withheld number to: ``lenient`` (asks, or states no final answer)
+            or ``strict`` (asks, or states no final answer and names no number: a clear holding back).
 
     Raises:
         DialogueError: a bad setting (names the argument and what is allowed).
@@ -193,7 +213,8 @@ class ClarifyTask:
 
     def __init__(self, steps: int = 1, withheld: int = 1, distractors: int = 0, vague: float = 0.0,
                  n_train: int = 2000, n_validation: int = 100, n_test: int = 200, seed: int = 0,
-                 instruction: str = DEFAULT_INSTRUCTION, discount: float = 1.0, system_prompt: str | None = None):
+                 instruction: str = DEFAULT_INSTRUCTION, discount: float = 1.0, system_prompt: str | None = None,
+                 reveal: str = "lenient"):
         def whole(key: str, v: Any, lo: int, hi: int) -> None:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise DialogueError(f"task_kwargs.{key} must be an integer in [{lo}, {hi}], got {v!r}")
@@ -208,6 +229,9 @@ class ClarifyTask:
             raise DialogueError(f"task_kwargs.vague must be a probability in [0, 1), got {vague!r}")
         if isinstance(discount, bool) or not isinstance(discount, (int, float)) or not 0 < discount <= 1:
             raise DialogueError(f"task_kwargs.discount must be a number in (0, 1], got {discount!r}")
+        if reveal not in REVEAL_RULES:
+            raise DialogueError(f"task_kwargs.reveal is {reveal!r}; allowed: {', '.join(REVEAL_RULES)}")
+        self.reveal = reveal
         if not isinstance(instruction, str):
             raise DialogueError(f"task_kwargs.instruction must be a string, got {type(instruction).__name__}")
         self.steps, self.withheld, self.distractors, self.vague = steps, withheld, distractors, float(vague)
@@ -244,16 +268,28 @@ class ClarifyTask:
         return self._rows[split]
 
     def make_user(self, spec: str, engine: Callable[[], Any]) -> Any | None:
-        return ClarifyUser(self.vague) if spec == "clarify" else None
+        return ClarifyUser(self.vague, self.reveal) if spec == "clarify" else None
 
     def make_reward(self, spec: str) -> Any | None:
         return VerifierReward(discount=self.discount) if spec == "verifier" else None
 
     def asks(self, reply: str) -> bool:
-        """The behaviour this task exists to teach (:func:`asks_or_holds_back`); the leaderboard reports its rate."""
-        return asks_or_holds_back(reply)
+        """The behaviour this task exists to teach (:func:`asks_or_holds_back` under the task's ``reveal`` rule);
+        the leaderboard reports its rate."""
+        return asks_or_holds_back(reply, self.reveal)
+
+    def probe_replies(self, profile: Mapping[str, Any]) -> tuple[str, str]:
+        """Two fixed replies to an opening, for the leaderboard's turn-1 log-prob probe: one that asks for the first
+        withheld number and one that guesses (10, or 11 when 10 is the answer).
+
+        Returns:
+            ``(ask, guess)``.
+        """
+        guess = 11 if float(profile["answer"]) == 10 else 10
+        return f"Could you tell me {profile['facts'][0]['unknown']}?", f"The answer is {guess}."
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "steps": self.steps, "withheld": self.withheld, "distractors": self.distractors,
                 "vague": self.vague, **{f"n_{k}": v for k, v in self.sizes.items()}, "seed": self.seed,
-                "instruction": self.instruction, "discount": self.discount, "system_prompt": self.system_prompt}
+                "instruction": self.instruction, "discount": self.discount, "system_prompt": self.system_prompt,
+                "reveal": self.reveal}
