@@ -279,7 +279,7 @@ def run(cfg: GrpoConfig) -> dict:
     validate(cfg)
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
-    check_sharding(ranks.sharded, cfg.policy, cfg.resume, "GRPO")
+    check_sharding(ranks.sharded, cfg.policy, "GRPO")
     task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
     # before any model loads
     run_dir = Path(cfg.run_dir)
@@ -306,6 +306,8 @@ def run(cfg: GrpoConfig) -> dict:
         if saved is not None:
             start = saved["iteration"]
             log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
+            if logger is not None:
+                logger.drop_after(start)  # rows a killed run logged after its last checkpoint
             sync_policy(engine, model)
     if evaluator is not None and not evaluator.results:
         evaluator.evaluate(engine, "initial")
