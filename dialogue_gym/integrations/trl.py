@@ -232,8 +232,15 @@ class DialogueRollout:
             per-completion-token sampling log-probs, 1 for the policy's tokens and 0 for the user's), and
             ``env_reward`` (the episode return per prompt).
         """
-        tokenizer = trainer.processing_class
         model = trainer.accelerator.unwrap_model(trainer.model)
+        return self.play(model, trainer.processing_class, prompts, float(getattr(trainer.args, "temperature", 1.0)))
+
+    def play(self, model: Any, tokenizer: Any, prompts: list[Any], temperature: float = 1.0) -> dict[str, list[Any]]:
+        """Play one dialogue per prompt with ``model`` (what the rollout does; also for evaluation outside TRL).
+
+        Returns:
+            as :meth:`__call__`.
+        """
         starts = [self._start(p) for p in prompts]
         seed = self.seed + self._calls * len(prompts)
         self._calls += 1
@@ -248,8 +255,7 @@ class DialogueRollout:
         eos = tokenizer.eos_token_id
         while not all(done):
             active = [i for i in range(n) if not done[i]]
-            outs = self._generate(model, tokenizer, [prompt_ids[i] + completion[i] for i in active],
-                                  float(getattr(trainer.args, "temperature", 1.0)))
+            outs = self._generate(model, tokenizer, [prompt_ids[i] + completion[i] for i in active], temperature)
             actions: list[str | None] = [None] * n
             for i, (ids, lp) in zip(active, outs):
                 completion[i] += ids
