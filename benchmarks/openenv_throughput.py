@@ -35,13 +35,19 @@ def env_kwargs(model: str, turns: int, user_tokens: int) -> dict:
             "user_max_new_tokens": user_tokens, "device": "cpu"}
 
 
+_VECTOR: dict[int, object] = {}
+
+
 def run_vector(kwargs: dict, n: int, turns: int, seed: int) -> tuple[float, int]:
-    """Seconds spent in ``step`` and steps taken, for one in-process vector env of ``n``."""
+    """Seconds spent in ``step`` and steps taken, for the in-process vector env of ``n`` (built once, like the
+    server's shared core)."""
     from gymnasium.vector import AutoresetMode
 
     from dialogue_gym.vector import DialogueVectorEnv
 
-    env = DialogueVectorEnv(n, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    if n not in _VECTOR:
+        _VECTOR[n] = DialogueVectorEnv(n, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    env = _VECTOR[n]
     env.reset(seed=seed)
     spent, steps = 0.0, 0
     for t in range(turns):
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     run_vector(kwargs, args.sessions, 1, seed=999)  # warm-up: loads the models, first-call overheads
+    run_server(url, args.sessions, 1, seed=999)
     rows: dict[str, list[tuple[float, int]]] = {"vector": [], "server": []}
     batch_sizes: list[int] = []
     for r in range(args.repeats):
