@@ -134,3 +134,16 @@ def test_grpo_through_the_openenv_server(tmp_path):
         rollout.close()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_importing_without_the_extra_names_the_install_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "try:\n    import dialogue_gym.integrations.trl\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "pip install 'dialogue-gym[integrations]'" in out.stdout, out.stderr
