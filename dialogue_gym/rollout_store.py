@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,10 @@ from dialogue_gym.conversation import (
     fingerprint,
     validate_messages,
 )
+
+if TYPE_CHECKING:
+    from dialogue_gym.core import DialogueCore
+    from dialogue_gym.env import EnvContract
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +296,26 @@ def _list(v: Any, where: str) -> list[Any]:
     return v
 
 
-def config_hashes(core: Any) -> dict[str, str]:
-    """Hashes of an env core's whole configuration and of its task, user and reward (judge) parts."""
+def env_core(env: EnvContract | DialogueCore) -> DialogueCore:
+    """The episode mechanics behind an env (a :class:`DialogueEnv` or :class:`DialogueVectorEnv`; a core as is).
+
+    Raises:
+        TypeError: ``env`` is neither, naming its type.
+    """
+    from dialogue_gym.core import DialogueCore
+    from dialogue_gym.env import EnvContract
+
+    if isinstance(env, EnvContract):
+        return env.core
+    if isinstance(env, DialogueCore):
+        return env
+    raise TypeError(f"env must be a DialogueEnv, a DialogueVectorEnv (unwrapped) or a DialogueCore, got "
+                    f"{type(env).__name__}")
+
+
+def config_hashes(env: EnvContract | DialogueCore) -> dict[str, str]:
+    """Hashes of an env's whole configuration and of its task, user and reward (judge) parts."""
+    core = env_core(env)
     return {"env": core.fingerprint, "task": fingerprint(core.task.describe()),
             "user": fingerprint(core.user.describe()), "reward": fingerprint(core.reward.describe())}
 
@@ -392,12 +414,13 @@ class RolloutStore:
 
 # ---- evaluation states ---------------------------------------------------------------------------------------
 
-def make_states(core: Any, n: int, seed: int, prefix: str = "eval") -> list[StateRecord]:
-    """``n`` starting states at the first ``n`` rows of the core's split, with user and policy seeds from ``seed``.
+def make_states(env: EnvContract | DialogueCore, n: int, seed: int, prefix: str = "eval") -> list[StateRecord]:
+    """``n`` starting states at the first ``n`` rows of the env's split, with user and policy seeds from ``seed``.
 
     Raises:
         ValueError: ``n`` is not in ``[1, rows]``.
     """
+    core = env_core(env)
     rows = len(core.rows)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= rows:
         raise ValueError(f"the number of states must be an integer in [1, {rows}] (rows in split "
@@ -413,13 +436,15 @@ def make_states(core: Any, n: int, seed: int, prefix: str = "eval") -> list[Stat
     return out
 
 
-def stored_states(store: RolloutStore, core: Any, n: int, seed: int, prefix: str = "eval") -> list[StateRecord]:
+def stored_states(store: RolloutStore, env: EnvContract | DialogueCore, n: int, seed: int, prefix: str = "eval"
+                  ) -> list[StateRecord]:
     """The store's starting states, made once with :func:`make_states` and appended when the store has none.
 
     Raises:
         RolloutError: the store's states belong to another env configuration or differ in number or seed (a
             stored benchmark is never silently regenerated).
     """
+    core = env_core(env)
     have = store.states()
     if not have:
         store.append(make_states(core, n, seed, prefix))
@@ -434,4 +459,4 @@ def stored_states(store: RolloutStore, core: Any, n: int, seed: int, prefix: str
 
 
 __all__ = ["KINDS", "SCHEMA_VERSION", "DialogueRecord", "Record", "RolloutError", "RolloutStore", "StateRecord",
-           "config_hashes", "make_states", "record_from_dict", "stored_states"]
+           "config_hashes", "env_core", "make_states", "record_from_dict", "stored_states"]

@@ -34,8 +34,9 @@ import numpy as np
 from agents.common.batching import Reply
 from agents.common.pairs import sample_turn
 from dialogue_gym.conversation import DialogueState
-from dialogue_gym.generation.base import SamplingParams
+from dialogue_gym.generation.base import GenerationEngine, SamplingParams
 from dialogue_gym.progress import track
+from dialogue_gym.vector import DialogueVectorEnv
 
 BLANK_REPLY = "..."
 PREFIXES = ("on_policy", "dataset")
@@ -182,7 +183,7 @@ class Tree:
         return self.rollin_replies + sum(b.turns for b in self.branches)
 
 
-def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
+def act(engine: GenerationEngine, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
         ) -> list[Any]:
     """One batched policy call for the sub-envs with a seed; None (sit out) for the others."""
     idx = [i for i, s in enumerate(seeds) if s is not None]
@@ -194,7 +195,7 @@ def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], p
     return out
 
 
-def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
+def _reset_to_starts(venv: DialogueVectorEnv, starts: Sequence[Start]) -> Any:
     """Reset a DISABLED vector env to the starts; spare sub-envs repeat the last start and only sit out."""
     padded = list(starts) + [starts[-1]] * (venv.num_envs - len(starts))
     if all(s.state is not None for s in starts):
@@ -204,7 +205,8 @@ def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
     return venv.reset(seed=[s.env_seed for s in padded], options={"task_indices": [s.row for s in padded]})[0]
 
 
-def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Start], turns: Sequence[int]
+def roll_in(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, starts: Sequence[Start],
+            turns: Sequence[int]
             ) -> list[tuple[DialogueState, int, int]]:
     """Play each start with the policy until it reaches turn ``turns[i]``; return ``(s_h, h, replies sampled)``
     per dialogue."""
@@ -231,7 +233,8 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
     return [(s, s.turn + 1, n) for s, n in zip(reached, sampled)]
 
 
-def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[DialogueState], policy_seeds: Sequence[int],
+def fork(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, states: Sequence[DialogueState],
+         policy_seeds: Sequence[int],
          k: int, horizons: Sequence[int]) -> list[list[Branch]]:
     """Branch each state ``k`` times and complete every branch to its horizon (its own ``max_turns``).
 
@@ -275,7 +278,8 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
              for b in range(i * k, (i + 1) * k)] for i in range(len(states))]
 
 
-def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: Plan) -> list[Tree]:
+def grow(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
+         plan: Plan) -> list[Tree]:
     """Run a plan: roll in, fork ``plan.k`` branches, complete each to its horizon; the env scores every branch.
 
     Args:

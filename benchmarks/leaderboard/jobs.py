@@ -31,7 +31,7 @@ from benchmarks.leaderboard.agents import calibrate, train
 from benchmarks.leaderboard.config import LeaderboardConfig
 from benchmarks.leaderboard.protocol import AgentRun, eval_env, evaluate
 from dialogue_gym.budget import Budget
-from dialogue_gym.rollouts import RolloutStore, StateRecord, stored_states
+from dialogue_gym.rollout_store import RolloutStore, StateRecord, stored_states
 
 log = logging.getLogger("benchmarks.leaderboard")
 
@@ -64,7 +64,7 @@ class Split:
     def build(cls, cfg: LeaderboardConfig, split: str, n: int, prefix: str) -> Split:
         out = Path(cfg.run_dir)
         venv = eval_env(cfg, n, split)
-        states = stored_states(RolloutStore(out / f"{prefix}_states.jsonl"), venv.core, n, cfg.eval.seed, prefix)
+        states = stored_states(RolloutStore(out / f"{prefix}_states.jsonl"), venv, n, cfg.eval.seed, prefix)
         return cls(venv, states, RolloutStore(out / f"{prefix}_dialogues.jsonl"))
 
 

@@ -144,13 +144,13 @@ def tiny_model_dir() -> Path:
 def resolve_model_source(model: str) -> str:
     """What vLLM should load for a model name: a directory for ``"embedded"``, ``"tiny"`` and local paths,
     the name itself for a hub id."""
-    from dialogue_gym.models import EMBEDDED, TINY, _resolve, embedded_model_dir
+    from dialogue_gym.models import EMBEDDED, TINY, embedded_model_dir, resolve_source
 
     if model == EMBEDDED:
         return str(embedded_model_dir())
     if model == TINY:
         return str(tiny_model_dir())
-    return _resolve(model)
+    return resolve_source(model)
 
 
 def _check_not_in_spawned_import() -> None:
