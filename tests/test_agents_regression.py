@@ -89,7 +89,7 @@ def test_rebel_pairs_use_immediate_reward_and_refuel_the_future(monkeypatch):
 
     class Venv:
         num_envs = 6
-        core = type("C", (), {"config": type("E", (), {"max_turns": 5})()})()
+        max_turns = 5  # the env's public horizon
 
     monkeypatch.setattr(rollout, "grow", fake_grow)
     for future in (True, False):

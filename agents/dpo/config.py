@@ -28,7 +28,7 @@ class DataSettings:
 
 @dataclass
 class DpoConfig:
-    """DPO settings. Reference values (RLHF Workflow, Llama-3-8B, full fine-tuning) are in ALGORITHMS.md."""
+    """DPO settings. Reference values (RLHF Workflow, Llama-3-8B, full fine-tuning): docs/agents/dpo.md."""
 
     mode: str = "online"  # offline: fixed pairs (data.*); online: iterative, pairs sampled through the env
     env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)

@@ -11,7 +11,7 @@ from dialogue_gym.config import EnvConfig
 
 @dataclass
 class RefuelConfig:
-    """REFUEL settings. Reference values (Llama-3-8B, 8xH100) are in ALGORITHMS.md and +experiment=refuel_paper."""
+    """REFUEL settings. Reference values (Llama-3-8B, 8xH100): +experiment=refuel_paper and docs/agents/refuel.md."""
 
     env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full

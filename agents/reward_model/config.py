@@ -43,7 +43,7 @@ class DataSettings:
 
 @dataclass
 class RewardModelConfig:
-    """Reward-model training. Reference values (RLHF Workflow, Llama-3-8B) are in ALGORITHMS.md."""
+    """Reward-model training. Reference values (RLHF Workflow, Llama-3-8B): docs/agents/reward_models.md."""
 
     kind: str = "bt"  # bt: Bradley-Terry sequence classifier; pairwise: causal LM answering "A" or "B"
     env: EnvConfig = field(default_factory=EnvConfig)  # task rows and the reward that labels pairs (source=task)
