@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
+
 from dialogue_gym.conversation import DialogueError
 
 REWARD_MODES = ("terminal", "per_turn", "delta")
@@ -183,6 +185,12 @@ class EnvConfig:
             except ValueError as e:
                 raise EnvConfigError(f"{prefix}base_url", f"{prefix}base_url: {e}") from None
         return {**kwargs, **dict(options or {})}
+
+
+# Hydra: the agents' YAML files take their env node from this schema (``defaults: [schema@env: env, _self_]``), so
+# the fields and defaults live only in EnvConfig and ``env.FIELD=...`` reaches every field without a ``+``.
+# Registered on import, so any process that imports dialogue_gym can compose those files.
+ConfigStore.instance().store(group="schema", name="env", node=EnvConfig)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from agents.common.policy import PolicySettings
@@ -23,10 +22,6 @@ class ConfigError(ValueError):
 # The env node of every agent's schema is the env's own config (fields, defaults, docs and checks in one place).
 # ``EnvSettings`` is the name this module used before; kept so code written against it still imports.
 EnvSettings = EnvConfig
-
-# The agents' YAML files take their env node from here (``defaults: [schema@env: env, _self_]``), so the fields and
-# defaults live only in EnvConfig, and ``env.FIELD=...`` reaches every field without a ``+``.
-ConfigStore.instance().store(group="schema", name="env", node=EnvConfig)
 
 
 @dataclass
