@@ -91,13 +91,13 @@ def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dty
 
     from dialogue_gym.models import (
         TINY,
-        _from_pretrained,
-        _resolve,
         embedded_model_dir,
         load_model,
+        load_pretrained,
         load_tokenizer,
         resolve_device,
         resolve_dtype,
+        resolve_source,
     )
     from dialogue_gym.models import tiny_config as make_tiny_config
 
@@ -113,9 +113,9 @@ def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dty
             config.num_labels = 1
             model = LlamaForSequenceClassification(config).to(torch_dtype)
         else:
-            source = str(embedded_model_dir()) if name == "embedded" else _resolve(name)
+            source = str(embedded_model_dir()) if name == "embedded" else resolve_source(name)
             tokenizer = load_tokenizer(name)
-            model = _from_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
+            model = load_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
                                      dtype=torch_dtype)
     model.to(dev)
     pad_id = choose_pad_id(tokenizer, model)
