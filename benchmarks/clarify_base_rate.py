@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         task_kwargs["instruction"] = args.instruction
     env = gym.make("MultiTurnDialogue-v0", task="clarify", split="validation", max_turns=args.max_turns,
                    task_kwargs=task_kwargs)
-    rows = env.unwrapped.core.rows[:args.dialogues]
+    rows = list(env.unwrapped.rows[:args.dialogues])
     prompts, answers = [list(r.messages) for r in rows], [float(r.profile["answer"]) for r in rows]
     engine = HFEngine(args.policy, seed=args.seed)
     table, examples = {}, {}

@@ -10,6 +10,7 @@ An agent builds several vector envs (roll-in, branches, its own held-out evaluat
 - ``steps``: batched env steps;
 - ``optimizer_steps``: ``torch.optim`` optimizer steps taken anywhere in the process (a global step pre-hook,
   charged to the ``"train"`` split), so an agent that squeezes more updates out of the same samples is seen.
+- ``user_calls``: batched calls to the simulated user made by those steps.
 
 Counts are kept per split. Limits apply to ``limited_splits`` (``"train"``: the agent's training rollouts); the
 agents' own evaluations on the ``"test"`` split are counted but never stopped. A step that would take a limited
@@ -37,7 +38,7 @@ class BudgetExhausted(RuntimeError):
 
 @dataclass
 class Usage:
-    """What envs spent on one split.
+    """What envs spent on one split (a budget keeps one per split; each env keeps its own, ``venv.usage``).
 
     Attributes:
         policy_samples: assistant turns stepped.
@@ -46,6 +47,8 @@ class Usage:
         reward_calls: batched reward-model calls.
         steps: batched env steps (``DialogueCore.advance`` calls).
         optimizer_steps: optimizer steps taken (counted on the ``"train"`` split only).
+        user_calls: batched simulated-user calls (an env's own counter also counts those answering a reset
+            prefix that ends with an assistant turn).
     """
 
     policy_samples: int = 0
@@ -54,9 +57,20 @@ class Usage:
     reward_calls: int = 0
     steps: int = 0
     optimizer_steps: int = 0
+    user_calls: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def add_step(self, samples: int, tokens: int, scored: int, user_calls: int) -> None:
+        """Count one env step: ``samples`` assistant turns of ``tokens`` tokens, ``scored`` conversations scored
+        (one batched reward call when > 0) and ``user_calls`` batched user calls."""
+        self.policy_samples += samples
+        self.policy_tokens += tokens
+        self.scored_conversations += scored
+        self.reward_calls += 1 if scored else 0
+        self.steps += 1
+        self.user_calls += user_calls
 
 
 @dataclass
@@ -101,8 +115,9 @@ class Budget:
         with self._lock:
             return Usage(**asdict(self.used.get(split, Usage())))
 
-    def charge(self, split: str, actions: Sequence[str], scored: int) -> None:
-        """Pay for one env step: ``actions`` stepped and ``scored`` conversations sent to the reward model.
+    def charge(self, split: str, actions: Sequence[str], scored: int, user_calls: int = 0) -> None:
+        """Pay for one env step: ``actions`` stepped, ``scored`` conversations sent to the reward model and
+        ``user_calls`` batched user calls made.
 
         Raises:
             BudgetExhausted: the step would take a limited split past a limit; nothing is counted.
@@ -118,11 +133,7 @@ class Budget:
                             f"budget exhausted on split {split!r}: {name} would reach {getattr(u, name) + extra} "
                             f"({getattr(u, name)} used + {extra} in this step), the limit is {limit}"
                         )
-            u.policy_samples += len(actions)
-            u.policy_tokens += tokens
-            u.scored_conversations += scored
-            u.reward_calls += 1 if scored else 0
-            u.steps += 1
+            u.add_step(len(actions), tokens, scored, user_calls)
 
 
     def charge_optimizer_step(self) -> None:
@@ -175,11 +186,11 @@ def active_budget() -> Budget | None:
     return _active
 
 
-def spend(split: str, actions: Sequence[str], scored: int) -> None:
+def spend(split: str, actions: Sequence[str], scored: int, user_calls: int = 0) -> None:
     """Charge the active budget, if any, for one env step (called by ``DialogueCore.advance``)."""
     budget = _active
     if budget is not None:
-        budget.charge(split, actions, scored)
+        budget.charge(split, actions, scored, user_calls)
 
 
 __all__ = ["LIMITS", "Budget", "BudgetExhausted", "Usage", "active_budget", "spend", "use_budget"]

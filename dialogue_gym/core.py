@@ -7,13 +7,14 @@ The single env is the batch-of-one case, so both envs share every rule (validati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dialogue_gym.budget import spend
+from dialogue_gym.budget import Usage, spend
+from dialogue_gym.config import ENGINES, REWARD_MODES, EnvConfig  # noqa: F401  (re-exported: older import path)
 from dialogue_gym.conversation import (
     DialogueError,
     DialogueState,
@@ -24,141 +25,6 @@ from dialogue_gym.conversation import (
     rng_from_state,
     validate_messages,
 )
-
-REWARD_MODES = ("terminal", "per_turn", "delta")
-ENGINES = ("hf", "vllm", "openai")
-
-
-@dataclass
-class EnvConfig:
-    """Everything that defines an environment (its fingerprint is stamped on every state).
-
-    Attributes:
-        task: task name (``"embedded"``, ``"arithmetic"``, ``"ultrainteract"``, ``"anthropic_hh"``) or instance.
-        task_kwargs: keyword arguments for the task (data path, difficulty, ...).
-        split: which split reset draws rows from (``"train"``, ``"test"``, or ``"validation"`` where the task has
-            one).
-        model: the model behind the LLM user and the LLM judge (``"embedded"``, ``"tiny"``, path, hub id).
-        engine: generation backend of the LLM user (and, unless ``judge_engine`` says otherwise, the LLM judge):
-            ``"hf"``, ``"vllm"`` (in process) or ``"openai"`` (an OpenAI-compatible server at ``base_url``).
-        base_url: the user's server for ``engine="openai"``, e.g. ``http://127.0.0.1:8000/v1``; ``model`` is then
-            the served model name. The API key comes from an environment variable only (``engine_options``'
-            ``api_key_env``, default ``OPENAI_API_KEY``).
-        judge_model: the LLM judge's model (``reward="judge"``); None: ``model``.
-        judge_engine: the LLM judge's backend; None: ``engine``.
-        judge_base_url: the judge's server when its engine is ``"openai"``; None: ``base_url``.
-        judge_engine_options: keyword arguments of the judge's engine; None: ``engine_options`` when the judge's
-            backend is the user's, else none.
-        user: user simulator spec (``"llm"``, ``"replay"``, ``"scripted"``, a task-specific name) or instance;
-            None takes the task's default.
-        reward: reward spec (``"judge"``, ``"verifier"``, a reward-model path, ...) or instance; None takes the
-            task's default.
-        reward_mode: ``"terminal"`` (score at the end only), ``"per_turn"`` (score every turn) or ``"delta"``
-            (score minus the previous turn's score; sums to the final score).
-        max_turns: assistant turns before the episode is truncated.
-        max_action_chars: longest accepted assistant message.
-        user_temperature: LLM user sampling temperature.
-        user_top_p: LLM user nucleus mass.
-        user_max_new_tokens: LLM user output cap in tokens.
-        device: where the env's own models (LLM user on HF, judge, reward models) run: ``"auto"`` (CUDA when
-            available, else CPU; ``$DIALOGUE_GYM_DEVICE`` overrides), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
-            ``"float16"``.
-        engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
-            (HF: static KV cache, compiled on CUDA), ``{"max_num_seqs": 256}`` (vLLM), or ``{"max_concurrency":
-            64, "timeout_s": 300, "api": "chat", "api_key_env": "MY_KEY"}`` (openai).
-    """
-
-    task: Any = "embedded"
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    split: str = "train"
-    model: str = "embedded"
-    engine: str = "hf"
-    base_url: str | None = None
-    judge_model: str | None = None
-    judge_engine: str | None = None
-    judge_base_url: str | None = None
-    judge_engine_options: dict[str, Any] | None = None
-    user: Any = None
-    reward: Any = None
-    reward_mode: str = "terminal"
-    max_turns: int = 5
-    max_action_chars: int = 8000
-    user_temperature: float = 0.8
-    user_top_p: float = 1.0
-    user_max_new_tokens: int = 96
-    device: str = "auto"
-    dtype: str = "auto"
-    engine_options: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        from dialogue_gym.models import DeviceError, resolve_device, resolve_dtype
-
-        try:  # before any model loads: a CUDA device on a machine without one, an unknown dtype
-            resolve_dtype(self.dtype, resolve_device(self.device))
-        except DeviceError as e:
-            raise DialogueError(str(e)) from None
-        if self.reward_mode not in REWARD_MODES:
-            raise DialogueError(f"reward_mode is {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
-        if self.engine not in ENGINES:
-            raise DialogueError(f"engine is {self.engine!r}; allowed: {', '.join(ENGINES)}")
-        if self.judge_engine is not None and self.judge_engine not in ENGINES:
-            raise DialogueError(f"judge_engine is {self.judge_engine!r}; allowed: {', '.join(ENGINES)} or None (the "
-                                "user's engine)")
-        if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
-            raise DialogueError(f"max_turns must be a positive integer, got {self.max_turns!r}")
-        if not isinstance(self.max_action_chars, int) or self.max_action_chars < 1:
-            raise DialogueError(f"max_action_chars must be a positive integer, got {self.max_action_chars!r}")
-        for name in ("engine_options", "judge_engine_options"):
-            value = getattr(self, name)
-            if not (isinstance(value, Mapping) or (value is None and name == "judge_engine_options")):
-                raise DialogueError(f"{name} must be a dict of engine keyword arguments, got {type(value).__name__}")
-        self.user_engine_spec()
-        self.judge_engine_spec()
-        if self.split not in ("train", "test", "validation"):
-            raise DialogueError(f"split is {self.split!r}; allowed: train, test, validation")
-
-    def user_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
-        """``(kind, model, kwargs)`` of the LLM user's engine, for :func:`dialogue_gym.generation.make_engine`."""
-        return self.engine, self.model, self._engine_kwargs("", self.engine, self.base_url, self.engine_options)
-
-    def judge_engine_spec(self) -> tuple[str, str, dict[str, Any]]:
-        """``(kind, model, kwargs)`` of the LLM judge's engine (``reward="judge"``); equal to the user's when they
-        name the same model and backend, so both share one engine."""
-        kind = self.judge_engine or self.engine
-        url = self.judge_base_url if self.judge_base_url is not None else (
-            self.base_url if kind == "openai" and self.engine == "openai" else None)
-        options = self.judge_engine_options
-        if options is None:
-            options = self.engine_options if kind == self.engine else {}
-        return kind, self.judge_model or self.model, self._engine_kwargs("judge_", kind, url, options)
-
-    def _engine_kwargs(self, prefix: str, kind: str, base_url: str | None, options: Any) -> dict[str, Any]:
-        """One role's engine keyword arguments: placement (HF: device and dtype; vLLM: a dtype other than auto),
-        the server (openai, checked), then the options."""
-        from dialogue_gym.models import resolve_dtype
-
-        if kind != "openai" and base_url is not None:
-            raise DialogueError(f"{prefix}base_url is set but the {prefix or 'user '}engine is {kind!r}; a base URL "
-                                "needs engine 'openai'")
-        kwargs: dict[str, Any] = {}
-        if kind == "hf":
-            kwargs = {"device": self.device, "dtype": self.dtype}
-        elif kind == "vllm" and self.dtype != "auto":  # vLLM places its model itself; it takes the dtype
-            kwargs = {"dtype": str(resolve_dtype(self.dtype, "cpu")).removeprefix("torch.")}
-        elif kind == "openai":
-            if base_url is None:
-                raise DialogueError(f"{prefix}engine 'openai' needs {prefix}base_url, the server's API root, e.g. "
-                                    "http://127.0.0.1:8000/v1")
-            if "base_url" in (options or {}):
-                raise DialogueError(f"give the server as {prefix}base_url, not inside the engine options")
-            from dialogue_gym.generation.http_common import check_base_url
-
-            try:
-                kwargs = {"base_url": check_base_url(base_url)}
-            except ValueError as e:
-                raise DialogueError(f"{prefix}base_url: {e}") from None
-        return {**kwargs, **dict(options or {})}
 
 
 @dataclass
@@ -196,8 +62,18 @@ class DialogueCore:
             raise DialogueError(f"task {self.task.name!r} has no rows in split {config.split!r}")
         self._row_index = {r.id: i for i, r in enumerate(self.rows)}
         self.fingerprint = fingerprint(self.describe())
-        self.user_calls = 0
-        self.reward_calls = 0
+        # What this env spent (policy_tokens stays 0: the env has no tokenizer; a Budget's count_tokens fills it).
+        self.usage = Usage()
+
+    @property
+    def user_calls(self) -> int:
+        """Batched simulated-user calls so far (``usage.user_calls``)."""
+        return self.usage.user_calls
+
+    @property
+    def reward_calls(self) -> int:
+        """Batched reward calls so far (``usage.reward_calls``)."""
+        return self.usage.reward_calls
 
     def engine(self) -> Any:
         """The shared generation engine of the LLM user (built on first use)."""
@@ -304,6 +180,7 @@ class DialogueCore:
         self._end_solved([s for s in states if s.truncated])
         asking = [i for i, s in enumerate(states) if not s.done]
         user_turns: dict[int, Any] = {}
+        user_calls = self.usage.user_calls
         if asking:
             for i, t in zip(asking, self._ask_user([states[i] for i in asking])):
                 user_turns[i] = t
@@ -313,10 +190,12 @@ class DialogueCore:
                     states[i].messages.append({"role": "user", "content": t.text})
         mode = self.config.reward_mode
         to_score = [i for i, s in enumerate(states) if mode != "terminal" or s.done]
-        spend(self.config.split, actions, len(to_score))  # the active budget pays, or BudgetExhausted is raised
+        step_user_calls = self.usage.user_calls - user_calls
+        # the active budget pays, or BudgetExhausted is raised
+        spend(self.config.split, actions, len(to_score), step_user_calls)
+        self.usage.add_step(len(actions), 0, len(to_score), 0)  # the user calls were counted as they were made
         scores = np.zeros(len(states))
         if to_score:
-            self.reward_calls += 1
             got = self.reward.score([scored_conversations[i] for i in to_score], [states[i].profile for i in to_score])
             got = np.asarray(got, dtype=np.float64).reshape(-1)
             if got.shape != (len(to_score),):
@@ -362,7 +241,7 @@ class DialogueCore:
             rng = rng_from_state(s.rng)
             seeds.append(int(rng.integers(0, 2**63 - 1)))
             s.rng = rng.bit_generator.state
-        self.user_calls += 1
+        self.usage.user_calls += 1
         turns = self.user.respond([list(s.messages) for s in states], [s.profile for s in states], seeds)
         if len(turns) != len(states):
             raise RuntimeError(f"user simulator returned {len(turns)} turns for {len(states)} conversations")
@@ -376,5 +255,3 @@ def entropy_from(rng: np.random.Generator) -> int:
     """A 63-bit seed drawn from a generator (for a new episode's RNG)."""
     return int(rng.integers(0, 2**63 - 1))
 
-
-EngineFactory = Callable[[], Any]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from typing import Any
 
 import gymnasium as gym
 
+from dialogue_gym.budget import Usage
 from dialogue_gym.conversation import DialogueError, DialogueState
 from dialogue_gym.core import DialogueCore, EnvConfig, StepResult, entropy_from
 from dialogue_gym.spaces import Conversation, Utterance
+from dialogue_gym.tasks.base import Task, TaskRow
 
 RESET_OPTIONS = ("state", "branch", "messages", "profile", "task_index")
 
@@ -21,6 +24,49 @@ def make_config(kwargs: dict[str, Any]) -> EnvConfig:
     if unknown:
         raise DialogueError(f"unknown env argument(s) {unknown}; allowed: {', '.join(allowed)}")
     return EnvConfig(**kwargs)
+
+
+class EnvContract:
+    """The public view of an env's configuration and counters, shared by :class:`DialogueEnv` and
+    :class:`~dialogue_gym.vector.DialogueVectorEnv` (agents and benchmarks read these, never the core)."""
+
+    core: DialogueCore
+
+    @property
+    def config(self) -> EnvConfig:
+        """The validated configuration the env was made with."""
+        return self.core.config
+
+    @property
+    def max_turns(self) -> int:
+        """The horizon H: assistant turns before an episode is truncated."""
+        return self.core.config.max_turns
+
+    @property
+    def num_rows(self) -> int:
+        """Task rows in the env's split (valid ``task_index`` values are ``0 .. num_rows - 1``)."""
+        return len(self.core.rows)
+
+    @property
+    def rows(self) -> tuple[TaskRow, ...]:
+        """The task rows of the env's split, in ``task_index`` order."""
+        return tuple(self.core.rows)
+
+    @property
+    def task(self) -> Task:
+        """The task the env draws its rows from."""
+        return self.core.task
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the configuration that is stamped on every state of this env."""
+        return self.core.fingerprint
+
+    @property
+    def usage(self) -> Usage:
+        """A copy of what this env has spent so far: user and reward calls, samples, scored conversations, steps
+        (``policy_tokens`` stays 0: the env has no tokenizer)."""
+        return dataclasses.replace(self.core.usage)
 
 
 def check_reset_options(options: dict[str, Any]) -> None:
@@ -41,7 +87,7 @@ def transcript(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
 
 
-class DialogueEnv(gym.Env):
+class DialogueEnv(EnvContract, gym.Env):
     """A multi-turn dialogue with a simulated user and a reward model.
 
     ## Description
@@ -98,10 +144,6 @@ class DialogueEnv(gym.Env):
         self.observation_space = Conversation(self.core.config.max_turns)
         self.action_space = Utterance(self.core.config.max_action_chars)
         self._state: DialogueState | None = None
-
-    @property
-    def config(self) -> EnvConfig:
-        return self.core.config
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[list[dict[str, str]], dict[str, Any]]:

@@ -132,8 +132,8 @@ def load_tokenizer(name: str = EMBEDDED) -> Any:
     """The tokenizer of ``name`` (``"tiny"`` shares the embedded tokenizer)."""
     from transformers import AutoTokenizer
 
-    source = str(embedded_model_dir()) if name in (EMBEDDED, TINY) else _resolve(name)
-    return _from_pretrained(AutoTokenizer, source, name)
+    source = str(embedded_model_dir()) if name in (EMBEDDED, TINY) else resolve_source(name)
+    return load_pretrained(AutoTokenizer, source, name)
 
 
 def tiny_config(vocab_size: int) -> Any:
@@ -263,9 +263,9 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch_dtype)
     else:
-        source = str(embedded_model_dir()) if name == EMBEDDED else _resolve(name)
-        tokenizer = _from_pretrained(__import__("transformers").AutoTokenizer, source, name)
-        model = _from_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype)
+        source = str(embedded_model_dir()) if name == EMBEDDED else resolve_source(name)
+        tokenizer = load_pretrained(__import__("transformers").AutoTokenizer, source, name)
+        model = load_pretrained(AutoModelForCausalLM, source, name, dtype=torch_dtype)
     model.to(dev)
     model.eval()
     if shared:
@@ -275,8 +275,8 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
     return model, tokenizer
 
 
-def _resolve(name: str) -> str:
-    """A local directory as an absolute path; anything else is passed on as a hub id."""
+def resolve_source(name: str) -> str:
+    """Where to load model ``name`` from: a local directory as an absolute path; anything else is a hub id."""
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -287,7 +287,9 @@ def _resolve(name: str) -> str:
     return name
 
 
-def _from_pretrained(cls: Any, source: str, name: str, **kwargs: Any) -> Any:
+def load_pretrained(cls: Any, source: str, name: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source, **kwargs)`` (a transformers Auto class), with a :class:`ModelNotFoundError`
+    that names the model ``name`` and how to get it offline when it cannot be loaded."""
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as e:

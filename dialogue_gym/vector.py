@@ -21,13 +21,13 @@ from gymnasium.vector.utils import batch_space
 
 from dialogue_gym.conversation import DialogueError, DialogueState
 from dialogue_gym.core import DialogueCore
-from dialogue_gym.env import make_config, start_state, transcript
+from dialogue_gym.env import EnvContract, make_config, start_state, transcript
 from dialogue_gym.spaces import Conversation, Utterance
 
 VECTOR_RESET_OPTIONS = ("states", "task_indices", "messages", "reset_mask")
 
 
-class DialogueVectorEnv(VectorEnv):
+class DialogueVectorEnv(EnvContract, VectorEnv):
     """A natively batched dialogue env.
 
     Args:

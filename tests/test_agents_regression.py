@@ -110,7 +110,7 @@ def test_rebel_pairs_use_immediate_reward_and_refuel_the_future(monkeypatch):
 
     class Venv:
         num_envs = 6
-        core = type("C", (), {"config": type("E", (), {"max_turns": 5})()})()
+        max_turns = 5  # the env's public horizon
 
     monkeypatch.setattr(rollout, "grow", fake_grow)
     for future in (True, False):
@@ -153,7 +153,7 @@ def _cfg(*overrides: str, name: str = "refuel"):
     [
         (["eta=0"], "eta must be > 0"),
         (["eta=-1"], "eta must be > 0"),
-        (["env.max_turns=0"], "env.max_turns (the horizon) must be >= 1"),
+        (["env.max_turns=0"], "env.max_turns must be a positive integer"),
         (["iterations=0"], "iterations must be >= 1"),
         (["turn_sampling=last"], "turn_sampling is 'last'"),
         (["env.task=chess"], "env.task is 'chess'"),
@@ -161,11 +161,11 @@ def _cfg(*overrides: str, name: str = "refuel"):
         (["sampling.temperature=0"], "sampling.temperature must be > 0"),
         (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
         (["policy.dtype=int8"], "policy.dtype: dtype is 'int8'; allowed: auto"),
-        (["env.dtype=fp8"], "env.dtype: dtype is 'fp8'"),
+        (["env.dtype=fp8"], "env.dtype is 'fp8'"),
         (["policy.device=gpu0"], "policy.device: device is 'gpu0'; allowed"),
         pytest.param(["policy.device=cuda"], "policy.device: device is 'cuda' but this machine has no usable CUDA",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
-        pytest.param(["env.device=cuda:0"], "env.device: device is 'cuda:0' but this machine has no usable CUDA",
+        pytest.param(["env.device=cuda:0"], "env.device is 'cuda:0' but this machine has no usable CUDA",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
     ],
 )

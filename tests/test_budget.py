@@ -30,7 +30,7 @@ def test_every_step_is_counted_in_every_env_of_the_process():
     assert active_budget() is None
     # a: 2 + 3 samples, 2 + 3 scored in 2 calls; b: 2 + 2 samples, 0 + 2 scored in 1 call
     assert budget.usage("train") == Usage(policy_samples=9, policy_tokens=3 + 3 + 1 + 2 + 3 + 4 + 4 + 1 + 1,
-                                          scored_conversations=7, reward_calls=3, steps=4)
+                                          scored_conversations=7, reward_calls=3, steps=4, user_calls=3)
     assert budget.usage("test") == Usage()
 
 
@@ -45,7 +45,7 @@ def test_the_step_that_would_exceed_the_limit_raises_before_the_reward_call_and_
                                                   "is 5"):
             env.step(["a", "b", "c"])
         assert reward.calls == 1  # the second step never reached the reward model
-        assert budget.usage() == Usage(policy_samples=3, scored_conversations=3, reward_calls=1, steps=1)
+        assert budget.usage() == Usage(policy_samples=3, scored_conversations=3, reward_calls=1, steps=1, user_calls=1)
         assert [s.to_dict() for s in env.get_states()] == [s.to_dict() for s in before]
         env.step(["a", "b", None])  # exactly reaching the limit is allowed
         assert budget.usage().policy_samples == 5
@@ -62,7 +62,7 @@ def test_scored_conversations_limit_and_single_env():
         env.step("first")
         with pytest.raises(BudgetExhausted, match="scored_conversations would reach 2"):
             env.step("second")
-    assert budget.usage() == Usage(policy_samples=1, scored_conversations=1, reward_calls=1, steps=1)
+    assert budget.usage() == Usage(policy_samples=1, scored_conversations=1, reward_calls=1, steps=1, user_calls=1)
     assert env.unwrapped.get_state().turn == 1
 
 
@@ -103,7 +103,8 @@ def test_usage_is_a_copy():
     u.policy_samples = 99
     assert budget.usage().policy_samples == 1
     assert budget.usage().as_dict() == {"policy_samples": 1, "policy_tokens": 0, "scored_conversations": 1,
-                                        "reward_calls": 1, "steps": 1, "optimizer_steps": 0}
+                                        "reward_calls": 1, "steps": 1, "optimizer_steps": 0,
+                                        "user_calls": 0}
     assert budget.limits() == {"policy_samples": None, "scored_conversations": None, "optimizer_steps": None}
 
 
@@ -131,3 +132,20 @@ def test_optimizer_steps_are_counted_and_limited_for_every_optimizer_of_the_proc
     assert budget.usage("train").optimizer_steps == 3
     with pytest.raises(ValueError, match="budget optimizer_steps must be a non-negative integer"):
         Budget(optimizer_steps=-1)
+
+
+
+def test_the_env_counts_what_the_budget_counts():
+    """One counter: a vector env's own ``usage`` and the budget's agree step by step (no tokenizer: tokens 0)."""
+    env = venv(3)
+    env.reset(seed=0)
+    assert env.usage == Usage()
+    with use_budget(Budget()) as budget:
+        env.step(["one", "two", None])
+        env.step(["x", "yy", "zzz"])
+        assert env.usage == budget.usage("train")
+    assert env.usage == Usage(policy_samples=5, scored_conversations=5, reward_calls=2, steps=2, user_calls=2)
+    assert (env.unwrapped.core.user_calls, env.unwrapped.core.reward_calls) == (2, 2)
+    u = env.usage
+    u.steps = 99  # a copy: the env's counter is unchanged
+    assert env.usage.steps == 2 and env.num_rows == 20 and env.max_turns == 3

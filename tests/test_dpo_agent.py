@@ -139,7 +139,7 @@ def test_pair_tokens_are_the_policy_prompt_and_the_reply_plus_end_of_turn():
 class _Venv:
     def __init__(self, num_envs: int, horizon: int = 5):
         self.num_envs = num_envs
-        self.core = type("C", (), {"config": type("E", (), {"max_turns": horizon})()})()
+        self.max_turns = horizon  # the env's public horizon
 
 
 def _state(h: int) -> DialogueState:

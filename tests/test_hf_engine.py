@@ -194,7 +194,7 @@ def test_bad_device_or_dtype_fails_before_loading(monkeypatch, kwargs, match):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(models, "_from_pretrained", no_load)
+    monkeypatch.setattr(models, "load_pretrained", no_load)
     monkeypatch.setattr(models, "load_tokenizer", no_load)
     with pytest.raises(DeviceError, match=match):
         HFEngine("embedded", **kwargs)

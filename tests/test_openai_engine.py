@@ -282,11 +282,11 @@ def test_hydra_env_settings_carry_the_servers_and_bad_ones_are_config_errors():
     validate(cfg)  # no server is asked at validation
     cfg.env.judge_base_url = None
     cfg.env.judge_engine = "vllm"
-    with pytest.raises(ConfigError, match="env: judge_base_url is set|env: base_url is set"):
+    with pytest.raises(ConfigError, match="env.judge_base_url is set|env.base_url is set"):
         cfg.env.judge_base_url = "http://judge-node:8001/v1"
         check_engines(cfg.env)
     cfg.env.base_url = None
-    with pytest.raises(ConfigError, match="env: engine 'openai' needs base_url"):
+    with pytest.raises(ConfigError, match="env.base_url is missing: engine 'openai' needs base_url"):
         validate(cfg)
 
 

@@ -38,8 +38,9 @@ import numpy as np
 from agents.common.batching import Reply
 from agents.common.pairs import sample_turn
 from dialogue_gym.conversation import DialogueState
-from dialogue_gym.generation.base import SamplingParams
+from dialogue_gym.generation.base import GenerationEngine, SamplingParams
 from dialogue_gym.progress import Progress
+from dialogue_gym.vector import DialogueVectorEnv
 
 BLANK_REPLY = "..."
 PROGRESS_INTERVAL_S = 10.0  # log mode: at most one progress line per this many seconds (a bar moves every step)
@@ -241,7 +242,7 @@ def planned_replies(plan: Plan, turns: int) -> list[int]:
     return out
 
 
-def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
+def act(engine: GenerationEngine, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
         ) -> list[Any]:
     """One batched policy call for the sub-envs with a seed; None (sit out) for the others."""
     idx = [i for i, s in enumerate(seeds) if s is not None]
@@ -253,7 +254,7 @@ def act(engine: Any, observations: Sequence[Any], seeds: Sequence[int | None], p
     return out
 
 
-def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
+def _reset_to_starts(venv: DialogueVectorEnv, starts: Sequence[Start]) -> Any:
     """Reset a DISABLED vector env to the starts; spare sub-envs repeat the last start and only sit out."""
     padded = list(starts) + [starts[-1]] * (venv.num_envs - len(starts))
     if all(s.state is not None for s in starts):
@@ -263,8 +264,8 @@ def _reset_to_starts(venv: Any, starts: Sequence[Start]) -> Any:
     return venv.reset(seed=[s.env_seed for s in padded], options={"task_indices": [s.row for s in padded]})[0]
 
 
-def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Start], turns: Sequence[int],
-            meter: StepMeter | None = None) -> list[tuple[DialogueState, int, int]]:
+def roll_in(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, starts: Sequence[Start],
+            turns: Sequence[int], meter: StepMeter | None = None) -> list[tuple[DialogueState, int, int]]:
     """Play each start with the policy until it reaches turn ``turns[i]``; return ``(s_h, h, replies sampled)``
     per dialogue. ``meter`` (optional) counts each batched step."""
     if len(starts) > venv.num_envs:
@@ -292,8 +293,8 @@ def roll_in(venv: Any, engine: Any, params: SamplingParams, starts: Sequence[Sta
     return [(s, s.turn + 1, n) for s, n in zip(reached, sampled)]
 
 
-def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[DialogueState], policy_seeds: Sequence[int],
-         k: int, horizons: Sequence[int], futures: int = 1, meter: StepMeter | None = None
+def fork(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, states: Sequence[DialogueState],
+         policy_seeds: Sequence[int], k: int, horizons: Sequence[int], futures: int = 1, meter: StepMeter | None = None
          ) -> list[list[Branch]]:
     """Branch each state ``k`` times and complete every branch to its horizon (its own ``max_turns``).
     ``meter`` (optional) counts each batched step, and a branch that ends before its horizon as done.
@@ -368,7 +369,8 @@ def fork(venv: Any, engine: Any, params: SamplingParams, states: Sequence[Dialog
     return out
 
 
-def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: Plan) -> list[Tree]:
+def grow(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
+         plan: Plan) -> list[Tree]:
     """Run a plan: roll in, fork ``plan.k`` branches, complete each to its horizon; the env scores every branch.
 
     Args:
@@ -387,7 +389,7 @@ def grow(rollin: Any, branches: Any, engine: Any, params: SamplingParams, plan: 
                          f"need {width * rollin.num_envs}")
     size = rollin.num_envs
     out: list[Tree] = []
-    most = planned_replies(plan, rollin.core.config.max_turns)
+    most = planned_replies(plan, rollin.max_turns)
     chunks = -(-len(plan.starts) // size)
     desc = f"rollouts ({len(plan.starts)} dialogues x {plan.k}, {chunks} chunk{'s' if chunks > 1 else ''} of {size})"
     with Progress(total=sum(most), desc=desc, unit="policy replies", interval=PROGRESS_INTERVAL_S) as bar:

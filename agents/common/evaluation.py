@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from agents.common.branching import Branch, Plan, Start, grow
-from dialogue_gym.generation.base import SamplingParams
+from dialogue_gym.generation.base import GenerationEngine, SamplingParams
+from dialogue_gym.vector import DialogueVectorEnv
 
 
 def row_starts(task_indices: list[int], seed: int) -> list[Start]:
@@ -29,20 +30,22 @@ def row_starts(task_indices: list[int], seed: int) -> list[Start]:
                   env_seed=seed + i) for i, r in enumerate(task_indices)]
 
 
-def play(venv: Any, engine: Any, params: SamplingParams, starts: list[Start]) -> list[Branch]:
+def play(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
+         starts: list[Start]) -> list[Branch]:
     """Play each start (a task row or a stored state) to the env's horizon or the user's end: one branch each.
 
     ``venv`` is a DISABLED vector env with at least ``len(starts)`` sub-envs (the chunk size); give it
     ``reward_mode="per_turn"`` to have every turn scored (``Branch.scores``). The policy's reply at absolute turn
     ``t`` is sampled with ``policy_turn_seed(start.policy_seed, t)``.
     """
-    horizon = venv.core.config.max_turns
+    horizon = venv.max_turns
     turns = [s.state.turn + 1 if s.state is not None else 1 for s in starts]
     plan = Plan(list(starts), turns, [horizon] * len(starts), k=1, complete=True)
     return [t.branches[0] for t in grow(venv, venv, engine, params, plan)]
 
 
-def play_rows(venv: Any, engine: Any, params: SamplingParams, task_indices: list[int], seed: int) -> dict[str, Any]:
+def play_rows(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, task_indices: list[int],
+              seed: int) -> dict[str, Any]:
     """Full dialogues from the given task rows with fixed seeds (:func:`row_starts`); per-turn scores.
 
     Returns:
@@ -50,7 +53,7 @@ def play_rows(venv: Any, engine: Any, params: SamplingParams, task_indices: list
         turns played, "terminated": (n,) bool, "tokens": policy tokens generated, "conversations": final
         messages}``.
     """
-    horizon = venv.core.config.max_turns
+    horizon = venv.max_turns
     played = play(venv, engine, params, row_starts(task_indices, seed))
     scores = np.full((len(played), horizon), np.nan)
     for i, b in enumerate(played):

@@ -32,11 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from agents.common.policy import PolicySettings
-from dialogue_gym.generation.base import Generation, Prompt, SamplingParams
+from dialogue_gym.generation.base import Generation, GenerationEngine, Prompt, SamplingParams
 
 log = logging.getLogger("agents")
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+# The policy's sampler, as the agents' loops use it: the GenerationEngine protocol (generate, tokenizer,
+# tokens_generated, describe, close). It is an HFEngine on the trained model itself, or a VLLMPolicy whose weights
+# :func:`sync_policy` brings up to date after each update.
+PolicyEngine = GenerationEngine
 
 
 def engine_lora_rank(r: int) -> int:
@@ -152,7 +158,7 @@ def merged_state_dict(model: Any) -> dict[str, Any]:
 
 
 def build_policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, seed: int,
-                        adapter_dir: str | Path | None = None) -> Any:
+                        adapter_dir: str | Path | None = None) -> PolicyEngine:
     """The policy's engine per ``settings.engine`` (module docstring); the HF engine samples ``model`` itself."""
     if settings.engine == "vllm":
         engine = VLLMPolicy(settings, seed=seed, adapter_dir=adapter_dir)
@@ -164,7 +170,7 @@ def build_policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, se
     return HFEngine((model, tokenizer), seed=seed)
 
 
-def sync_policy(engine: Any, model: Any) -> None:
+def sync_policy(engine: GenerationEngine, model: Any) -> None:
     """Make the engine sample the model's current weights (after an update or a restored checkpoint).
 
     A no-op for the HF engine, which samples the trained model itself.

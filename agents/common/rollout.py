@@ -17,7 +17,8 @@ import numpy as np
 from agents.common.branching import Branch, Plan, Tree, grow, plan_dialogues
 from agents.common.distributed import SINGLE, Ranks, share
 from agents.common.pairs import select_best_worst
-from dialogue_gym.generation.base import SamplingParams
+from dialogue_gym.generation.base import GenerationEngine, SamplingParams
+from dialogue_gym.vector import DialogueVectorEnv
 
 PAIRINGS = ("both", "best_worst")
 
@@ -71,7 +72,8 @@ def make_pairs(trees: Sequence[Tree], pairing: str = "both", length_penalty: flo
     return pairs, stats
 
 
-def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParams, rng: np.random.Generator,
+def collect_pairs(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, engine: GenerationEngine,
+                  params: SamplingParams, rng: np.random.Generator,
                   dialogues: int, n_rows: int, turn_sampling: str, future: bool, prefix: str, k: int = 2,
                   pairing: str = "both", length_penalty: float = 0.0, ranks: Ranks = SINGLE, futures: int = 1
                   ) -> tuple[list[Any], dict[str, float]]:
@@ -94,7 +96,7 @@ def collect_pairs(rollin: Any, branches: Any, engine: Any, params: SamplingParam
     per dialogue of a chunk. Under a launcher each process plays its block of the plan (``ranks``,
     agents/common/distributed.py) and returns the pairs and statistics of that block.
     """
-    plan = plan_dialogues(rng, dialogues, n_rows, rollin.core.config.max_turns, turn_sampling, prefix, future, k,
+    plan = plan_dialogues(rng, dialogues, n_rows, rollin.max_turns, turn_sampling, prefix, future, k,
                           futures)
     return make_pairs(grow(rollin, branches, engine, params, part(plan, ranks)), pairing, length_penalty)
 
@@ -105,11 +107,12 @@ def part(plan: Plan, ranks: Ranks) -> Plan:
     return Plan(plan.starts[block], plan.turns[block], plan.horizons[block], plan.k, plan.complete, plan.futures)
 
 
-def collect_dialogues(venv: Any, engine: Any, params: SamplingParams, rng: np.random.Generator, dialogues: int,
+def collect_dialogues(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
+                      rng: np.random.Generator, dialogues: int,
                       n_rows: int, ranks: Ranks = SINGLE) -> list[Branch]:
     """Full dialogues from task rows (drawn as in :func:`collect_pairs`), played from each row's own prefix to the
     env's horizon with the policy and the user, ``venv.num_envs`` at a time: one branch per dialogue (this
     process's block of them under a launcher)."""
-    plan = plan_dialogues(rng, dialogues, n_rows, venv.core.config.max_turns, "uniform", prefix="dataset",
+    plan = plan_dialogues(rng, dialogues, n_rows, venv.max_turns, "uniform", prefix="dataset",
                           future=True, k=1)  # uniform: H' = H; dataset: h = the row's own turn + 1
     return [t.branches[0] for t in grow(venv, venv, engine, params, part(plan, ranks))]

@@ -12,12 +12,15 @@ import gymnasium as gym
 import numpy as np
 
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, SamplingSettings, env_kwargs, merge_schema
+from agents.common.config import ConfigError, EvalSettings, SamplingSettings, env_kwargs, merge_schema
 from agents.common.distributed import broadcast, setup
 from agents.common.evaluation import format_table, play_rows, save_json, summarize
 from agents.common.policy import PolicySettings, export_policy
 from agents.common.policy_engine import build_policy_engine
+from dialogue_gym.config import EnvConfig
 from dialogue_gym.generation import SamplingParams
+from dialogue_gym.generation.base import GenerationEngine
+from dialogue_gym.vector import DialogueVectorEnv
 
 log = logging.getLogger("agents")
 
@@ -28,7 +31,7 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def make_vec(env: EnvSettings, num_envs: int, **overrides: Any) -> Any:
+def make_vec(env: EnvConfig, num_envs: int, **overrides: Any) -> DialogueVectorEnv:
     """A DialogueVectorEnv in DISABLED autoreset mode (agents decide when each sub-env resets)."""
     kwargs = env_kwargs(env, **overrides)
     if not isinstance(kwargs["task"], str):  # a task instance built once and shared: already configured
@@ -41,7 +44,7 @@ def sampling_params(s: SamplingSettings, temperature: float | None = None) -> Sa
                           max_new_tokens=s.max_new_tokens)
 
 
-def policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, seed: int) -> Any:
+def policy_engine(settings: PolicySettings, model: Any, tokenizer: Any, seed: int) -> GenerationEngine:
     """The policy's generation engine (``policy.engine``): HF on the model being trained, or vLLM with the LoRA
     adapter synced by :func:`agents.common.policy_engine.sync_policy` after each update."""
     return build_policy_engine(settings, model, tokenizer, seed)
@@ -59,12 +62,12 @@ class Evaluator:
     continued; otherwise it is replaced.
     """
 
-    def __init__(self, env: EnvSettings, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path,
+    def __init__(self, env: EnvConfig, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path,
                  resume: bool = False):
         self.settings = settings
         self.sampling = sampling
         self.venv = make_vec(env, settings.dialogues, split="test", reward_mode=settings.reward_mode)
-        n_rows = len(self.venv.core.rows)
+        n_rows = self.venv.num_rows
         if settings.dialogues > n_rows:
             raise ConfigError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows: "
                               f"lower eval.dialogues to at most {n_rows}")
@@ -76,7 +79,7 @@ class Evaluator:
             self.results = saved["evaluations"]
             self.raw_baseline = {"scores": np.array(saved["baseline_scores"], dtype=float)}
 
-    def evaluate(self, engine: Any, name: str) -> dict[str, Any]:
+    def evaluate(self, engine: GenerationEngine, name: str) -> dict[str, Any]:
         params = SamplingParams(temperature=self.settings.temperature, top_p=self.sampling.top_p,
                                 max_new_tokens=self.sampling.max_new_tokens)
         raw = play_rows(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed)
@@ -96,7 +99,7 @@ class Evaluator:
         return format_table(self.results)
 
 
-def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator | None, engine: Any) -> bool:
+def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator | None, engine: GenerationEngine) -> bool:
     """Evaluate every ``cfg.eval.every`` iterations; True when ``stop_after`` asks this process to stop now
     (a simulated interruption: the run continues with ``resume=true``). ``evaluator`` is None on the processes of
     a multi-process launch that do not evaluate (all but the main one)."""
@@ -109,13 +112,13 @@ def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator | Non
     return False
 
 
-def finish(name: str, cfg: Any, evaluator: Evaluator | None, engine: Any, model: Any, tokenizer: Any, run_dir: Path,
+def finish(name: str, cfg: Any, evaluator: Evaluator | None, engine: GenerationEngine, model: Any, tokenizer: Any,
+           run_dir: Path,
            logger: Any) -> dict[str, Any]:
     """Final evaluation, the before/after table, the exported policy (``<run_dir>/policy``); on the processes of a
     multi-process launch that do not evaluate (``evaluator`` None), only the engine is closed."""
     if evaluator is None:
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         return {}
     final = evaluator.evaluate(engine, f"{name} after {cfg.iterations} iteration(s)")
     print(f"\n{name} before/after on held-out states (score at turn h with 95% bootstrap CI; win rate vs initial):")
@@ -123,8 +126,7 @@ def finish(name: str, cfg: Any, evaluator: Evaluator | None, engine: Any, model:
     if cfg.export:
         export_policy(model, tokenizer, run_dir / "policy")
     logger.close()
-    if hasattr(engine, "close"):  # a vLLM policy engine: stop its processes now, not at interpreter exit
-        engine.close()
+    engine.close()  # a vLLM policy engine stops its processes now, not at interpreter exit
     return final
 
 

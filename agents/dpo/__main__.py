@@ -152,7 +152,7 @@ def run(cfg: DpoConfig) -> dict:
         chunk = cfg.rollout_batch or cfg.dialogues // ranks.world
         rollin = make_vec(cfg.env, chunk, task=task)
         branches = make_vec(cfg.env, cfg.n * cfg.future_samples * chunk, task=task, reward_mode="terminal")
-        n_rows = len(rollin.core.rows)
+        n_rows = rollin.num_rows
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
 
     fixed: list[Pair] = []
@@ -216,8 +216,8 @@ def run(cfg: DpoConfig) -> dict:
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated)}
         if from_task:
-            metrics["perf/user_calls"] = float(rollin.core.user_calls + branches.core.user_calls)
-            metrics["perf/reward_calls"] = float(rollin.core.reward_calls + branches.core.reward_calls)
+            metrics["perf/user_calls"] = float(rollin.usage.user_calls + branches.usage.user_calls)
+            metrics["perf/reward_calls"] = float(rollin.usage.reward_calls + branches.usage.reward_calls)
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.common.branching import PREFIXES
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
-from agents.common.config import check_common as _check_common
+from agents.common.config import ConfigError, EvalSettings, OptimSettings, SamplingSettings, check, check_common
 from agents.common.pairs import TURN_MODES
 from agents.common.policy import PolicySettings
+from dialogue_gym.config import EnvConfig
 
 MODES = ("offline", "online")
 SOURCES = ("task", "file", "hub")
@@ -31,10 +31,10 @@ class DataSettings:
 
 @dataclass
 class DpoConfig:
-    """DPO settings. Reference values (RLHF Workflow, Llama-3-8B, full fine-tuning) are in ALGORITHMS.md."""
+    """DPO settings. Reference values (RLHF Workflow, Llama-3-8B, full fine-tuning): docs/agents/dpo.md."""
 
     mode: str = "online"  # offline: fixed pairs (data.*); online: iterative, pairs sampled through the env
-    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (recipe: T=1.0)
     optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts pairs
@@ -61,7 +61,7 @@ class DpoConfig:
 def validate(cfg: DpoConfig) -> None:
     """Range checks at start-up, before any model loads."""
     check(cfg.mode in MODES, f"mode is {cfg.mode!r}; allowed: {', '.join(MODES)}")
-    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
     check(cfg.beta > 0, f"beta must be > 0 (DPO's KL strength; recipe 0.1), got {cfg.beta}")
     check(0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     check(cfg.n >= 2, f"n (replies sampled per context) must be >= 2 to make a pair, got {cfg.n}")

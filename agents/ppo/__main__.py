@@ -319,7 +319,7 @@ def run(cfg: PpoConfig) -> dict:
     params = sampling_params(cfg.sampling)
     venv = make_vec(cfg.env, cfg.rollout_batch or cfg.dialogues // ranks.world, task=task)
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
-    n_rows = len(venv.core.rows)
+    n_rows = venv.num_rows
     total_steps = cfg.iterations * cfg.optim.epochs * math.ceil(cfg.dialogues / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(agent, cfg.optim, total_steps)
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -357,7 +357,7 @@ def run(cfg: PpoConfig) -> dict:
         kl.update(stats["policy/kl_ref"], cfg.dialogues)
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
-                   "perf/user_calls": float(venv.core.user_calls), "perf/reward_calls": float(venv.core.reward_calls)}
+                   "perf/user_calls": float(venv.usage.user_calls), "perf/reward_calls": float(venv.usage.reward_calls)}
         for k in history[0]:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs and saves (all hold the same weights)

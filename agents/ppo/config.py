@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
-from agents.common.config import check_common as _check_common
+from agents.common.config import ConfigError, EvalSettings, OptimSettings, SamplingSettings, check, check_common
 from agents.common.policy import PolicySettings
+from dialogue_gym.config import EnvConfig
 
 CRITICS = ("shared", "separate")
 
@@ -15,7 +15,7 @@ CRITICS = ("shared", "separate")
 class PpoConfig:
     """Token-level PPO settings (common LM-PPO values: γ 1, λ 0.95, clip 0.2, value clip 0.2, KL 0.05)."""
 
-    env: EnvSettings = field(default_factory=EnvSettings)  # the environment; env.reward_mode sets where scores land
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment; env.reward_mode sets where scores land
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling; log-probs use its T
     optim: OptimSettings = field(default_factory=OptimSettings)  # batch_size: dialogues per minibatch; epochs: PPO
@@ -43,7 +43,7 @@ class PpoConfig:
 
 def validate(cfg: PpoConfig) -> None:
     """Range checks at start-up, before any model loads."""
-    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
     check(cfg.rollout_batch >= 0 and (cfg.rollout_batch == 0 or cfg.dialogues % cfg.rollout_batch == 0),

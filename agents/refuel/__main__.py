@@ -94,7 +94,7 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     rollin = make_vec(cfg.env, chunk, task=task)
     branches = make_vec(cfg.env, 2 * cfg.future_samples * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
-    n_rows = len(rollin.core.rows)
+    n_rows = rollin.num_rows
     total_steps = cfg.iterations * steps_per_iteration(cfg.dialogues, cfg.optim)
     optimizer, scheduler = make_optimizer(trainer, cfg.optim, total_steps)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
@@ -131,8 +131,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
         t_sync = time.time() - t_sync
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
-                   "perf/user_calls": float(rollin.core.user_calls + branches.core.user_calls),
-                   "perf/reward_calls": float(rollin.core.reward_calls + branches.core.reward_calls)}
+                   "perf/user_calls": float(rollin.usage.user_calls + branches.usage.user_calls),
+                   "perf/reward_calls": float(rollin.usage.reward_calls + branches.usage.reward_calls)}
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs

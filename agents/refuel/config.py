@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
-from agents.common.config import check_common as _check_common
+from agents.common.config import ConfigError, EvalSettings, OptimSettings, SamplingSettings, check, check_common
 from agents.common.policy import PolicySettings
+from dialogue_gym.config import EnvConfig
 
 
 @dataclass
 class RefuelConfig:
-    """REFUEL settings. Reference values (Llama-3-8B, 8xH100) are in ALGORITHMS.md and +experiment=refuel_paper."""
+    """REFUEL settings. Reference values (Llama-3-8B, 8xH100): +experiment=refuel_paper and docs/agents/refuel.md."""
 
-    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (REFUEL: T=0.8)
     optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine schedule
@@ -33,7 +33,7 @@ class RefuelConfig:
 
 def validate(cfg: RefuelConfig) -> None:
     """Range checks at start-up, before any model loads."""
-    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
     check(cfg.eta > 0, f"eta must be > 0, got {cfg.eta}")
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")

@@ -34,6 +34,7 @@ Departures from the paper and its reference code:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -90,13 +91,13 @@ def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dty
 
     from dialogue_gym.models import (
         TINY,
-        _from_pretrained,
-        _resolve,
         embedded_model_dir,
         load_model,
+        load_pretrained,
         load_tokenizer,
         resolve_device,
         resolve_dtype,
+        resolve_source,
     )
     from dialogue_gym.models import tiny_config as make_tiny_config
 
@@ -112,9 +113,9 @@ def load_backbone(kind: str, name: str, seed: int = 0, device: str = "auto", dty
             config.num_labels = 1
             model = LlamaForSequenceClassification(config).to(torch_dtype)
         else:
-            source = str(embedded_model_dir()) if name == "embedded" else _resolve(name)
+            source = str(embedded_model_dir()) if name == "embedded" else resolve_source(name)
             tokenizer = load_tokenizer(name)
-            model = _from_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
+            model = load_pretrained(AutoModelForSequenceClassification, source, name, num_labels=1,
                                      dtype=torch_dtype)
     model.to(dev)
     pad_id = choose_pad_id(tokenizer, model)
@@ -175,17 +176,12 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[Prefe
     d = cfg.data
     if d.source == "task":
         from agents.common.run import sampling_params
-        from dialogue_gym.core import EnvConfig
         from dialogue_gym.generation.hf import HFEngine
         from dialogue_gym.models import load_model
         from dialogue_gym.rewards import build_reward
 
         task = build_task_early(cfg.env)
-        env_config = EnvConfig(task=task, model=cfg.env.model, engine=cfg.env.engine, base_url=cfg.env.base_url,
-                               device=cfg.env.device, dtype=cfg.env.dtype,
-                               engine_options=dict(cfg.env.engine_options), judge_model=cfg.env.judge_model,
-                               judge_engine=cfg.env.judge_engine, judge_base_url=cfg.env.judge_base_url,
-                               judge_engine_options=cfg.env.judge_engine_options)
+        env_config = dataclasses.replace(cfg.env, task=task, task_kwargs={})  # the built task, shared
         reward = build_reward(cfg.env.reward if cfg.env.reward is not None else task.default_reward, task, env_config)
         train_rows, test_rows = list(task.rows("train")), list(task.rows("test"))
         for name, want, have in (("dialogues", cfg.dialogues, train_rows), ("eval.dialogues", cfg.eval.dialogues,

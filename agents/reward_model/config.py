@@ -7,15 +7,15 @@ from pathlib import Path
 
 from agents.common.config import (
     ConfigError,
-    EnvSettings,
     EvalSettings,
     OptimSettings,
     SamplingSettings,
     check,
-    check_engines,
+    check_env,
     check_placement,
 )
 from agents.common.policy import PolicySettings
+from dialogue_gym.config import EnvConfig
 
 KINDS = ("bt", "pairwise")
 SOURCES = ("task", "file", "hub")
@@ -43,10 +43,10 @@ class DataSettings:
 
 @dataclass
 class RewardModelConfig:
-    """Reward-model training. Reference values (RLHF Workflow, Llama-3-8B) are in ALGORITHMS.md."""
+    """Reward-model training. Reference values (RLHF Workflow, Llama-3-8B): docs/agents/reward_models.md."""
 
     kind: str = "bt"  # bt: Bradley-Terry sequence classifier; pairwise: causal LM answering "A" or "B"
-    env: EnvSettings = field(default_factory=EnvSettings)  # task rows and the reward that labels pairs (source=task)
+    env: EnvConfig = field(default_factory=EnvConfig)  # task rows and the reward that labels pairs (source=task)
     policy: PolicySettings = field(default_factory=PolicySettings)  # the backbone trained, LoRA or full (lora_r=0)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # how data.generator samples (recipe T=1)
     optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts pairs
@@ -62,13 +62,9 @@ class RewardModelConfig:
 
 def validate(cfg: RewardModelConfig) -> None:
     """Range checks at start-up, before any model loads."""
-    from dialogue_gym.tasks import TASKS
-
     check(cfg.kind in KINDS, f"kind is {cfg.kind!r}; allowed: {', '.join(KINDS)}")
     check_placement("policy", cfg.policy.device, cfg.policy.dtype)
-    check_placement("env", cfg.env.device, cfg.env.dtype)
-    check(cfg.env.task in TASKS, f"env.task is {cfg.env.task!r}; allowed: {', '.join(sorted(TASKS))}")
-    check_engines(cfg.env)
+    check_env(cfg.env)
     check(cfg.policy.lora_r >= 0, f"policy.lora_r must be >= 0 (0 = full fine-tuning), got {cfg.policy.lora_r}")
     check(cfg.sampling.temperature > 0, f"sampling.temperature must be > 0 to sample distinct replies, got "
                                         f"{cfg.sampling.temperature}")

@@ -203,7 +203,7 @@ def run(cfg: Sb3Config) -> dict[str, Any]:
     name = f"SB3 {cfg.algo.upper()} ({cfg.wrapper}, {cfg.total_timesteps} steps)"
     result.update(policy=name, baseline_policy=baseline_name, dialogues=cfg.eval.dialogues,
                   wall_s={"baseline_eval": t_base, "train": t_train, "total": time.time() - t0},
-                  user_calls=train.venv.core.user_calls, reward_calls=train.venv.core.reward_calls,
+                  user_calls=train.venv.usage.user_calls, reward_calls=train.venv.usage.reward_calls,
                   per_row={"trained_returns": trained["returns"].tolist(),
                            "baseline_returns": baseline["returns"].tolist()})
     save_json(run_dir / "eval.json", result)

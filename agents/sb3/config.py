@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.common.config import ConfigError, EnvSettings, check
+from agents.common.config import ConfigError, check, check_env
+from dialogue_gym.config import EnvConfig
 
 ALGOS = ("ppo", "a2c", "dqn")
 WRAPPERS = ("choice", "token")
@@ -46,7 +47,7 @@ class Sb3EvalSettings:
 class Sb3Config:
     """Stable-Baselines3 (PPO, A2C, DQN) on the numeric wrappers of the dialogue env."""
 
-    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     algo: str = "ppo"  # ppo, a2c or dqn (dqn: wrapper=choice only)
     wrapper: str = "choice"  # choice (Discrete(K) over candidate replies) or token (Discrete(vocab), one token a step)
     choice: ChoiceSettings = field(default_factory=ChoiceSettings)  # settings of wrapper=choice
@@ -69,14 +70,11 @@ class Sb3Config:
 
 def validate(cfg: Sb3Config) -> None:
     """Range checks at start-up, before any model loads."""
-    from dialogue_gym.tasks import TASKS
-
     check(cfg.algo in ALGOS, f"algo is {cfg.algo!r}; allowed: {', '.join(ALGOS)}")
     check(cfg.wrapper in WRAPPERS, f"wrapper is {cfg.wrapper!r}; allowed: {', '.join(WRAPPERS)}")
     check(not (cfg.algo == "dqn" and cfg.wrapper == "token"),
           "algo=dqn needs wrapper=choice (a Q-network over a 49k-token action space is not offered)")
-    check(cfg.env.task in TASKS, f"env.task is {cfg.env.task!r}; allowed: {', '.join(sorted(TASKS))}")
-    check(cfg.env.max_turns >= 1, f"env.max_turns must be >= 1, got {cfg.env.max_turns}")
+    check_env(cfg.env)
     for name in ("num_envs", "total_timesteps", "n_steps", "batch_size", "n_epochs"):
         check(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     check(cfg.learning_rate > 0, f"learning_rate must be > 0, got {cfg.learning_rate}")

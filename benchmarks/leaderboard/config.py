@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.common.config import ConfigError, EnvSettings, check
+from agents.common.config import ConfigError, check
 from dialogue_gym.budget import LIMITS
+from dialogue_gym.config import EnvConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = str(ROOT / "conf")
@@ -69,7 +70,7 @@ class LeaderboardConfig:
     policy: str = "embedded"  # the initial policy of every agent, and the baseline of the win rates
     policy_engine: str = "hf"  # where every policy samples, in training (policy.engine) and evaluation: hf or vllm
     policy_engine_memory: float = 0.15  # with vllm: the engine's share of device memory (policy.engine_memory)
-    env: EnvSettings = field(default_factory=EnvSettings)  # task, user, reward of training and evaluation
+    env: EnvConfig = field(default_factory=EnvConfig)  # task, user, reward of training and evaluation
     max_new_tokens: int = 64  # policy reply cap, in training and evaluation, for every agent
     temperature: float | None = None  # policy sampling temperature in training for every agent; null: each agent's
     budget: BudgetSettings = field(default_factory=BudgetSettings)  # equal training budget

@@ -32,7 +32,7 @@ from benchmarks.leaderboard.config import LeaderboardConfig
 from benchmarks.leaderboard.probe import has_probe, probe_values
 from benchmarks.leaderboard.protocol import AgentRun, eval_env, evaluate
 from dialogue_gym.budget import Budget
-from dialogue_gym.rollouts import RolloutStore, StateRecord, stored_states
+from dialogue_gym.rollout_store import RolloutStore, StateRecord, stored_states
 
 log = logging.getLogger("benchmarks.leaderboard")
 PROBE_FILE = "probe_initial.json"  # the initial policy's turn-1 probe on the test states (written by the baseline)
@@ -66,7 +66,7 @@ class Split:
     def build(cls, cfg: LeaderboardConfig, split: str, n: int, prefix: str) -> Split:
         out = Path(cfg.run_dir)
         venv = eval_env(cfg, n, split)
-        states = stored_states(RolloutStore(out / f"{prefix}_states.jsonl"), venv.core, n, cfg.eval.seed, prefix)
+        states = stored_states(RolloutStore(out / f"{prefix}_states.jsonl"), venv, n, cfg.eval.seed, prefix)
         return cls(venv, states, RolloutStore(out / f"{prefix}_dialogues.jsonl"))
 
 

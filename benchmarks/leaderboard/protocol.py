@@ -1,7 +1,7 @@
 """The evaluation protocol: stored states, every policy playing them with the same seeds, the per-turn matrices.
 
-Every policy plays the same stored states (a :class:`~dialogue_gym.rollouts.RolloutStore` of
-:class:`~dialogue_gym.rollouts.StateRecord`) with the same user seed streams and the same per-turn policy seeds
+Every policy plays the same stored states (a :class:`~dialogue_gym.rollout_store.RolloutStore` of
+:class:`~dialogue_gym.rollout_store.StateRecord`) with the same user seed streams and the same per-turn policy seeds
 (:func:`turn_seed`), in an eval env that scores every turn with the judge. The dialogues are stored, and the
 summary is computed from the store: per-turn scores (carried forward after a dialogue ended) and, where the task
 has a verifier, success by turn h.
@@ -25,7 +25,7 @@ from dialogue_gym.budget import Usage
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.hf import HFEngine
 from dialogue_gym.models import load_model
-from dialogue_gym.rollouts import DialogueRecord, RolloutStore, StateRecord, config_hashes
+from dialogue_gym.rollout_store import DialogueRecord, RolloutStore, StateRecord, config_hashes
 
 
 @dataclass
@@ -84,7 +84,7 @@ def play_states(venv: Any, engine: Any, params: SamplingParams, states: list[Sta
     ``reward_mode="per_turn"``.
     """
     branches = play(venv, engine, params, [Start(policy_seed=s.policy_seed, state=s.state) for s in states])
-    hashes = config_hashes(venv.core)
+    hashes = config_hashes(venv)
     return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
                            rewards=[float(x) for x in b.scores], token_ids=[list(r.token_ids) for r in b.replies],
                            logprobs=[list(r.logprobs or []) for r in b.replies], terminated=b.final.terminated,

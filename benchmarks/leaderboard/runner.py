@@ -25,7 +25,7 @@ from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, succ
 from benchmarks.leaderboard.report import write_report
 from benchmarks.leaderboard.stats import crossed_interval
 from dialogue_gym.progress import Progress
-from dialogue_gym.rollouts import DialogueRecord
+from dialogue_gym.rollout_store import DialogueRecord
 
 log = logging.getLogger("benchmarks.leaderboard")
 
@@ -109,8 +109,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     ended: datetime | None = None  # set once every job is done
     ctx = Context.build(cfg)
     states, store = ctx.eval.states, ctx.eval.store
-    verifier = ctx.eval.venv.core.task.make_reward("verifier")
-    asks = getattr(ctx.eval.venv.core.task, "asks", None)  # the task's behaviour of interest (clarify), if any
+    verifier = ctx.eval.venv.task.make_reward("verifier")
+    asks = getattr(ctx.eval.venv.task, "asks", None)  # the task's behaviour of interest (clarify), if any
     if cfg.sweep.metric == "success" and verifier is None:
         raise ConfigError(f"sweep.metric is success, but task {cfg.env.task!r} has no verifier; use score or auto")
     done = played(store, states)

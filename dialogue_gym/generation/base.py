@@ -60,13 +60,20 @@ class Generation:
 
 @runtime_checkable
 class GenerationEngine(Protocol):
-    """Batched text generation.
+    """Batched text generation: every method and attribute that the env, the agents and the benchmarks use.
 
     ``seeds`` gives each prompt its own random stream, so a row's output does not depend on which other rows
-    share the batch (engines document where that guarantee is weaker).
+    share the batch (engines document where that guarantee is weaker). Implemented by
+    :class:`~dialogue_gym.generation.hf.HFEngine`, :class:`~dialogue_gym.generation.vllm.VLLMEngine`,
+    :class:`~dialogue_gym.generation.openai.OpenAIEngine` and the agents' vLLM policy engine.
+
+    Attributes:
+        tokenizer: the model's Hugging Face tokenizer (chat template, token counts).
+        tokens_generated: running count of sampled tokens, for benchmarks and budgets.
     """
 
     tokenizer: Any
+    tokens_generated: int
 
     def generate(
         self,
@@ -74,7 +81,17 @@ class GenerationEngine(Protocol):
         params: SamplingParams,
         seeds: Sequence[int] | None = None,
         return_logprobs: bool = False,
-    ) -> list[Generation]: ...
+    ) -> list[Generation]:
+        """One :class:`Generation` per prompt (chat messages or token ids), in order."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine serves (backend, model), for fingerprints and logs."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (processes, connections); a no-op where nothing needs releasing."""
+        ...
 
 
 def check_generate_args(prompts: Any, params: Any, seeds: Sequence[int] | None) -> None:

