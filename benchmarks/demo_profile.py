@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling),
-                                     np.random.default_rng([cfg.seed, 0]), cfg.dialogues, len(rollin.core.rows),
+                                     np.random.default_rng([cfg.seed, 0]), cfg.dialogues, rollin.num_rows,
                                      cfg.turn_sampling, future=True, prefix="on_policy")
         t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()

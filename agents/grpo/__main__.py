@@ -265,7 +265,7 @@ def grpo_update(model: Any, optimizer: Any, scheduler: Any, samples: Sequence[Sa
 def collect_groups(rollin: Any, branches: Any, engine: Any, cfg: GrpoConfig, rng: np.random.Generator, n_rows: int,
                    ranks: Ranks = SINGLE) -> list[Tree]:
     """This process's block of the iteration's groups, grown on the branching primitive (module docstring, 1)."""
-    max_turns = rollin.core.config.max_turns
+    max_turns = rollin.max_turns
     if cfg.credit == "turn":
         plan = plan_dialogues(rng, cfg.dialogues, n_rows, max_turns, cfg.turn_sampling, "on_policy", True,
                               cfg.group_size, cfg.future_samples)
@@ -295,7 +295,7 @@ def run(cfg: GrpoConfig) -> dict:
     rollin = make_vec(cfg.env, chunk, task=task)
     branches = make_vec(cfg.env, width * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
-    n_rows = len(rollin.core.rows)
+    n_rows = rollin.num_rows
     per_iteration = cfg.optim.epochs * math.ceil(cfg.dialogues * cfg.group_size / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * per_iteration)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
@@ -338,8 +338,8 @@ def run(cfg: GrpoConfig) -> dict:
         t_sync = time.time() - t_sync
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
-                   "perf/user_calls": float(rollin.core.user_calls + branches.core.user_calls),
-                   "perf/reward_calls": float(rollin.core.reward_calls + branches.core.reward_calls)}
+                   "perf/user_calls": float(rollin.usage.user_calls + branches.usage.user_calls),
+                   "perf/reward_calls": float(rollin.usage.reward_calls + branches.usage.reward_calls)}
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
         if ranks.main:  # one process logs and saves (all hold the same weights)

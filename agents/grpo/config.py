@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.common.config import ConfigError, EnvSettings, EvalSettings, OptimSettings, SamplingSettings, check
-from agents.common.config import check_common as _check_common
+from agents.common.config import ConfigError, EvalSettings, OptimSettings, SamplingSettings, check, check_common
 from agents.common.grpo_losses import BASELINES, NORMALIZATIONS, SCALES
 from agents.common.pairs import TURN_MODES
 from agents.common.policy import PolicySettings
+from dialogue_gym.config import EnvConfig
 
 CREDITS = ("turn", "trajectory")
 OLD_LOGPROBS = ("recompute", "engine")
@@ -18,7 +18,7 @@ OLD_LOGPROBS = ("recompute", "engine")
 class GrpoConfig:
     """GRPO / RLOO / Dr. GRPO settings (DeepSeekMath's values: G = 64, clip 0.2, β = 0.04, lr 1e-6 full FT)."""
 
-    env: EnvSettings = field(default_factory=EnvSettings)  # the environment (embedded default; +env=NAME)
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (T = 1.0 here)
     optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts group members
@@ -52,7 +52,7 @@ def validate(cfg: GrpoConfig) -> None:
           f"normalization is {cfg.normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
     check(cfg.old_logprobs in OLD_LOGPROBS, f"old_logprobs is {cfg.old_logprobs!r}; allowed: {', '.join(OLD_LOGPROBS)}")
     check(cfg.turn_sampling in TURN_MODES, f"turn_sampling is {cfg.turn_sampling!r}; allowed: {', '.join(TURN_MODES)}")
-    _check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
+    check_common(cfg.env, cfg.policy, cfg.sampling, cfg.optim)
     check(cfg.group_size >= 2, f"group_size (G, samples per group) must be >= 2 for a group baseline, got "
                                f"{cfg.group_size}")
     check(cfg.future_samples >= 1, f"future_samples (m, continuations per reply) must be >= 1, got "

@@ -107,7 +107,7 @@ def train_and_evaluate(cfg: LeaderboardConfig, ctx: Context, name: str, seed: in
     policy = f"{name}/lr-{lr:g}" if sweep else f"{name}/seed-{seed}"
     _, eval_s = evaluate(cfg, split.venv, str(run_dir / "policy"), split.states, split.store, policy,
                          {"agent": name, "seed": seed, "lr": lr})
-    task = split.venv.core.task
+    task = split.venv.task
     probe = None if sweep or not has_probe(task) else probe_values(str(run_dir / "policy"), split.states, task)
     result = AgentRun(name, seed, typed.iterations, completed_iterations(run_dir), stop, budget.usage("train"),
                       train_s, eval_s, lr, None if probe is None else [float(x) for x in probe]).to_json()
@@ -124,7 +124,7 @@ def do_job(cfg: LeaderboardConfig, ctx: Context, kind: str, args: tuple[Any, ...
     if kind == "baseline":
         seconds = evaluate(cfg, ctx.eval.venv, cfg.policy, ctx.eval.states, ctx.eval.store, "initial",
                            {"agent": "initial"})[1]
-        task = ctx.eval.venv.core.task
+        task = ctx.eval.venv.task
         if has_probe(task):
             values = probe_values(cfg.policy, ctx.eval.states, task)
             (Path(cfg.run_dir) / PROBE_FILE).write_text(json.dumps([float(x) for x in values]))
