@@ -684,6 +684,31 @@ def ppo_arm(dialogues: int = 96) -> Arm:
     return Arm("PPO", run, config, lambda tb: Check(PPO_LR * centred(np.sign(tb.advantage())), atol=0.002))
 
 
+def grpo_arm(credit: str = "turn", dialogues: int = 96, group_size: int = 4) -> Arm:
+    """GRPO (agents.grpo): one full-batch AdamW step from pi0 (beta1 = 0), no KL, unscaled group-relative advantages.
+
+    Closed form: with ``credit=turn`` the G replies forked at s_h are each scored by their return to the horizon
+    (uniform turn sampling) minus the group mean, so the expected gradient on ``table[s, b]`` is
+    ``(1 - 1/G) d(s) pi0(b|s) (Q(s, b) - V(s))``: the centred Q of each reply. With ``credit=trajectory`` every reply
+    of a dialogue is credited with the whole return minus the mean of its opening's group; since
+    ``E[grad log pi(.|s)] = 0`` the expectation is again ``d(s) pi0(b|s) (Q(s, b) - V(s))`` (times 1 - 1/G). AdamW's
+    first step moves each entry by ``lr`` in that sign, as for PPO. On this task the two credits share the expected
+    first step; they differ in variance, which a one-step sign check does not see.
+    """
+    from agents.grpo.__main__ import run
+    from agents.grpo.config import GrpoConfig
+
+    def config(policy_dir: Path, run_dir: Path, seed: int) -> Any:
+        cfg = GrpoConfig(**common_settings(policy_dir, run_dir, seed, dialogues), credit=credit,
+                         group_size=group_size, beta=0.0, scale="none", turn_sampling="uniform")
+        cfg.optim.lr = PPO_LR
+        cfg.optim.batch_size = dialogues * group_size  # every group member in one minibatch: a single step
+        return cfg
+
+    return Arm(f"GRPO-{credit}", run, config,
+               lambda tb: Check(PPO_LR * centred(np.sign(tb.advantage("uniform"))), atol=0.002))
+
+
 @contextlib.contextmanager
 def refuel_scores_immediate_reward() -> Iterator[None]:
     """A mutant of REFUEL's loop: its branches are scored by their immediate reward (``future=False``), the credit
@@ -715,4 +740,6 @@ def default_arms() -> dict[str, tuple[Arm, range]]:
             "refuel_mutant": (mutant, range(3)),
             "rebel": (rebel_arm("uniform"), range(4)),
             "dpo": (dpo_arm(), range(4)),
-            "ppo": (ppo_arm(), range(4))}
+            "ppo": (ppo_arm(), range(4)),
+            "grpo_turn": (grpo_arm("turn"), range(4)),
+            "grpo_trajectory": (grpo_arm("trajectory"), range(4))}

@@ -221,6 +221,19 @@ def test_ppo_moves_each_reply_by_its_advantage_sign(runs, bed):
     assert Check(tb.PPO_LR * centred(-np.sign(bed.advantage())), atol=0.002).failures(deltas)  # a flipped sign fails
 
 
+@pytest.mark.parametrize("credit", ["turn", "trajectory"])
+def test_grpo_moves_each_reply_by_its_centred_q_sign(runs, bed, credit):
+    """GRPO (one full-batch step from pi0, no KL, scale=none, uniform turns): turn credit centres each forked
+    reply's return on its group at s_h, trajectory credit broadcasts the dialogue's centred return to every reply;
+    both have expected gradient ``(1 - 1/G) d(s) pi0(b|s) (Q(s, b) - V(s))`` on ``table[s, b]``, so AdamW's first
+    step (beta1 = 0) moves every entry by ``lr * sign(Q - V)``."""
+    name = "grpo_turn" if credit == "turn" else "grpo_trajectory"
+    deltas = runs(name)
+    assert tb.grpo_arm(credit).check(bed).failures(deltas) == []
+    assert (np.sign(centred(deltas).mean(0)) == np.sign(bed.advantage("uniform"))).all()
+    assert Check(tb.PPO_LR * centred(-np.sign(bed.advantage("uniform"))), atol=0.002).failures(deltas)
+
+
 def test_task_level_refuel_learns_to_ask_and_rebel_does_not(runs):
     """The clarify-shaped prediction: REFUEL's turn-1 asking rises, REBEL's does not (it falls: the guess's
     immediate partial credit is all REBEL sees at turn 1)."""
