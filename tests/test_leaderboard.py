@@ -26,6 +26,7 @@ from agents.common.checkpoint import completed_iterations, export_checkpoint_pol
 from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
+from benchmarks.leaderboard.agents import base_package
 from benchmarks.leaderboard.stats import crossed_ci
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
@@ -258,7 +259,7 @@ def test_presets_compose_and_validate(preset, tmp_path):
         lb.validate(cfg)
         for name in cfg.agents:  # every agent's settings compose and pass the agent's own checks
             typed = lb.agent_config(cfg, name, cfg.seeds[0], tmp_path / name, None)
-            package = cfg.arms.get(name, name)  # an arm runs an agent package under its own name
+            package, _ = base_package(cfg, name)  # an arm runs an agent package under its own name
             validate = getattr(importlib.import_module(f"agents.{package}.config"), "validate", None)
             if validate is not None:
                 validate(typed)

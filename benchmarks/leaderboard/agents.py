@@ -55,6 +55,14 @@ def package(cfg: LeaderboardConfig, name: str) -> str:
     return cfg.arms.get(name, name)
 
 
+def base_package(cfg: LeaderboardConfig, name: str) -> tuple[str, list[str]]:
+    """The agent package an arm finally runs and the fixed overrides it carries: ``arms[name]`` (or the name), then
+    :data:`ARMS` (e.g. ``grpo_turn`` -> ``("grpo", ["credit=turn"])``)."""
+    pkg = package(cfg, name)
+    base, fixed = ARMS.get(pkg, (pkg, []))
+    return base, list(fixed)
+
+
 def check_agents(cfg: LeaderboardConfig) -> None:
     """Every arm's agent exists and keeps the contract; every override names an agent or an arm."""
     for arm, pkg in cfg.arms.items():
@@ -93,8 +101,7 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
     agent's own in-run evaluation is shrunk to ``agent_eval_dialogues`` (the leaderboard evaluates every policy
     itself).
     """
-    pkg = package(cfg, name)
-    base, fixed = ARMS.get(pkg, (pkg, []))
+    base, fixed = base_package(cfg, name)
     schema = agent_module(base).Config
     typed = merge_schema(compose_agent_config(base, fixed + list(cfg.overrides.get(name, []))), schema)
     for key in SHARED:
