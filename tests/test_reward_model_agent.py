@@ -34,6 +34,7 @@ from agents.reward_model.losses import bt_loss, preference_loss
 from dialogue_gym.generation.base import Generation
 from dialogue_gym.rewards import PairwisePreferenceReward, SequenceClassifierReward, build_reward
 from dialogue_gym.rewards.pairwise import letter_token_ids
+from dialogue_gym.rollout_store import RolloutStore
 from dialogue_gym.tasks.arithmetic import ArithmeticTask, VerifierReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,15 +170,22 @@ def test_sample_task_pairs_with_the_verifier():
     assert engine.seeds[1] == engine.seeds[0]  # the same seed: the same plan
 
 
-def test_blank_replies_follow_the_shared_rule():
+def test_blank_replies_follow_the_shared_rule(tmp_path):
     """A blank reply is sent to the env as "..." (agents.common.branching.action_text), scored as such, and paired
     as such: the pair holds what the env scored."""
     task = ArithmeticTask(n_train=4, n_test=2)
     answer = int(task.rows("train")[0].profile["answer"])
     rollin, branches = pair_envs(task, 1, 2)
+    store = RolloutStore(tmp_path / "pairs_rollouts.jsonl")
     pairs, stats = sample_task_pairs(rollin, branches, CyclingEngine([f"The answer is {answer}.", "  \n"]), None,
-                                     [0], n=2, k=2, min_gap=0.5, reference_chosen=False, seed=0)
+                                     [0], n=2, k=2, min_gap=0.5, reference_chosen=False, seed=0, store=store,
+                                     tags={"split": "train"})
     assert [(p.chosen, p.rejected, p.kind) for p in pairs] == [(f"The answer is {answer}.", "...", "sampled")]
+    # every branch played is kept in the rollout store, with the score the pair was labelled by
+    kept = store.dialogues("generator")
+    assert [(r.messages[-1]["content"], r.rewards) for r in kept] == [(f"The answer is {answer}.", [1.0]),
+                                                                     ("...", [0.0])]
+    assert [r.seeds["branch"] for r in kept] == [0, 1] and all(r.tags["split"] == "train" for r in kept)
     assert PreferencePair is Preference  # one preference type; the old name stays importable
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.common.batching import Reply
 from agents.common.branching import Branch, Plan, Start, grow
 from dialogue_gym.generation.base import GenerationEngine, SamplingParams
 from dialogue_gym.rollout_store import DialogueRecord, StateRecord, config_hashes
@@ -42,6 +43,13 @@ def play(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingPara
     return [t.branches[0] for t in grow(venv, venv, engine, params, plan)]
 
 
+def stored_logprobs(replies: list[Reply]) -> list[list[float]] | None:
+    """A rollout-store record's ``logprobs``: one list per reply, or None when the engine gave none for a reply."""
+    if any(r.logprobs is None for r in replies):
+        return None
+    return [list(r.logprobs or []) for r in replies]
+
+
 def play_states(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
                 states: list[StateRecord], policy: str, tags: dict[str, Any] | None = None) -> list[DialogueRecord]:
     """Play every stored state to its end with the policy: one rollout-store record per state, in state order.
@@ -56,7 +64,7 @@ def play_states(venv: DialogueVectorEnv, engine: GenerationEngine, params: Sampl
     return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
                            rewards=[None if np.isnan(x) else float(x) for x in b.scores],
                            token_ids=[list(r.token_ids) for r in b.replies],
-                           logprobs=[list(r.logprobs or []) for r in b.replies], terminated=b.final.terminated,
+                           logprobs=stored_logprobs(b.replies), terminated=b.final.terminated,
                            truncated=b.final.truncated, start=s.id, start_hash=s.state_hash,
                            state_fingerprint=b.final.config_fingerprint, config=hashes,
                            seeds={"policy": s.policy_seed}, tags=dict(tags or {}))

@@ -8,7 +8,8 @@ Run:
     python -m agents.reward_model +env=arithmetic +experiment=smoke   # tiny model, a few steps
 
 The trained model is written to ``<run_dir>/reward_model`` (safetensors; LoRA merged) and its held-out evaluation
-to ``<run_dir>/eval.json``. Use it as the env reward by path:
+to ``<run_dir>/eval.json``; the pairs to ``pairs_train.jsonl`` / ``pairs_test.jsonl`` and, with ``data.source=task``,
+every env dialogue they came from to the rollout store ``pairs_rollouts.jsonl``. Use it as the env reward by path:
 ``gym.make("MultiTurnDialogue-v0", task="arithmetic", reward="<run_dir>/reward_model")`` (kind=bt), or
 ``reward="pairwise:<run_dir>/reward_model"`` (kind=pairwise).
 
@@ -181,6 +182,7 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[Preference], list[Preferenc
         from dialogue_gym.generation.hf import HFEngine
         from dialogue_gym.models import load_model
         from dialogue_gym.rewards import build_reward
+        from dialogue_gym.rollout_store import RolloutStore
 
         task = build_task_early(cfg.env)
         env_config = dataclasses.replace(cfg.env, task=task, task_kwargs={})  # the built task, shared
@@ -194,13 +196,15 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[Preference], list[Preferenc
                           max_batch_size=d.generation_batch_size, seed=cfg.seed)
         params = sampling_params(cfg.sampling)
         chunk = max(1, d.generation_batch_size // d.n)  # rows per chunk: n replies each in one generate call
+        store = RolloutStore(Path(cfg.run_dir) / "pairs_rollouts.jsonl")  # every reply played, scored as paired
+        store.path.unlink(missing_ok=True)
 
         def sample(split: str, count: int, seed: int) -> tuple[list[Preference], dict[str, Any]]:
             size = min(chunk, count)
             rollin = make_vec(env_config, size, split=split, reward_mode="terminal")
             branches = make_vec(env_config, size * d.n, split=split, reward_mode="terminal")
             return sample_task_pairs(rollin, branches, engine, params, list(range(count)), d.n, d.pairs_per_row,
-                                     d.min_gap, d.reference_chosen, seed)
+                                     d.min_gap, d.reference_chosen, seed, store, {"split": split})
 
         train, train_stats = sample("train", cfg.dialogues, cfg.seed)
         test, test_stats = sample("test", cfg.eval.dialogues, cfg.seed + 1)

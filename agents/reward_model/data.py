@@ -10,7 +10,8 @@ Replies whose scores differ by at least ``min_gap`` are paired (higher score = c
 pairs per row, drawn at random. A row whose samples all lose can pair its reference reply
 (``profile["reference"]``, or ``"The answer is <answer>."`` for a profile with an ``"answer"``), scored by the env
 from the same state and kept only if the reward prefers it, against them (``reference_chosen``); such pairs are
-marked ``kind="reference"`` and evaluation reports them apart.
+marked ``kind="reference"`` and evaluation reports them apart. Every branch played can be kept in a rollout store
+(the trainer writes ``<run_dir>/pairs_rollouts.jsonl``).
 
 ``source=file`` / ``source=hub``: (context, chosen, rejected) records in the JSON-lines layout of the DPO agent
 (``agents.dpo.data``, whose reader is used as is), held out by ``eval_path`` or the last ``test_fraction``.
@@ -29,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from agents.common.branching import Plan, Start, grow
+from agents.common.branching import Plan, Start, Tree, grow
+from agents.common.evaluation import stored_logprobs
 from agents.common.preferences import REFERENCE, SAMPLED, Preference
 from dialogue_gym.conversation import DialogueState
 from dialogue_gym.generation.base import GenerationEngine, SamplingParams
+from dialogue_gym.rollout_store import DialogueRecord, RolloutStore, config_hashes
 from dialogue_gym.vector import DialogueVectorEnv
 
 PreferencePair = Preference  # the name this module used before the preference types were one
@@ -97,9 +100,29 @@ def score_replies(venv: DialogueVectorEnv, states: Sequence[DialogueState], text
     return out
 
 
+def branch_records(trees: Sequence[Tree], plan: Plan, venv: DialogueVectorEnv, policy: str,
+                   tags: dict[str, Any]) -> list[DialogueRecord]:
+    """One rollout-store record per branch of the pair data (the reply and its score; seeds and row in ``seeds``
+    and ``tags``)."""
+    hashes = config_hashes(venv)
+    out = []
+    for tree, start in zip(trees, plan.starts):
+        for j, b in enumerate(tree.branches):
+            out.append(DialogueRecord(
+                id=f"{policy}/{tags.get('split', '')}/{tree.state.task_row}/{j}", policy=policy, messages=b.messages,
+                rewards=[float(b.reward)], token_ids=[list(r.token_ids) for r in b.replies],
+                logprobs=stored_logprobs(b.replies),
+                terminated=b.final.terminated if b.final else False, truncated=b.final.truncated if b.final else True,
+                state_fingerprint=tree.state.config_fingerprint, config=hashes,
+                seeds={"env": int(start.env_seed or 0), "policy": start.policy_seed, "branch": j},
+                tags={**tags, "row": tree.state.task_row, "turn": tree.turn}))
+    return out
+
+
 def sample_task_pairs(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, engine: GenerationEngine,
                       params: SamplingParams, rows: Sequence[int], n: int, k: int, min_gap: float,
-                      reference_chosen: bool, seed: int) -> tuple[list[Preference], dict[str, Any]]:
+                      reference_chosen: bool, seed: int, store: RolloutStore | None = None,
+                      tags: dict[str, Any] | None = None) -> tuple[list[Preference], dict[str, Any]]:
     """Answer each task row ``n`` times in the env, let the env score every reply, and pair winners against losers.
 
     Args:
@@ -115,6 +138,8 @@ def sample_task_pairs(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, en
         min_gap: smallest score difference that makes a preference.
         reference_chosen: pair the row's reference reply against its samples when none of them wins.
         seed: seeds ``default_rng(seed)``: the plan's draws (:func:`row_plan`), then the pair draws.
+        store: a rollout store that receives every branch played (policy ``"generator"``, :func:`branch_records`).
+        tags: labels of those records (e.g. the split).
 
     Returns:
         The pairs and statistics (rows, replies, mean reward, rows with a pair, pairs by kind, tokens, the envs'
@@ -124,6 +149,8 @@ def sample_task_pairs(rollin: DialogueVectorEnv, branches: DialogueVectorEnv, en
     rng = np.random.default_rng(seed)
     plan = row_plan(rng, rows, n)  # the plan's draws first, then the pair draws
     trees = grow(rollin, branches, engine, params, plan)
+    if store is not None:
+        store.append(branch_records(trees, plan, branches, "generator", dict(tags or {})))
     pairs: list[Preference] = []
     kinds: Counter[str] = Counter()
     rewards: list[float] = []
