@@ -109,13 +109,14 @@ def main(argv: list[str] | None = None) -> str:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
-    from agents.common.evaluation import play_rows
+    from agents.common.evaluation import play_states
     from agents.common.policy import load_policy
     from agents.common.policy_engine import build_policy_engine
     from agents.common.rollout import collect_pairs
     from agents.common.run import make_vec, pad_id, sampling_params
     from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update
     from dialogue_gym.generation import SamplingParams
+    from dialogue_gym.rollout_store import make_states
 
     cfg = demo_config(args.dialogues, args.eval_dialogues)
     torch.manual_seed(cfg.seed)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> str:
     env_s = time_steps(evenv)
     t0 = time.perf_counter()
     greedy = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.sampling.max_new_tokens)
-    play_rows(evenv, engine, greedy, list(range(cfg.eval.dialogues)), cfg.eval.seed)
+    play_states(evenv, engine, greedy, make_states(evenv, cfg.eval.dialogues, cfg.eval.seed), "profile")
     wall = time.perf_counter() - t0
     flops = 2 * n_params * (engine.prompt_tokens + engine.new_tokens)
     lines += [f"### One evaluation ({cfg.eval.dialogues} dialogues, greedy): {wall:.1f} s wall, "

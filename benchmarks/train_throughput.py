@@ -98,11 +98,12 @@ def compare_rollouts(dialogues: int, max_new_tokens: int) -> str:
     import numpy as np
 
     import dialogue_gym  # noqa: F401
-    from agents.common.evaluation import play_rows
+    from agents.common.evaluation import play_states, records_result
     from agents.common.policy import PolicySettings, load_policy
     from agents.common.policy_engine import VLLMPolicy
     from dialogue_gym.generation import SamplingParams
     from dialogue_gym.generation.hf import HFEngine
+    from dialogue_gym.rollout_store import make_states
 
     settings = PolicySettings(model="embedded", lora_r=16, engine="vllm")
     model, tokenizer = load_policy(settings)
@@ -116,7 +117,8 @@ def compare_rollouts(dialogues: int, max_new_tokens: int) -> str:
         got, secs = {}, {}
         for name, engine in engines.items():
             t0 = time.time()
-            got[name] = play_rows(venv, engine, params, list(range(dialogues)), seed=7)
+            played = play_states(venv, engine, params, make_states(venv, dialogues, seed=7), name)
+            got[name] = records_result(played, venv.max_turns)
             secs[name] = time.time() - t0
         a, b = got["hf"]["conversations"], got["vllm"]["conversations"]
         def first_reply(messages: list[dict[str, str]]) -> str:

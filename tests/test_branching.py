@@ -21,12 +21,13 @@ from agents.common.branching import (
     plan_dialogues,
     policy_turn_seed,
 )
-from agents.common.evaluation import play, play_rows, row_starts
+from agents.common.evaluation import play, play_states, records_result
 from agents.common.pairs import sample_turn
 from agents.common.rollout import collect_dialogues, collect_pairs, make_pairs
 from dialogue_gym.conversation import DialogueState, new_rng_state
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.base import Generation
+from dialogue_gym.rollout_store import make_states
 from tests.conftest import LengthReward
 
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=6)
@@ -42,6 +43,12 @@ def engine():
 def venv(n: int, mode: str = "terminal", max_turns: int = 3):
     return gym.make_vec("MultiTurnDialogue-v0", num_envs=n, autoreset_mode="Disabled", model="tiny", user="scripted",
                         reward=LengthReward(), reward_mode=mode, max_turns=max_turns)
+
+
+def row_starts(rows, seed):
+    """Task-row starts for hand-made plans: row i resets with env seed ``seed + i``."""
+    return [Start(policy_seed=int(np.random.default_rng([seed, i]).integers(0, 2**63 - 1)), row=int(r),
+                  env_seed=seed + i) for i, r in enumerate(rows)]
 
 
 def signature(trees):
@@ -174,23 +181,24 @@ def test_ppo_dialogues_play_each_row_to_the_horizon(engine):
     assert all(b.rewards[:2] == [0.0, 0.0] for b in played)  # terminal mode: the score comes at the end
 
 
-def test_evaluation_plays_rows_and_stored_states_on_the_primitive(engine):
+def test_evaluation_plays_stored_states_on_the_primitive(engine):
     env = venv(3, "per_turn")
-    raw = play_rows(env, engine, PARAMS, [0, 1, 2], seed=9)
-    again = play_rows(venv(3, "per_turn"), engine, PARAMS, [0, 1, 2], seed=9)
+    states = make_states(env, 3, seed=9)
+    raw = records_result(play_states(env, engine, PARAMS, states, "p"), 3)
+    again = records_result(play_states(venv(3, "per_turn"), engine, PARAMS, make_states(env, 3, seed=9), "p"), 3)
     assert np.array_equal(raw["scores"], again["scores"]) and raw["conversations"] == again["conversations"]
     assert raw["scores"].shape == (3, 3) and not np.isnan(raw["scores"]).any()
     assert raw["ended_at"].tolist() == [3, 3, 3] and raw["tokens"] > 0
-    # the evaluation is k = 1 from turn 1: the same dialogues the primitive grows for the same starts
-    trees = grow(venv(3), venv(3), engine, PARAMS, Plan(row_starts([0, 1, 2], 9), [1] * 3, [3] * 3, k=1))
+    # the evaluation is k = 1 from the stored state: the same dialogues the primitive grows for the same starts
+    starts = [Start(policy_seed=s.policy_seed, state=s.state) for s in states]
+    trees = grow(venv(3, "per_turn"), venv(3, "per_turn"), engine, PARAMS, Plan(starts, [1] * 3, [3] * 3, k=1))
     assert [t.branches[0].messages for t in trees] == raw["conversations"]
-    # a stored mid-dialogue state (the leaderboard's) plays on from where it stands: with the dialogue's policy
-    # seed it continues exactly as the dialogue did
-    start = row_starts([0], 9)[0]
+    # a mid-dialogue state plays on from where it stands: with the dialogue's policy seed it continues exactly as
+    # the dialogue did
     rolled_env = venv(1, "per_turn")
-    (rolled,) = grow(rolled_env, rolled_env, engine, PARAMS, Plan([start], [2], [3], k=1))
+    (rolled,) = grow(rolled_env, rolled_env, engine, PARAMS, Plan([starts[0]], [2], [3], k=1))
     assert rolled.state.turn == 1
-    (b,) = play(venv(1, "per_turn"), engine, PARAMS, [Start(policy_seed=start.policy_seed, state=rolled.state)])
+    (b,) = play(venv(1, "per_turn"), engine, PARAMS, [Start(policy_seed=starts[0].policy_seed, state=rolled.state)])
     assert b.messages == raw["conversations"][0] and b.turns == 2 and b.scores == list(raw["scores"][0, 1:])
 
 

@@ -212,10 +212,13 @@ def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
 
 def test_agent_config_imposes_the_shared_settings(tmp_path):
     cfg = smoke_config(tmp_path)
+    cfg.eval.seed, cfg.eval.temperature = 77, 0.25  # not the agents' defaults
     for name in cfg.agents:
         typed = lb.agent_config(cfg, name, seed=3, run_dir=tmp_path / name, iterations=7)
         assert typed.env == cfg.env and typed.env.split == "train" and typed.policy.model == "tiny"
         assert typed.sampling.max_new_tokens == 8 and typed.eval.dialogues == 1
+        # the agent's own evaluation plays the first of the leaderboard's stored states, as the leaderboard plays
+        assert (typed.eval.seed, typed.eval.temperature) == (77, 0.25)
         assert (typed.seed, typed.iterations, typed.export, typed.run_dir) == (3, 7, True, str(tmp_path / name))
         assert typed.dialogues == 2 and typed.optim.max_length == 256 and typed.policy.lora_r == 4
     assert lb.agent_config(cfg, "refuel", 0, tmp_path, None).iterations == 2  # the agent's own setting

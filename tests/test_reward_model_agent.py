@@ -19,13 +19,22 @@ from safetensors.torch import load_file
 
 from agents.common.config import ConfigError, merge_schema
 from agents.common.policy import export_policy, trainable_parameters
+from agents.common.preferences import SAMPLED, Preference
 from agents.reward_model.__main__ import build_model, evaluate, run, tokenize, train_step
 from agents.reward_model.config import RewardModelConfig, validate
-from agents.reward_model.data import PreferencePair, pair_replies, reference_reply, sample_task_pairs, write_pairs
+from agents.reward_model.data import (
+    PreferencePair,
+    pair_replies,
+    read_pairs,
+    reference_reply,
+    sample_task_pairs,
+    write_pairs,
+)
 from agents.reward_model.losses import bt_loss, preference_loss
 from dialogue_gym.generation.base import Generation
 from dialogue_gym.rewards import PairwisePreferenceReward, SequenceClassifierReward, build_reward
 from dialogue_gym.rewards.pairwise import letter_token_ids
+from dialogue_gym.rollout_store import RolloutStore
 from dialogue_gym.tasks.arithmetic import ArithmeticTask, VerifierReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +42,12 @@ CONF = str(ROOT / "conf")
 
 Q = "Maya has 3 apples. She buys 2 more. How many apples does Maya have now? End your reply with: The answer is <n>."
 PAIRS = [
-    PreferencePair([{"role": "user", "content": Q}], "3 + 2 = 5. The answer is 5.", "3 + 2 = 6. The answer is 6."),
-    PreferencePair([{"role": "user", "content": "What is 4 + 4?"}], "The answer is 8.", "I think it is 9, maybe 10."),
-    PreferencePair([{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."},
-                    {"role": "user", "content": "Another one?"}], "Eleven.", "Nine."),
+    Preference([{"role": "user", "content": Q}], "3 + 2 = 5. The answer is 5.", "3 + 2 = 6. The answer is 6.",
+               SAMPLED),
+    Preference([{"role": "user", "content": "What is 4 + 4?"}], "The answer is 8.", "I think it is 9, maybe 10.",
+               SAMPLED),
+    Preference([{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."},
+                {"role": "user", "content": "Another one?"}], "Eleven.", "Nine.", SAMPLED),
 ]
 
 
@@ -109,13 +120,27 @@ def test_reference_reply():
 
 
 class CyclingEngine:
-    """Replies by prompt position: ``texts[i % len(texts)]``."""
+    """Replies by prompt position: ``texts[i % len(texts)]``; records the seeds it was given."""
 
     def __init__(self, texts):
         self.texts = texts
+        self.seeds = []
 
     def generate(self, prompts, params, seeds=None, return_logprobs=False):
+        self.seeds.append(list(seeds))
         return [Generation(text=self.texts[i % len(self.texts)], token_ids=[1, 2]) for i in range(len(prompts))]
+
+
+def pair_envs(task, dialogues: int, n: int, reward=None, split: str = "train"):
+    """The rollin and branch envs of the pair data: ``dialogues`` rows at a time, ``n`` branches each."""
+    import gymnasium as gym
+
+    import dialogue_gym  # noqa: F401
+
+    kwargs = {"task": task, "reward": VerifierReward() if reward is None else reward, "reward_mode": "terminal",
+              "max_turns": 3, "split": split}
+    return (gym.make_vec("MultiTurnDialogue-v0", num_envs=dialogues, autoreset_mode="Disabled", **kwargs),
+            gym.make_vec("MultiTurnDialogue-v0", num_envs=dialogues * n, autoreset_mode="Disabled", **kwargs))
 
 
 def test_sample_task_pairs_with_the_verifier():
@@ -126,17 +151,68 @@ def test_sample_task_pairs_with_the_verifier():
     texts = [f"The answer is {answers[0]}.", "The answer is -1.", f"The answer is {answers[0]}.", "No idea.",
              "The answer is -1.", "The answer is -2.", "The answer is -2.", "Hmm."]
     engine = CyclingEngine(texts)
-    kwargs = {"engine": engine, "reward": VerifierReward(), "params": None, "n": 4, "k": 5, "min_gap": 0.5,
-              "seed": 0, "progress": False}
-    pairs, stats = sample_task_pairs(rows, reference_chosen=False, **kwargs)
+    rollin, branches = pair_envs(task, 2, 4)
+    kwargs = {"engine": engine, "params": None, "rows": [0, 1], "n": 4, "k": 5, "min_gap": 0.5, "seed": 0}
+    pairs, stats = sample_task_pairs(rollin, branches, reference_chosen=False, **kwargs)
     assert [(p.chosen, p.rejected) for p in sorted(pairs, key=lambda p: p.rejected)] == [
         (texts[0], "No idea."), (texts[0], "The answer is -1.")]
     assert stats["rows_with_pair"] == 1 and stats["pairs_by_kind"] == {"sampled": 2}
-    pairs, stats = sample_task_pairs(rows, reference_chosen=True, **kwargs)
+    # through the env: every reply stepped and scored, and counted; each branch samples with its own seed
+    assert stats["usage"]["policy_samples"] == 8 and stats["usage"]["scored_conversations"] == 8
+    assert stats["replies"] == 8 and stats["reward_mean"] == pytest.approx(2 / 8)
+    assert len(engine.seeds) == 1 and len(set(engine.seeds[0])) == 8
+    pairs, stats = sample_task_pairs(rollin, branches, reference_chosen=True, **kwargs)
     ref = [p for p in pairs if p.kind == "reference"]
     assert {p.rejected for p in ref} == {"The answer is -1.", "The answer is -2.", "Hmm."}
     assert all(p.chosen == f"The answer is {answers[1]}." and p.row == rows[1].id for p in ref)
     assert stats["pairs_by_kind"] == {"sampled": 2, "reference": 3}
+    assert stats["usage"]["scored_conversations"] == 9  # the reference reply was scored by the env too
+    assert engine.seeds[1] == engine.seeds[0]  # the same seed: the same plan
+
+
+def test_blank_replies_follow_the_shared_rule(tmp_path):
+    """A blank reply is sent to the env as "..." (agents.common.branching.action_text), scored as such, and paired
+    as such: the pair holds what the env scored."""
+    task = ArithmeticTask(n_train=4, n_test=2)
+    answer = int(task.rows("train")[0].profile["answer"])
+    rollin, branches = pair_envs(task, 1, 2)
+    store = RolloutStore(tmp_path / "pairs_rollouts.jsonl")
+    pairs, stats = sample_task_pairs(rollin, branches, CyclingEngine([f"The answer is {answer}.", "  \n"]), None,
+                                     [0], n=2, k=2, min_gap=0.5, reference_chosen=False, seed=0, store=store,
+                                     tags={"split": "train"})
+    assert [(p.chosen, p.rejected, p.kind) for p in pairs] == [(f"The answer is {answer}.", "...", "sampled")]
+    # every branch played is kept in the rollout store, with the score the pair was labelled by
+    kept = store.dialogues("generator")
+    assert [(r.messages[-1]["content"], r.rewards) for r in kept] == [(f"The answer is {answer}.", [1.0]),
+                                                                     ("...", [0.0])]
+    assert [r.seeds["branch"] for r in kept] == [0, 1] and all(r.tags["split"] == "train" for r in kept)
+    assert PreferencePair is Preference  # one preference type; the old name stays importable
+
+
+def test_pairs_are_seeded_and_do_not_depend_on_the_chunk_size(tmp_path):
+    """Real sampling (the tiny HF model) through the branching primitive: the same seed gives the same pairs
+    whether the rows are played two at a time or one at a time; another seed gives other replies. The pairs
+    written to a file read back as the same preferences."""
+    from dialogue_gym.generation.base import SamplingParams
+    from dialogue_gym.generation.hf import HFEngine
+    from tests.conftest import LengthReward
+
+    task = ArithmeticTask(n_train=4, n_test=2)
+    engine = HFEngine("tiny", seed=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+
+    def run_with(chunk, seed):
+        rollin, branches = pair_envs(task, chunk, 3, reward=LengthReward())
+        return sample_task_pairs(rollin, branches, engine, params, [0, 1], n=3, k=3, min_gap=0.1,
+                                 reference_chosen=False, seed=seed)
+
+    (a, sa), (b, sb), (c, _) = run_with(2, 5), run_with(1, 5), run_with(2, 6)
+    assert a and a == b and sa["tokens_sampled"] == sb["tokens_sampled"] > 0
+    assert all(len(p.chosen) > len(p.rejected) for p in a)  # LengthReward prefers the longer reply
+    assert [(p.chosen, p.rejected) for p in c] != [(p.chosen, p.rejected) for p in a]
+    write_pairs(tmp_path / "pairs.jsonl", a)
+    back, dropped = read_pairs("file", str(tmp_path / "pairs.jsonl"), None)
+    assert back == a and dropped == {}
 
 
 # ---- models: training, export, reload ---------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""In-run evaluation: fixed held-out states and user seeds, per-turn reward, win rate vs the initial policy.
+"""In-run evaluation: stored held-out states with fixed user and policy seeds, per-turn reward, win rate vs the
+initial policy.
 
-Every evaluation of a run (and every agent evaluated with the same settings) plays the same test rows with the
-same user seeds. A policy's turn-h outcome is the score of its conversation at turn h, carried forward after a
-dialogue ended (a solved arithmetic problem stays solved). The win rate at turn h compares, dialogue by
-dialogue, the policy's turn-h outcome with the initial policy's: 1 for higher, 0.5 for a tie, 0 for lower.
-Intervals are percentile bootstrap 95% over dialogues.
+One evaluation protocol for the agents and the leaderboard. The states are
+:func:`dialogue_gym.rollout_store.make_states` of the test split (the first ``n`` rows, user and policy seeds
+spawned from one seed), the leaderboard's stored states: an agent evaluated with ``eval.seed`` = the leaderboard's
+``eval.seed`` plays the first ``eval.dialogues`` of the leaderboard's states, with the same seeds, and scores them
+the same (:func:`play_states`, :func:`score_matrix`). A policy's turn-h outcome is the score of its conversation
+at turn h (counted from the stored state), carried forward after a dialogue ended (a solved arithmetic problem
+stays solved). The win rate at turn h compares, dialogue by dialogue, the policy's turn-h outcome with the initial
+policy's: 1 for higher, 0.5 for a tie, 0 for lower. Intervals are percentile bootstrap 95% over dialogues.
 
 Play goes through the agents' branching primitive (:func:`agents.common.branching.grow` with k = 1): :func:`play`
 plays task rows or stored states to their end, every turn scored, with the same seeding rules as training.
@@ -18,16 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from agents.common.batching import Reply
 from agents.common.branching import Branch, Plan, Start, grow
 from dialogue_gym.generation.base import GenerationEngine, SamplingParams
+from dialogue_gym.rollout_store import DialogueRecord, StateRecord, config_hashes
 from dialogue_gym.vector import DialogueVectorEnv
-
-
-def row_starts(task_indices: list[int], seed: int) -> list[Start]:
-    """Evaluation starts at task rows: row ``i`` of the list resets with env seed ``seed + i`` (as a vector env
-    reset with ``seed`` does) and samples the policy from ``default_rng([seed, i])``."""
-    return [Start(policy_seed=int(np.random.default_rng([seed, i]).integers(0, 2**63 - 1)), row=int(r),
-                  env_seed=seed + i) for i, r in enumerate(task_indices)]
 
 
 def play(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
@@ -44,25 +43,59 @@ def play(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingPara
     return [t.branches[0] for t in grow(venv, venv, engine, params, plan)]
 
 
-def play_rows(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams, task_indices: list[int],
-              seed: int) -> dict[str, Any]:
-    """Full dialogues from the given task rows with fixed seeds (:func:`row_starts`); per-turn scores.
+def stored_logprobs(replies: list[Reply]) -> list[list[float]] | None:
+    """A rollout-store record's ``logprobs``: one list per reply, or None when the engine gave none for a reply."""
+    if any(r.logprobs is None for r in replies):
+        return None
+    return [list(r.logprobs or []) for r in replies]
+
+
+def play_states(venv: DialogueVectorEnv, engine: GenerationEngine, params: SamplingParams,
+                states: list[StateRecord], policy: str, tags: dict[str, Any] | None = None) -> list[DialogueRecord]:
+    """Play every stored state to its end with the policy: one rollout-store record per state, in state order.
+
+    The dialogues come from the branching primitive (:func:`play`: one branch per state, k = 1, completed to the
+    horizon), so the evaluation plays exactly as the agents roll out. ``venv`` needs at least ``len(states)``
+    sub-envs (the chunk size) and autoreset DISABLED; with ``reward_mode="per_turn"`` every turn is scored (a turn
+    the env did not score is stored as None).
+    """
+    branches = play(venv, engine, params, [Start(policy_seed=s.policy_seed, state=s.state) for s in states])
+    hashes = config_hashes(venv)
+    return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
+                           rewards=[None if np.isnan(x) else float(x) for x in b.scores],
+                           token_ids=[list(r.token_ids) for r in b.replies],
+                           logprobs=stored_logprobs(b.replies), terminated=b.final.terminated,
+                           truncated=b.final.truncated, start=s.id, start_hash=s.state_hash,
+                           state_fingerprint=b.final.config_fingerprint, config=hashes,
+                           seeds={"policy": s.policy_seed}, tags=dict(tags or {}))
+            for s, b in zip(states, branches)]
+
+
+def score_matrix(records: list[DialogueRecord], horizon: int) -> np.ndarray:
+    """(n, horizon) per-turn scores (turns counted from the stored state), NaN after a dialogue ended or where a
+    turn was not scored."""
+    out = np.full((len(records), horizon), np.nan)
+    for i, r in enumerate(records):
+        out[i, :len(r.rewards)] = [np.nan if x is None else x for x in r.rewards]
+    return out
+
+
+def states_horizon(states: list[StateRecord], max_turns: int) -> int:
+    """The most turns any of the states can still play: ``max_turns`` less the earliest state's turn."""
+    return max(max_turns - s.state.turn for s in states)
+
+
+def records_result(records: list[DialogueRecord], horizon: int) -> dict[str, Any]:
+    """What :func:`summarize` reads from one policy's played states.
 
     Returns:
-        ``{"scores": (n, H) array indexed by absolute turn (NaN where not played or not scored), "ended_at": (n,)
-        turns played, "terminated": (n,) bool, "tokens": policy tokens generated, "conversations": final
-        messages}``.
+        ``{"scores": (n, horizon) array (:func:`score_matrix`), "ended_at": (n,) turns played from the state,
+        "terminated": (n,) bool, "tokens": policy tokens generated, "conversations": final messages}``.
     """
-    horizon = venv.max_turns
-    played = play(venv, engine, params, row_starts(task_indices, seed))
-    scores = np.full((len(played), horizon), np.nan)
-    for i, b in enumerate(played):
-        first = b.final.turn - b.turns  # the row's own turn
-        scores[i, first:b.final.turn] = b.scores
-    return {"scores": scores, "ended_at": np.array([b.final.turn for b in played], dtype=int),
-            "terminated": np.array([b.final.terminated for b in played], dtype=bool),
-            "tokens": sum(len(r.token_ids) for b in played for r in b.replies),
-            "conversations": [b.messages for b in played]}
+    return {"scores": score_matrix(records, horizon), "ended_at": np.array([r.turns for r in records], dtype=int),
+            "terminated": np.array([r.terminated for r in records], dtype=bool),
+            "tokens": sum(len(t) for r in records for t in r.token_ids),
+            "conversations": [r.messages for r in records]}
 
 
 def carry_forward(scores: np.ndarray) -> np.ndarray:

@@ -14,12 +14,13 @@ import numpy as np
 import dialogue_gym  # noqa: F401  (registers MultiTurnDialogue-v0)
 from agents.common.config import ConfigError, EvalSettings, SamplingSettings, env_kwargs, merge_schema
 from agents.common.distributed import broadcast, setup
-from agents.common.evaluation import format_table, play_rows, save_json, summarize
+from agents.common.evaluation import format_table, play_states, records_result, save_json, states_horizon, summarize
 from agents.common.policy import PolicySettings, export_policy
 from agents.common.policy_engine import build_policy_engine
 from dialogue_gym.config import EnvConfig
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.base import GenerationEngine
+from dialogue_gym.rollout_store import RolloutStore, stored_states
 from dialogue_gym.vector import DialogueVectorEnv
 
 log = logging.getLogger("agents")
@@ -55,12 +56,17 @@ def pad_id(tokenizer: Any) -> int:
 
 
 class Evaluator:
-    """Fixed held-out evaluation: the first ``dialogues`` test rows, fixed user and policy seeds, per-turn scores.
+    """Fixed held-out evaluation: the leaderboard's stored states of the first ``dialogues`` test rows (fixed user
+    and policy seeds from ``eval.seed``), per-turn scores (:mod:`agents.common.evaluation`).
 
-    The first evaluation (the initial policy) is the baseline for every later win rate; all evaluations are
-    written to ``<run_dir>/eval.json`` and printed as a table. With ``resume`` an existing ``eval.json`` is
-    continued; otherwise it is replaced.
+    The states and every evaluation's dialogues are kept in the rollout store ``<run_dir>/eval_rollouts.jsonl``
+    (policy: the evaluation's name). The first evaluation (the initial policy) is the baseline for every later win
+    rate; all evaluations are written to ``<run_dir>/eval.json`` and printed as a table. With ``resume`` an
+    existing ``eval.json`` and store are continued (the store's states must be this env's: a changed env
+    configuration is an error); otherwise both are replaced.
     """
+
+    STORE = "eval_rollouts.jsonl"
 
     def __init__(self, env: EnvConfig, settings: EvalSettings, sampling: SamplingSettings, run_dir: Path,
                  resume: bool = False):
@@ -72,6 +78,11 @@ class Evaluator:
             raise ConfigError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows: "
                               f"lower eval.dialogues to at most {n_rows}")
         self.path = run_dir / "eval.json"
+        self.store = RolloutStore(run_dir / self.STORE)
+        if not resume:
+            self.store.path.unlink(missing_ok=True)
+        self.states = stored_states(self.store, self.venv, settings.dialogues, settings.seed)
+        self.horizon = states_horizon(self.states, self.venv.max_turns)
         self.results: list[dict[str, Any]] = []
         self.raw_baseline: dict[str, Any] | None = None
         if resume and self.path.exists():  # resuming: keep the baseline and earlier evaluations
@@ -82,15 +93,16 @@ class Evaluator:
     def evaluate(self, engine: GenerationEngine, name: str) -> dict[str, Any]:
         params = SamplingParams(temperature=self.settings.temperature, top_p=self.sampling.top_p,
                                 max_new_tokens=self.sampling.max_new_tokens)
-        raw = play_rows(self.venv, engine, params, list(range(self.settings.dialogues)), self.settings.seed)
-        raw["scores"] = np.asarray(raw["scores"], dtype=float)
+        records = play_states(self.venv, engine, params, self.states, name, {"evaluation": len(self.results)})
+        self.store.append(records)
+        raw = records_result(records, self.horizon)
         if self.raw_baseline is None:
             self.raw_baseline = raw
         summary = summarize(raw, self.raw_baseline, name)
         summary["conversations"] = raw["conversations"][:4]  # a few transcripts to read
         self.results.append(summary)
         baseline = [[None if np.isnan(x) else float(x) for x in row] for row in self.raw_baseline["scores"]]
-        save_json(self.path, {"settings": asdict(self.settings), "baseline_scores": baseline,
+        save_json(self.path, {"settings": asdict(self.settings), "store": self.STORE, "baseline_scores": baseline,
                               "evaluations": self.results})
         log.info("evaluation of %s:\n%s", name, format_table([summary]))
         return summary

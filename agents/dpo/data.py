@@ -31,27 +31,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agents.common.batching import Reply
 from agents.common.config import ConfigError
+from agents.common.preferences import Preference
 from agents.common.train import Pair
 from dialogue_gym.conversation import DialogueError, count_assistant_turns, validate_messages
 from dialogue_gym.generation import prompt_token_ids
 
 Message = dict[str, str]
-
-
-@dataclass
-class Preference:
-    """One preference: the context (ending with a user turn) and two replies to it, ``chosen`` preferred."""
-
-    context: list[Message]
-    chosen: str
-    rejected: str
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # record fields named in load_preferences(keep=)
 
 
 def _messages(value: Any, where: str) -> list[Message]:
@@ -164,8 +154,9 @@ def load_preferences(source: str, path: str | None, hub_id: str | None, split: s
                      max_pairs: int = 0, keep: tuple[str, ...] = ()) -> tuple[list[Preference], dict[str, int]]:
     """Parse every record of a file or hub data set; returns the preferences and the counts of dropped records.
 
-    ``keep``: record fields copied, when present, into each preference's ``meta`` (e.g. ``kind`` and ``row`` of
-    files written by the reward-model trainer).
+    A record's string ``kind`` and ``row`` fields (files written by the reward-model trainer) become the
+    preference's; otherwise its kind is ``"data"``. ``keep``: record fields copied, when present, into each
+    preference's ``meta``.
 
     Raises:
         ConfigError: unreadable data, a malformed record, or no usable preference at all.
@@ -180,6 +171,9 @@ def load_preferences(source: str, path: str | None, hub_id: str | None, split: s
         else:
             if isinstance(rec, dict):
                 parsed.meta = {k: rec[k] for k in keep if k in rec}
+                for name in ("kind", "row"):
+                    if isinstance(rec.get(name), str):
+                        setattr(parsed, name, rec[name])
             kept.append(parsed)
         if max_pairs and len(kept) >= max_pairs:
             break

@@ -8,7 +8,8 @@ Run:
     python -m agents.reward_model +env=arithmetic +experiment=smoke   # tiny model, a few steps
 
 The trained model is written to ``<run_dir>/reward_model`` (safetensors; LoRA merged) and its held-out evaluation
-to ``<run_dir>/eval.json``. Use it as the env reward by path:
+to ``<run_dir>/eval.json``; the pairs to ``pairs_train.jsonl`` / ``pairs_test.jsonl`` and, with ``data.source=task``,
+every env dialogue they came from to the rollout store ``pairs_rollouts.jsonl``. Use it as the env reward by path:
 ``gym.make("MultiTurnDialogue-v0", task="arithmetic", reward="<run_dir>/reward_model")`` (kind=bt), or
 ``reward="pairwise:<run_dir>/reward_model"`` (kind=pairwise).
 
@@ -20,9 +21,10 @@ the letter of the preferred reply (loss -log sigmoid(logit_correct - logit_other
 orders; served by :class:`dialogue_gym.rewards.PairwisePreferenceReward`, which averages both orders.
 
 Departures from the paper and its reference code:
-  1. Pairs come from the env (replies sampled from a generator model, labelled by the env's reward: a verifier
-     for verifiable tasks, else the LLM judge) or from a preference file / hub data set; the paper trains on a
-     fixed mixture of public preference data sets.
+  1. Pairs come from the env (n replies of a generator model to each task row, played through the agents'
+     branching primitive with seeded branches and scored by the env's reward: a verifier for verifiable tasks,
+     else the LLM judge) or from a preference file / hub data set; the paper trains on a fixed mixture of public
+     preference data sets.
   2. LoRA by default (full fine-tuning with policy.lora_r=0; trainable_layers=k trains the top k layers only) and
      defaults sized for a 2-core CPU (lr 1e-4, small batches, max_length 512); the reference is full fine-tuning
      at lr 2e-6, batch 512, 1 epoch, max length 4096.
@@ -52,10 +54,11 @@ from agents.common.config import build_task_early, merge_schema
 from agents.common.evaluation import save_json
 from agents.common.logging import MetricLogger
 from agents.common.policy import export_policy, trainable_parameters
+from agents.common.preferences import Preference
 from agents.common.run import setup_logging
 from agents.common.train import make_optimizer
 from agents.reward_model.config import RewardModelConfig, validate
-from agents.reward_model.data import PreferencePair, read_pairs, sample_task_pairs, write_pairs
+from agents.reward_model.data import read_pairs, sample_task_pairs, write_pairs
 from agents.reward_model.losses import bt_loss, preference_loss
 from dialogue_gym.rewards.classifier import (
     SequenceClassifierReward,
@@ -171,31 +174,40 @@ def build_model(cfg: RewardModelConfig) -> tuple[Any, Any]:
 # ---- data ---------------------------------------------------------------------------------------------------------
 
 
-def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+def load_pairs(cfg: RewardModelConfig) -> tuple[list[Preference], list[Preference], dict[str, Any]]:
     """Training and held-out pairs, and data statistics."""
     d = cfg.data
     if d.source == "task":
-        from agents.common.run import sampling_params
+        from agents.common.run import make_vec, sampling_params
         from dialogue_gym.generation.hf import HFEngine
         from dialogue_gym.models import load_model
         from dialogue_gym.rewards import build_reward
+        from dialogue_gym.rollout_store import RolloutStore
 
         task = build_task_early(cfg.env)
         env_config = dataclasses.replace(cfg.env, task=task, task_kwargs={})  # the built task, shared
         reward = build_reward(cfg.env.reward if cfg.env.reward is not None else task.default_reward, task, env_config)
-        train_rows, test_rows = list(task.rows("train")), list(task.rows("test"))
-        for name, want, have in (("dialogues", cfg.dialogues, train_rows), ("eval.dialogues", cfg.eval.dialogues,
-                                                                          test_rows)):
-            if want > len(have):
-                raise ValueError(f"{name} is {want} but the task has {len(have)} rows in that split")
+        env_config = dataclasses.replace(env_config, reward=reward)  # one reward (one judge) for every env
+        for name, want, split in (("dialogues", cfg.dialogues, "train"),
+                                  ("eval.dialogues", cfg.eval.dialogues, "test")):
+            if want > len(task.rows(split)):
+                raise ValueError(f"{name} is {want} but the task has {len(task.rows(split))} rows in that split")
         engine = HFEngine(load_model(d.generator, device=cfg.policy.device, dtype=cfg.policy.dtype),
                           max_batch_size=d.generation_batch_size, seed=cfg.seed)
         params = sampling_params(cfg.sampling)
-        common = {"engine": engine, "reward": reward, "params": params, "n": d.n, "k": d.pairs_per_row,
-                  "min_gap": d.min_gap, "reference_chosen": d.reference_chosen,
-                  "batch_size": d.generation_batch_size}
-        train, train_stats = sample_task_pairs(train_rows[:cfg.dialogues], seed=cfg.seed, **common)
-        test, test_stats = sample_task_pairs(test_rows[:cfg.eval.dialogues], seed=cfg.seed + 1, **common)
+        chunk = max(1, d.generation_batch_size // d.n)  # rows per chunk: n replies each in one generate call
+        store = RolloutStore(Path(cfg.run_dir) / "pairs_rollouts.jsonl")  # every reply played, scored as paired
+        store.path.unlink(missing_ok=True)
+
+        def sample(split: str, count: int, seed: int) -> tuple[list[Preference], dict[str, Any]]:
+            size = min(chunk, count)
+            rollin = make_vec(env_config, size, split=split, reward_mode="terminal")
+            branches = make_vec(env_config, size * d.n, split=split, reward_mode="terminal")
+            return sample_task_pairs(rollin, branches, engine, params, list(range(count)), d.n, d.pairs_per_row,
+                                     d.min_gap, d.reference_chosen, seed, store, {"split": split})
+
+        train, train_stats = sample("train", cfg.dialogues, cfg.seed)
+        test, test_stats = sample("test", cfg.eval.dialogues, cfg.seed + 1)
         stats = {"source": "task", "task": task.describe(), "reward": reward.describe(), "generator": d.generator,
                  "train": train_stats, "test": test_stats}
     else:
@@ -218,7 +230,7 @@ def load_pairs(cfg: RewardModelConfig) -> tuple[list[PreferencePair], list[Prefe
     return train, test, stats
 
 
-def tokenize(pairs: list[PreferencePair], kind: str, tokenizer: Any, max_length: int) -> list[tuple[list[int], ...]]:
+def tokenize(pairs: list[Preference], kind: str, tokenizer: Any, max_length: int) -> list[tuple[list[int], ...]]:
     """Per pair: (chosen ids, rejected ids) for bt; (prompt with chosen as A, prompt with chosen as B) for pairwise."""
     if kind == "bt":
         return [(conversation_token_ids(tokenizer, p.context + [{"role": "assistant", "content": p.chosen}],
@@ -279,7 +291,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def evaluate(model: Any, tokenizer: Any, kind: str, pairs: list[PreferencePair], max_length: int,
+def evaluate(model: Any, tokenizer: Any, kind: str, pairs: list[Preference], max_length: int,
              batch_size: int) -> dict[str, Any]:
     """Held-out pairwise accuracy, mean margin and the correlation of the reward with reply length.
 

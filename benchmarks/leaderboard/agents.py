@@ -99,7 +99,7 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
     Shared by every agent: the env, the initial policy and its engine (``policy_engine``), the reply length cap,
     the sampling temperature (when set), the seed; the learning rate when the sweep chose one (``lr``); the
     agent's own in-run evaluation is shrunk to ``agent_eval_dialogues`` (the leaderboard evaluates every policy
-    itself).
+    itself) and plays the first of the leaderboard's stored states (its ``eval.seed`` and ``eval.temperature``).
     """
     base, fixed = base_package(cfg, name)
     schema = agent_module(base).Config
@@ -116,6 +116,7 @@ def agent_config(cfg: LeaderboardConfig, name: str, seed: int, run_dir: Path, it
     if lr is not None:
         typed.optim.lr = lr
     typed.eval.dialogues = cfg.agent_eval_dialogues
+    typed.eval.seed, typed.eval.temperature = cfg.eval.seed, cfg.eval.temperature  # the same states and seeds
     typed.seed, typed.run_dir, typed.export = seed, str(run_dir), True
     if iterations is not None:
         typed.iterations = iterations

@@ -4,7 +4,9 @@ Every policy plays the same stored states (a :class:`~dialogue_gym.rollout_store
 :class:`~dialogue_gym.rollout_store.StateRecord`) with the same user seed streams and the same per-turn policy seeds
 (:func:`turn_seed`), in an eval env that scores every turn with the judge. The dialogues are stored, and the
 summary is computed from the store: per-turn scores (carried forward after a dialogue ended) and, where the task
-has a verifier, success by turn h.
+has a verifier, success by turn h. Playing and scoring the states (:func:`play_states`, :func:`score_matrix`) is
+the agents' in-run evaluation (:mod:`agents.common.evaluation`), so an agent's ``eval.json`` and the leaderboard
+report the same per-state scores for the same policy on the same states.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from agents.common.branching import Start, policy_turn_seed
+from agents.common.branching import policy_turn_seed
 from agents.common.config import env_kwargs
-from agents.common.evaluation import play
+from agents.common.evaluation import play_states, score_matrix, states_horizon
 from benchmarks.leaderboard.config import LeaderboardConfig
 from benchmarks.leaderboard.stats import metric_rows, paired_rows, policy_matrices
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.hf import HFEngine
 from dialogue_gym.models import load_model
-from dialogue_gym.rollout_store import DialogueRecord, RolloutStore, StateRecord, config_hashes
+from dialogue_gym.rollout_store import DialogueRecord, RolloutStore, StateRecord
 
 
 @dataclass
@@ -74,26 +76,6 @@ def turn_seed(policy_seed: int, turn: int) -> int:
     return policy_turn_seed(policy_seed, turn)
 
 
-def play_states(venv: Any, engine: Any, params: SamplingParams, states: list[StateRecord], policy: str,
-                tags: dict[str, Any] | None = None) -> list[DialogueRecord]:
-    """Play every stored state to its end with the policy: one record per state, every turn scored.
-
-    The dialogues come from the agents' own branching primitive (:func:`agents.common.evaluation.play`: one branch
-    per state, k = 1, completed to the horizon), so the leaderboard plays exactly as the agents roll out.
-    ``venv`` needs at least ``len(states)`` sub-envs (the chunk size), autoreset DISABLED and
-    ``reward_mode="per_turn"``.
-    """
-    branches = play(venv, engine, params, [Start(policy_seed=s.policy_seed, state=s.state) for s in states])
-    hashes = config_hashes(venv)
-    return [DialogueRecord(id=f"{policy}/{s.id}", policy=policy, messages=b.final.messages,
-                           rewards=[float(x) for x in b.scores], token_ids=[list(r.token_ids) for r in b.replies],
-                           logprobs=[list(r.logprobs or []) for r in b.replies], terminated=b.final.terminated,
-                           truncated=b.final.truncated, start=s.id, start_hash=s.state_hash,
-                           state_fingerprint=b.final.config_fingerprint, config=hashes,
-                           seeds={"policy": s.policy_seed}, tags=dict(tags or {}))
-            for s, b in zip(states, branches)]
-
-
 def evaluate(cfg: LeaderboardConfig, venv: Any, model_name: str, states: list[StateRecord], store: RolloutStore,
              policy: str, tags: dict[str, Any]) -> tuple[list[DialogueRecord], float]:
     """Play the stored states with the policy ``model_name`` (a name ``load_model`` knows, or an exported policy's
@@ -124,14 +106,6 @@ def played(store: RolloutStore, states: list[StateRecord]) -> dict[str, list[Dia
         latest.setdefault(r.policy, {})[r.start] = r
     return {p: [by_start[s.id] for s in states] for p, by_start in latest.items()
             if all(s.id in by_start for s in states)}
-
-
-def score_matrix(records: list[DialogueRecord], horizon: int) -> np.ndarray:
-    """(n, horizon) per-turn scores (turns counted from the stored state), NaN after a dialogue ended."""
-    out = np.full((len(records), horizon), np.nan)
-    for i, r in enumerate(records):
-        out[i, :len(r.rewards)] = [np.nan if x is None else x for x in r.rewards]
-    return out
 
 
 def success_matrix(records: list[DialogueRecord], states: list[StateRecord], verifier: Any, horizon: int
@@ -182,7 +156,7 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     tests and power; with ``base_probe`` (the initial policy's turn-1 probe) and every run's ``probe``, also the
     probe's change from the initial policy (metric ``probe``, turn 1).
     """
-    horizon = max(cfg.env.max_turns - s.state.turn for s in states)
+    horizon = states_horizon(states, cfg.env.max_turns)
     base = score_matrix(baseline, horizon)
     success = (lambda records: success_matrix(records, states, verifier, horizon)) if verifier else None
     behaviour = (lambda records: behaviour_matrix(records, states, asks, horizon)) if asks else None
