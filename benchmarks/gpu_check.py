@@ -80,7 +80,7 @@ def build_steps(device: str, quick: bool, out_dir: Path, workers: int = 0) -> li
     if workers > 1:
         tests += ["-n", str(workers), "--dist", "loadfile"]
     if quick:
-        tests += ["tests/test_hf_engine.py", "tests/test_checkpoint.py"]
+        tests += ["tests/dialogue_gym/generation/test_hf.py", "tests/agents/test_checkpoint.py"]
     refuel = [py, "-m", "agents.refuel", "+env=arithmetic", f"policy.model={model}", f"env.model={model}",
               f"policy.device={device}", f"env.device={device}", "iterations=2",
               f"dialogues={4 if quick else 16}", f"eval.dialogues={2 if quick else 16}",

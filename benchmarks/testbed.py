@@ -3,7 +3,7 @@
 Runs every arm of :func:`agents.testbed.default_arms` (each agent's own ``run(cfg)`` on the table policy over
 canned replies, once per seed) and prints, per arm, the closed form and the measured mean change of the centred
 ``log pi(reply | state)`` with its standard error over seeds, whether the arm passes its check (a mutant must
-fail), and each arm's share of the wall time. ``tests/test_testbed.py`` asserts the same checks.
+fail), and each arm's share of the wall time. ``tests/agents/test_testbed.py`` asserts the same checks.
 
 Run:
     python -m benchmarks.testbed                  # every arm
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
              f"Initial policy pi0 (ask, guess, answer) per state {list(tb.STATES)}: "
              + "; ".join(str([round(float(p), 3) for p in row]) for row in tb.PI0) + f". eta = {tb.ETA}, "
              f"cDPO beta = {tb.DPO_BETA}, eps = {tb.DPO_EPS}, n = {tb.DPO_N}; PPO lr = {tb.PPO_LR} (one step). "
-             "The closed forms are in agents/testbed.py and docs/testbed.md (PPO's: lr * sign(Q(s, a) - V(s)), "
+             "The closed forms are in agents/testbed/ and docs/testbed.md (PPO's: lr * sign(Q(s, a) - V(s)), "
              "one AdamW step). A check passes when |mean - closed form| <= 5 SE + atol for every entry.", "",
              "| arm | seeds | verdict | share of the wall time |", "|---|---|---|---|"]
     lines += [f"| {arms[n][0].name} | {len(arms[n][1])} | {verdicts[n]} | {seconds[n] / total:.0%} |"

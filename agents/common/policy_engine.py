@@ -19,7 +19,7 @@ started from the policy's base weights. :func:`sync_policy` makes it sample the 
   the plain full copy each process keeps).
 
 Token ids and sampled log-probs come from the engine; the trainer computes its own log-probs of the same tokens
-(tests/test_policy_engine.py checks that they agree within 1e-3 in fp32, for all three kinds of sync).
+(tests/agents/test_policy_engine.py checks that they agree within 1e-3 in fp32, for all three kinds of sync).
 """
 
 from __future__ import annotations

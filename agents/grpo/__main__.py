@@ -31,7 +31,7 @@ Why turn credit through forks. A trajectory advantage credits every turn of a di
 normalising per turn index is biased when the policy decides when the dialogue ends (verl RFC #7244): the set of
 dialogues still running at turn k depends on the policy. Here the G turn-h replies answer the same state s_h (user
 hidden state and random stream included), so R_j − baseline compares replies to one state, whatever turn each
-branch ended at (tests/test_grpo_agent.py has the case).
+branch ended at (tests/agents/test_grpo.py has the case).
 
 Deviations from the references:
   1. LoRA by default (full fine-tuning with policy.lora_r=0); the reference for β > 0 is the adapter-disabled

@@ -21,7 +21,7 @@ bootstrap underestimates the seed part by (S - 1) / S (a third with three seeds)
 the seed and state parts twice. The interval is the mean +- t * SE, SE the replicates' standard deviation and t
 Student's quantile at the Satterthwaite degrees of freedom of the three components: with three seeds and
 seed-dominated variance that is about 2 degrees of freedom, and a percentile interval would cover far less than
-95% (tests/test_leaderboard_stats.py simulates both regimes).
+95% (tests/benchmarks/test_leaderboard_stats.py simulates both regimes).
 
 A comparison of two policies is made on the difference matrix (the same states; for two agents also the same
 training seeds, paired by position), so what the states share cancels: the difference of identical agents is

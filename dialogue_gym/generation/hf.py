@@ -206,7 +206,8 @@ def static_shape(n: int, width: int, cap: int) -> tuple[int, int]:
     """``(rows, width)`` of a static-cache batch of ``n`` prompts at most ``width`` tokens long under a batch cap
     ``cap``: rows to :func:`_bucket`, the width to a power of two of at least ``MIN_WIDTH`` tokens. The cache's
     length is that width plus ``max_new_tokens``, so with one ``max_new_tokens`` per engine the compiled graphs
-    are one per (row bucket, width bucket) met: a handful per run (tests/test_hf_engine.py counts them)."""
+    are one per (row bucket, width bucket) met: a handful per run
+    (tests/dialogue_gym/generation/test_hf.py counts them)."""
     return _bucket(n, cap), max(MIN_WIDTH, 1 << (max(1, width) - 1).bit_length())
 
 

@@ -18,7 +18,7 @@ from agents.common.logprobs import token_logprobs
 from agents.common.policy_engine import engine_lora_rank, sync_policy
 from dialogue_gym.generation import SamplingParams
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _validate(agent: str, *overrides: str) -> None:
@@ -249,7 +249,7 @@ def test_refuel_trains_with_the_policy_on_vllm(tmp_path, lora_r):
 
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "agents.refuel", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "export=false",
            "policy.model=embedded", f"policy.lora_r={lora_r}", "policy.lora_alpha=16", "policy.engine=vllm"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}

@@ -18,7 +18,7 @@ from agents.common.distributed import Ranks, check_processes, combine_stats, gat
 from agents.common.policy import PolicySettings, load_policy
 from tests.kill import run_killed_after
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def command(agent: str, run_dir: Path, processes: int, *overrides: str,

@@ -34,7 +34,7 @@ from agents.ppo.__main__ import (
 from agents.ppo.config import PpoConfig
 from tests.kill import run_killed_after
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 TINY = PolicySettings(model="tiny", lora_r=4, lora_alpha=8)
 

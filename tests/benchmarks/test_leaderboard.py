@@ -32,7 +32,7 @@ from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARITH = dict(task="arithmetic", task_kwargs={"n_train": 20, "n_test": 10}, max_turns=2)
 
 

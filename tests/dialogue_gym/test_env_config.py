@@ -10,7 +10,7 @@ import pytest
 
 from dialogue_gym.config import EnvConfig, EnvConfigError, field_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("change", "field", "fragment"), [

@@ -14,7 +14,7 @@ import dialogue_gym  # noqa: F401
 from dialogue_gym.conversation import DialogueState
 
 pexpect = pytest.importorskip("pexpect")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -159,7 +159,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temporary_directory
 
 @pytest.fixture
 def group_of_one():
-    """A gloo process group of one process (what FSDP and DCP need; two processes: tests/test_distributed.py)."""
+    """A gloo process group of one process (what FSDP and DCP need; two processes: tests/agents/test_distributed.py)."""
     import socket
 
     import torch.distributed as dist

@@ -30,7 +30,7 @@ CHATS = [
 ]
 CONVERSATIONS = [c + [{"role": "assistant", "content": reply}] for c, reply in
                  zip(CHATS, ["Paris.", "Sleep, plan, and put the phone away.", "Plants make sugar from light."])]
-TINY_VLLM = {"gpu_memory_utilization": 0.08}  # as tests/test_vllm_engine.py: one shared in-process engine
+TINY_VLLM = {"gpu_memory_utilization": 0.08}  # as generation/test_vllm.py: one shared in-process engine
 
 
 @pytest.fixture(scope="module")

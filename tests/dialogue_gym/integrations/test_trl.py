@@ -145,5 +145,5 @@ def test_importing_without_the_extra_names_the_install_line():
     code = ("import sys; sys.modules['trl'] = None\n"
             "try:\n    import dialogue_gym.integrations.trl\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
     assert "pip install 'dialogue-gym[integrations]'" in out.stdout, out.stderr

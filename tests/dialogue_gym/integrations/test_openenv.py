@@ -224,14 +224,14 @@ def test_importing_without_the_extra_names_the_install_line():
     code = ("import sys; sys.modules['openenv'] = None\n"
             "try:\n    import dialogue_gym.integrations.openenv\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
     assert "pip install 'dialogue-gym[integrations]'" in out.stdout, out.stderr
 
 
 @pytest.mark.slow
 def test_serve_env_entry_point_serves_a_session(tmp_path):
     port = free_port()
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     cmd = [sys.executable, "-m", "dialogue_gym.serve_env", "+env=clarify", f"port={port}", "max_sessions=2",
            "env.task_kwargs.n_train=20"]
     log = open(tmp_path / "server.log", "w")

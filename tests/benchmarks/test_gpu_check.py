@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks import gpu_check
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _step(name: str, device: str = "cuda") -> gpu_check.Step:

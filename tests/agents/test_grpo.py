@@ -27,7 +27,7 @@ from agents.grpo.config import GrpoConfig
 from dialogue_gym.budget import Budget, use_budget
 from dialogue_gym.conversation import DialogueState, new_rng_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 TINY = PolicySettings(model="tiny", lora_r=4, lora_alpha=8)
 
@@ -214,8 +214,8 @@ def test_resume_equals_an_uninterrupted_run(turn_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_take_the_single_process_step(tmp_path):
-    """As tests/test_distributed.py does for REFUEL and PPO: same groups, same step (tolerances there)."""
-    from tests.test_distributed import metrics, run
+    """As tests/agents/test_distributed.py does for REFUEL and PPO: same groups, same step (tolerances there)."""
+    from tests.agents.test_distributed import metrics, run
 
     log = run("grpo", tmp_path / "two", 2, "dialogues=4", "future_samples=2")
     run("grpo", tmp_path / "one", 1, "dialogues=4", "future_samples=2")
@@ -238,7 +238,7 @@ def test_two_processes_take_the_single_process_step(tmp_path):
 
 def test_both_credits_are_leaderboard_arms(tmp_path):
     import benchmarks.leaderboard as lb
-    from tests.test_leaderboard import smoke_config
+    from tests.benchmarks.test_leaderboard import smoke_config
 
     cfg = smoke_config(tmp_path, "agents=[grpo_turn,grpo_traj]")
     cfg.overrides = {"grpo_traj": ["baseline=loo"]}

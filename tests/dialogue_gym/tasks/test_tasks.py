@@ -24,8 +24,8 @@ from dialogue_gym.tasks.datafiles import in_test_split, stable_hash
 from dialogue_gym.users import ReplayUser
 from tests.conftest import LengthReward
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[3]
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 UI = FIXTURES / "ultrainteract_pair.jsonl"
 HH_TEXT = FIXTURES / "hh_rlhf.jsonl"
 HH_TRL = FIXTURES / "hh_rlhf_trl_style.jsonl"

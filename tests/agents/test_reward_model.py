@@ -37,7 +37,7 @@ from dialogue_gym.rewards.pairwise import letter_token_ids
 from dialogue_gym.rollout_store import RolloutStore
 from dialogue_gym.tasks.arithmetic import ArithmeticTask, VerifierReward
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 
 Q = "Maya has 3 apples. She buys 2 more. How many apples does Maya have now? End your reply with: The answer is <n>."

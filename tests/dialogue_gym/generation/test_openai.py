@@ -1,7 +1,7 @@
 """OpenAIEngine against a real HTTP server on loopback that injects faults (tests/fault_server.py).
 
 The server answers like vLLM's OpenAI server with canned content, so these tests need no vLLM and run in
-seconds; tests/test_openai_server.py checks the same engine against vLLM's real server.
+seconds; tests/dialogue_gym/generation/test_openai_server.py checks the same engine against vLLM's real server.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_hydra_env_settings_carry_the_servers_and_bad_ones_are_config_errors():
 
     from agents.common.config import ConfigError, check_engines, env_kwargs, merge_schema
     from agents.refuel.config import RefuelConfig, validate
-    from tests.test_agents_regression import CONF
+    from tests.agents.test_agents_regression import CONF
 
     overrides = ["env.engine=openai", "env.base_url=http://user-node:8000/v1", "env.judge_engine=openai",
                  "env.judge_base_url=http://judge-node:8001/v1", "env.judge_model=judge-7b",
@@ -296,7 +296,7 @@ def test_refuel_paper_preset_with_a_served_user_composes():
 
     from agents.common.config import check_engines, merge_schema
     from agents.refuel.config import RefuelConfig
-    from tests.test_agents_regression import CONF
+    from tests.agents.test_agents_regression import CONF
 
     overrides = ["+env=ultrainteract", "+experiment=refuel_paper", "env.task_kwargs.path=/data/ultrainteract_pair",
                  "env.engine=openai", "env.base_url=http://node-a:8000/v1", "+env.engine_options.max_concurrency=128",

@@ -1,4 +1,4 @@
-"""The exact algorithm testbed (agents/testbed.py): each agent's real ``run(cfg)`` on a table policy over canned
+"""The exact algorithm testbed (agents/testbed/): each agent's real ``run(cfg)`` on a table policy over canned
 replies, its trained table checked against the closed form of its update, over seeds, within the Monte-Carlo error.
 
 The arms' runs are shared by the tests through a module-scoped cache (each arm runs once per seed list).

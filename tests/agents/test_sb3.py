@@ -20,7 +20,7 @@ from dialogue_gym.models import load_model  # noqa: E402
 from dialogue_gym.wrappers import TokenLevel, make_dialogue_vec  # noqa: E402
 from dialogue_gym.wrappers.sb3 import DialogueSB3VecEnv  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARITH = dict(task="arithmetic", user="critic", reward="verifier", max_turns=2)
 
 

@@ -20,7 +20,7 @@ from agents.common.logging import read_metrics
 from agents.common.policy import PolicySettings, load_policy, trainable_parameters
 from tests.kill import run_killed_after
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 
 

@@ -17,8 +17,8 @@ import dialogue_gym  # noqa: F401
 from dialogue_gym.conversation import DialogueError, DialogueState, new_rng_state
 from dialogue_gym.tasks import AnthropicHHTask, UltraInteractTask
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 UI = FIXTURES / "ultrainteract_pair.jsonl"
 HH_TRL = FIXTURES / "hh_rlhf_trl_style.jsonl"
 ARITH = dict(task="arithmetic", user="critic", reward="verifier", max_turns=3)

@@ -30,7 +30,7 @@ from dialogue_gym.conversation import DialogueState, new_rng_state
 from dialogue_gym.generation import prompt_token_ids
 from tests.kill import run_killed_after
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 FIXTURE = ROOT / "tests" / "fixtures" / "dpo_preferences.jsonl"
 TINY = PolicySettings(model="tiny", lora_r=4, lora_alpha=8)
@@ -196,7 +196,7 @@ def test_online_pairs_are_best_vs_worst_of_n_and_ties_are_dropped(monkeypatch):
 
 def test_every_context_of_the_iteration_is_planned_at_once(monkeypatch):
     """The chunking (rollout_batch) happens inside the primitive, after the whole plan is drawn
-    (tests/test_branching.py checks that the trees do not depend on the chunk size)."""
+    (tests/agents/test_branching.py checks that the trees do not depend on the chunk size)."""
     collect, seen = _wire(monkeypatch, [[0.0, 1.0]] * 2)
     pairs, stats = collect(_Venv(2), _Venv(4), None, None, np.random.default_rng(0), 6, 2, 10, "reference", False,
                            "on_policy", 0.0)
