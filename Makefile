@@ -36,8 +36,10 @@ $(VENV)/.integrations: $(VENV)/.vllm
 demo: $(STAMP)
 	$(BIN)/python -m agents.refuel +experiment=demo hydra.run.dir=outputs/demo
 
+# mypy checks the env/engine/agent boundary modules listed under [tool.mypy] in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check dialogue_gym agents benchmarks tests
+	$(BIN)/mypy
 
 
 # The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or a missing page; the env keyword

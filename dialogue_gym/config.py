@@ -216,8 +216,10 @@ def field_table() -> list[FieldDoc]:
             raise RuntimeError(f"EnvConfig.{f.name} has no description under 'Attributes:' in the docstring")
         if f.default is not MISSING:
             default = repr(f.default)
+        elif f.default_factory is not MISSING:
+            default = repr(f.default_factory())
         else:
-            default = repr(f.default_factory())  # type: ignore[misc]
+            raise RuntimeError(f"EnvConfig.{f.name} has no default (every env setting needs one)")
         rows.append(FieldDoc(f.name, str(f.type), default, docs[f.name]))
     return rows
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,10 @@ from dialogue_gym.conversation import (
     rng_from_state,
     validate_messages,
 )
+
+if TYPE_CHECKING:  # types only: the engine, the user and the reward are built lazily (in __init__ and engine())
+    from dialogue_gym.generation.base import GenerationEngine
+    from dialogue_gym.users.base import UserTurn
 
 
 @dataclass
@@ -48,7 +52,7 @@ class DialogueCore:
         config.validate()
         self.config = config
         self.task = build_task(config.task, **config.task_kwargs)
-        self._engine: Any = None
+        self._engine: GenerationEngine | None = None
         if config.engine == "openai":  # check the server now: a down server or a missing model fails fast
             self.engine()
         self.user = build_user(config.user if config.user is not None else self.task.default_user, self.task,
@@ -75,7 +79,7 @@ class DialogueCore:
         """Batched reward calls so far (``usage.reward_calls``)."""
         return self.usage.reward_calls
 
-    def engine(self) -> Any:
+    def engine(self) -> GenerationEngine:
         """The shared generation engine of the LLM user (built on first use)."""
         if self._engine is None:
             from dialogue_gym.generation import make_engine
@@ -98,14 +102,14 @@ class DialogueCore:
         row = self.rows[int(index)]
         return self._new_state(row.messages, row.id, dict(row.profile), entropy)
 
-    def state_for_messages(self, messages: Any, profile: Any, entropy: int) -> DialogueState:
+    def state_for_messages(self, messages: object, profile: object, entropy: int) -> DialogueState:
         """A state from any valid prefix (validated); it may end with an assistant turn (see ``needs_user``)."""
         msgs = validate_messages(messages, "options['messages']")
         if profile is not None and not isinstance(profile, Mapping):
             raise DialogueError(f"options['profile'] must be a dict, got {type(profile).__name__}")
         return self._new_state(msgs, "", dict(profile or {}), entropy)
 
-    def restore(self, data: Any) -> DialogueState:
+    def restore(self, data: object) -> DialogueState:
         """A validated copy of a saved state that belongs to this configuration."""
         state = DialogueState.from_dict(data)
         if state.config_fingerprint != self.fingerprint:
@@ -152,7 +156,7 @@ class DialogueCore:
 
     # ---- one turn --------------------------------------------------------------------------------------------
 
-    def validate_action(self, action: Any, where: str = "action") -> str:
+    def validate_action(self, action: object, where: str = "action") -> str:
         if not isinstance(action, str):
             raise DialogueError(f"{where} must be a string (the assistant's message), got {type(action).__name__}")
         if not action.strip():
@@ -179,7 +183,7 @@ class DialogueCore:
         scored_conversations = [list(s.messages) for s in states]  # ending with the new assistant reply
         self._end_solved([s for s in states if s.truncated])
         asking = [i for i, s in enumerate(states) if not s.done]
-        user_turns: dict[int, Any] = {}
+        user_turns: dict[int, UserTurn] = {}
         user_calls = self.usage.user_calls
         if asking:
             for i, t in zip(asking, self._ask_user([states[i] for i in asking])):
@@ -213,9 +217,9 @@ class DialogueCore:
                 reward = 0.0
             if scored:
                 s.last_score = score
-            t = user_turns.get(i)
-            info = {"turn": s.turn, "user_message": t.text if t is not None and not t.done else "",
-                    "user_ended": bool(t.done) if t is not None else False, "task_row": s.task_row}
+            turn = user_turns.get(i)
+            info = {"turn": s.turn, "user_message": turn.text if turn is not None and not turn.done else "",
+                    "user_ended": bool(turn.done) if turn is not None else False, "task_row": s.task_row}
             if i in to_score:  # present only when the turn was scored (the vector env masks it as "_score")
                 info["score"] = score
             results.append(StepResult(float(reward), s.terminated, s.truncated, info))
@@ -235,12 +239,12 @@ class DialogueCore:
             if v > 0:
                 s.terminated, s.truncated = True, False
 
-    def _ask_user(self, states: Sequence[DialogueState]) -> list[Any]:
+    def _ask_user(self, states: Sequence[DialogueState]) -> list[UserTurn]:
         seeds = []
         for s in states:
             rng = rng_from_state(s.rng)
             seeds.append(int(rng.integers(0, 2**63 - 1)))
-            s.rng = rng.bit_generator.state
+            s.rng = dict(rng.bit_generator.state)  # numpy types the state as a Mapping; it is a fresh dict
         self.usage.user_calls += 1
         turns = self.user.respond([list(s.messages) for s in states], [s.profile for s in states], seeds)
         if len(turns) != len(states):

@@ -238,11 +238,12 @@ def record_from_dict(data: Any, where: str = "record") -> Record:
         except DialogueError as e:
             raise RolloutError(f"{where}.state: {e}") from None
         # the fields are checked and converted here, so build the record without __post_init__ checking them again
-        record = object.__new__(StateRecord)
-        record.__dict__.update(id=_str(data, "id", where, empty=False), state=state,
-                               policy_seed=_int(data["policy_seed"], f"{where}.policy_seed"),
-                               config=_hashes(data, "config", where), tags=_dict(data, "tags", where), kind="state")
-        return record
+        state_record = object.__new__(StateRecord)
+        state_record.__dict__.update(id=_str(data, "id", where, empty=False), state=state,
+                                     policy_seed=_int(data["policy_seed"], f"{where}.policy_seed"),
+                                     config=_hashes(data, "config", where), tags=_dict(data, "tags", where),
+                                     kind="state")
+        return state_record
     _check_keys(data, _DIALOGUE_REQUIRED, _DIALOGUE_OPTIONAL, where)
     full = {"logprobs": None, "terminated": False, "truncated": False, "start": "", "start_hash": "",
             "state_fingerprint": "", "config": {}, "seeds": {}, "tags": {}, **data}

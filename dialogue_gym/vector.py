@@ -19,15 +19,20 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dialogue_gym.conversation import DialogueError, DialogueState
+from dialogue_gym.conversation import DialogueError, DialogueState, Message
 from dialogue_gym.core import DialogueCore
 from dialogue_gym.env import EnvContract, make_config, start_state, transcript
 from dialogue_gym.spaces import Conversation, Utterance
 
 VECTOR_RESET_OPTIONS = ("states", "task_indices", "messages", "reset_mask")
 
+# One observation per sub-env (its messages, copied); an action per sub-env: the assistant's message, or None to sit
+# the step out. Rewards, terminated and truncated are numpy arrays of shape (N,).
+VectorObs = tuple[list[Message], ...]
+VectorAction = Sequence[str | None]
 
-class DialogueVectorEnv(EnvContract, VectorEnv):
+
+class DialogueVectorEnv(EnvContract, VectorEnv[VectorObs, VectorAction, np.ndarray]):
     """A natively batched dialogue env.
 
     Args:
@@ -74,7 +79,7 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
     # ---- reset -----------------------------------------------------------------------------------------------
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
-              ) -> tuple[tuple[list[dict[str, str]], ...], dict[str, Any]]:
+              ) -> tuple[VectorObs, dict[str, Any]]:
         """Reset all sub-envs, or those in ``options["reset_mask"]``.
 
         Args:
@@ -129,7 +134,7 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
         self._autoreset[mask] = False
         return self._observations(), self._reset_info(mask)
 
-    def _mask(self, mask: Any) -> np.ndarray:
+    def _mask(self, mask: object) -> np.ndarray:
         if mask is None:
             return np.ones(self.num_envs, dtype=bool)
         arr = np.asarray(mask)
@@ -138,7 +143,7 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
                                 f"got dtype {arr.dtype} shape {arr.shape}")
         return arr
 
-    def _seeds(self, seed: Any) -> list[int | None]:
+    def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
         if seed is None:
             return [None] * self.num_envs
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
@@ -149,17 +154,15 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
 
     # ---- step ------------------------------------------------------------------------------------------------
 
-    def step(self, actions: Sequence[Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(self, actions: VectorAction) -> tuple[VectorObs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Take one assistant turn in every active sub-env: one batched user call, one batched reward call.
 
         Raises:
             DialogueError: before any change, when an active sub-env's action is invalid (naming the sub-env).
         """
-        if any(s is None for s in self._states):
-            raise DialogueError("step() called before reset(); call reset() first")
+        states = self._started("step")
         if isinstance(actions, (str, bytes)) or len(actions) != self.num_envs:
             raise DialogueError(f"actions must be a sequence of {self.num_envs} strings (one per sub-env)")
-        states: list[DialogueState] = self._states  # type: ignore[assignment]
         resetting = self._autoreset.copy() if self.autoreset_mode == AutoresetMode.NEXT_STEP else \
             np.zeros(self.num_envs, dtype=bool)
         # an explicit None lets a running sub-env sit this step out (agents stop branches at their own turn)
@@ -184,7 +187,7 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
             for i in np.flatnonzero(resetting):
                 new_states[i] = start_state(self.core, {}, self._rngs[i])
                 infos = self._add_info(infos, {"turn": 0, "task_row": new_states[i].task_row}, int(i))
-        self._states = new_states
+        self._states = list(new_states)
         infos["active"] = active
         self._autoreset = terminated | truncated
         return self._observations(), rewards, terminated, truncated, infos
@@ -193,9 +196,14 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
 
     def get_states(self) -> list[DialogueState]:
         """Snapshots (copies) of every sub-env's conversation."""
-        if any(s is None for s in self._states):
-            raise DialogueError("get_states() called before reset(); call reset() first")
-        return [s.copy() for s in self._states]  # type: ignore[union-attr]
+        return [s.copy() for s in self._started("get_states")]
+
+    def _started(self, caller: str) -> list[DialogueState]:
+        """Every sub-env's state (not copied); raises when the env was not reset yet."""
+        states = [s for s in self._states if s is not None]
+        if len(states) != self.num_envs:
+            raise DialogueError(f"{caller}() called before reset(); call reset() first")
+        return states
 
     def get_state(self, index: int) -> DialogueState:
         """Snapshot (copy) of sub-env ``index``."""
@@ -213,7 +221,7 @@ class DialogueVectorEnv(EnvContract, VectorEnv):
             return None
         return tuple(transcript(s.messages) if s is not None else "" for s in self._states)
 
-    def _observations(self) -> tuple[list[dict[str, str]], ...]:
+    def _observations(self) -> VectorObs:
         return tuple([dict(m) for m in s.messages] if s is not None else [] for s in self._states)
 
     def _reset_info(self, mask: np.ndarray) -> dict[str, Any]:

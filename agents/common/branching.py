@@ -31,23 +31,22 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from agents.common.batching import Reply
-from agents.common.pairs import sample_turn
-from dialogue_gym.conversation import DialogueState
-from dialogue_gym.generation.base import GenerationEngine, SamplingParams
+from agents.common.pairs import TurnMode, sample_turn
+from dialogue_gym.conversation import DialogueState, Message
+from dialogue_gym.generation.base import Generation, GenerationEngine, SamplingParams
 from dialogue_gym.progress import Progress
-from dialogue_gym.vector import DialogueVectorEnv
+from dialogue_gym.vector import DialogueVectorEnv, VectorObs
 
 BLANK_REPLY = "..."
 PROGRESS_INTERVAL_S = 10.0  # log mode: at most one progress line per this many seconds (a bar moves every step)
 PREFIXES = ("on_policy", "dataset")
 
 
-def action_text(generation: Any) -> str:
+def action_text(generation: Generation) -> str:
     """The env action for a generation: its text, or ``"..."`` when the policy emitted only whitespace (a blank
     reply still takes its turn; the env rejects empty actions)."""
     return generation.text if generation.text.strip() else BLANK_REPLY
@@ -131,7 +130,7 @@ class Plan:
                              "turn-h reply has no future to sample)")
 
 
-def plan_dialogues(rng: np.random.Generator, dialogues: int, n_rows: int, max_turns: int, turn_sampling: str,
+def plan_dialogues(rng: np.random.Generator, dialogues: int, n_rows: int, max_turns: int, turn_sampling: TurnMode,
                    prefix: str = "on_policy", future: bool = True, k: int = 2, futures: int = 1) -> Plan:
     """The plan of one iteration, drawn from ``rng`` in the documented order (module docstring).
 
@@ -215,7 +214,7 @@ class StepMeter:
         self.limit = 0  # the count at the end of the current chunk: steps inside a chunk never pass it
         self._start = time.monotonic()
 
-    def step(self, gens: Sequence[Any], phase: str, turn: int, skipped: int = 0) -> None:
+    def step(self, gens: Sequence[Generation | None], phase: str, turn: int, skipped: int = 0) -> None:
         """Count one batched policy step: its replies, plus ``skipped`` planned replies that will not be played."""
         self.tokens += sum(len(g.token_ids) for g in gens if g is not None)
         done = sum(g is not None for g in gens) + skipped
@@ -242,19 +241,20 @@ def planned_replies(plan: Plan, turns: int) -> list[int]:
     return out
 
 
-def act(engine: GenerationEngine, observations: Sequence[Any], seeds: Sequence[int | None], params: SamplingParams
-        ) -> list[Any]:
+def act(engine: GenerationEngine, observations: Sequence[Sequence[Message]], seeds: Sequence[int | None],
+        params: SamplingParams) -> list[Generation | None]:
     """One batched policy call for the sub-envs with a seed; None (sit out) for the others."""
-    idx = [i for i, s in enumerate(seeds) if s is not None]
-    gens = engine.generate([observations[i] for i in idx], params, seeds=[seeds[i] for i in idx],
+    seeded = [(i, s) for i, s in enumerate(seeds) if s is not None]
+    idx = [i for i, _ in seeded]
+    gens = engine.generate([observations[i] for i in idx], params, seeds=[s for _, s in seeded],
                            return_logprobs=True) if idx else []
-    out: list[Any] = [None] * len(seeds)
+    out: list[Generation | None] = [None] * len(seeds)
     for i, g in zip(idx, gens):
         out[i] = g
     return out
 
 
-def _reset_to_starts(venv: DialogueVectorEnv, starts: Sequence[Start]) -> Any:
+def _reset_to_starts(venv: DialogueVectorEnv, starts: Sequence[Start]) -> VectorObs:
     """Reset a DISABLED vector env to the starts; spare sub-envs repeat the last start and only sit out."""
     padded = list(starts) + [starts[-1]] * (venv.num_envs - len(starts))
     if all(s.state is not None for s in starts):

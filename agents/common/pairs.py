@@ -14,6 +14,7 @@ import numpy as np
 __all__ = ["TURN_MODES", "reference_turn_distribution", "sample_turn", "select_best_worst"]
 
 TURN_MODES = ("reference", "uniform", "last")
+TurnMode = Literal["reference", "uniform", "last"]  # the values of TURN_MODES
 
 
 def _as_vector(name: str, values: Sequence[float] | np.ndarray, fn: str) -> np.ndarray:
@@ -89,7 +90,7 @@ def _check_max_horizon(max_horizon: int, fn: str) -> int:
 
 
 def sample_turn(
-    rng: np.random.Generator, max_horizon: int = 5, mode: Literal["reference", "uniform", "last"] = "reference"
+    rng: np.random.Generator, max_horizon: int = 5, mode: TurnMode = "reference"
 ) -> tuple[int, int]:
     """Draw REFUEL's rollout horizon H' and the turn h (1 ≤ h ≤ H') at which to branch.
 

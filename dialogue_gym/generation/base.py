@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from dialogue_gym.conversation import Message
 
@@ -94,7 +94,7 @@ class GenerationEngine(Protocol):
         ...
 
 
-def check_generate_args(prompts: Any, params: Any, seeds: Sequence[int] | None) -> None:
+def check_generate_args(prompts: Any, params: object, seeds: Sequence[int] | None) -> None:
     """The argument checks every engine's ``generate`` shares.
 
     Raises:
@@ -110,7 +110,7 @@ def check_generate_args(prompts: Any, params: Any, seeds: Sequence[int] | None) 
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
 
 
-def is_token_prompt(prompt: Prompt) -> bool:
+def is_token_prompt(prompt: Prompt) -> TypeGuard[Sequence[int]]:
     """True for a token-id prompt, False for a chat conversation."""
     return len(prompt) > 0 and not isinstance(prompt[0], dict)
 
@@ -125,7 +125,7 @@ def prompts_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[in
     """:func:`prompt_token_ids` of many prompts, the chat ones tokenized in one batched call (the fast tokenizer
     encodes a batch on all cores; one call per prompt cost ~0.45 ms each: with the user's and the judge's 256
     prompts, about a quarter of a GPU env step at N = 256)."""
-    out: list[list[int] | None] = [None] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]  # every entry is filled below
     chat, texts = [], []
     for i, p in enumerate(prompts):
         if is_token_prompt(p):
@@ -136,4 +136,4 @@ def prompts_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[in
     if texts:
         for i, ids in zip(chat, tokenizer(texts, add_special_tokens=False)["input_ids"]):
             out[i] = list(ids)
-    return out  # type: ignore[return-value]
+    return out
