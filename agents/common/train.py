@@ -77,10 +77,25 @@ def fill_reference_logprobs(model: Any, pairs: Sequence[Pair], pad_id: int, temp
         p.ref_a, p.ref_b = float(logps[2 * i]), float(logps[2 * i + 1])
 
 
+def minibatches(n: int, batch_size: int, epochs: int, steps: int, rng: np.random.Generator) -> list[list[int]]:
+    """The indices of an update's minibatches over ``n`` items: ``epochs`` passes, each a fresh permutation cut
+    into ``batch_size`` slices; with ``steps > 0`` exactly ``steps`` minibatches instead (passes repeated as needed,
+    the last one cut short), so the update's size does not depend on how many items there are. None for n = 0."""
+    out: list[list[int]] = []
+    if n == 0:
+        return out
+    passes = epochs if steps <= 0 else math.ceil(steps / math.ceil(n / batch_size))
+    for _ in range(passes):
+        order = rng.permutation(n)
+        out.extend([int(i) for i in order[start:start + batch_size]] for start in range(0, n, batch_size))
+    return out[:steps] if steps > 0 else out
+
+
 def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], pair_loss: Callable,
                 pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator,
-                ranks: Ranks = SINGLE) -> list[dict[str, float]]:
-    """``optim.epochs`` passes of minibatch updates over pairs, with gradient accumulation.
+                ranks: Ranks = SINGLE, steps: int = 0) -> list[dict[str, float]]:
+    """``optim.epochs`` passes of minibatch updates over pairs (exactly ``steps`` minibatches when > 0, see
+    :func:`minibatches`), with gradient accumulation.
 
     ``pair_loss(logp_a, logp_b, pairs) -> (loss, metrics)`` gets the (M,) log-probs of each micro-batch's two
     replies under the current weights (``ref_*`` and rewards are on the pairs). REBEL/REFUEL and DPO differ only
@@ -97,34 +112,32 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
     params = list(trainable_parameters(model).values())
     sharded = is_sharded(model)
     scale = ranks.world if sharded else 1
-    for _ in range(optim.epochs):
-        order = rng.permutation(len(pairs))
-        for start in range(0, len(order), optim.batch_size):
-            batch = [pairs[i] for i in order[start:start + optim.batch_size]]
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            micro = max(1, optim.micro_batch_size // 2)  # two sequences per pair
-            mine = batch[ranks.rank::ranks.world]  # this process's rows of the minibatch (all of it in one process)
-            for m in range(0, len(mine), micro):
-                mb = mine[m:m + micro]
-                logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
-                                      optim.micro_batch_size, optim.max_length)
-                loss, metrics = pair_loss(logp[0::2], logp[1::2], mb)
-                (loss * (scale * len(mb) / len(batch))).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
-            if sharded:  # as many micro-batches as the process with the most rows (same for every minibatch)
-                busiest = forwards(len(batch[0::ranks.world]), micro)
-                for _ in range(busiest - forwards(len(mine), micro)):
-                    (dummy_logprob(model) * 0.0).backward()
-            else:
-                all_reduce_gradients(params, ranks)
-            sums = all_reduce_sums(sums, ranks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
-                            "loss/lr": float(scheduler.get_last_lr()[0])})
+    for picked in minibatches(len(pairs), optim.batch_size, optim.epochs, steps, rng):
+        batch = [pairs[i] for i in picked]
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        micro = max(1, optim.micro_batch_size // 2)  # two sequences per pair
+        mine = batch[ranks.rank::ranks.world]  # this process's rows of the minibatch (all of it in one process)
+        for m in range(0, len(mine), micro):
+            mb = mine[m:m + micro]
+            logp = reply_logprobs(model, [r for p in mb for r in (p.a, p.b)], pad_id, temperature,
+                                  optim.micro_batch_size, optim.max_length)
+            loss, metrics = pair_loss(logp[0::2], logp[1::2], mb)
+            (loss * (scale * len(mb) / len(batch))).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(mb) / len(batch)
+        if sharded:  # as many micro-batches as the process with the most rows (same for every minibatch)
+            busiest = forwards(len(batch[0::ranks.world]), micro)
+            for _ in range(busiest - forwards(len(mine), micro)):
+                (dummy_logprob(model) * 0.0).backward()
+        else:
+            all_reduce_gradients(params, ranks)
+        sums = all_reduce_sums(sums, ranks)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
+                        "loss/lr": float(scheduler.get_last_lr()[0])})
     model.eval()
     return history
 

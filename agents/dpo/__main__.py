@@ -99,15 +99,17 @@ DATA_STREAM = 2**31 - 1  # rng stream of offline pair generation (iterations use
 
 def preference_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], beta: float,
                       label_smoothing: float, pad_id: int, optim: OptimSettings, rng: np.random.Generator,
-                      ranks: Ranks = SINGLE) -> list[dict[str, float]]:
-    """``optim.epochs`` passes of minibatch DPO over the pairs (``a`` chosen, ``b`` rejected, ``ref_*`` filled):
-    the shared pair update of agents.common.train with the DPO loss. Returns one metrics dict per step."""
+                      ranks: Ranks = SINGLE, steps: int = 0) -> list[dict[str, float]]:
+    """``optim.epochs`` passes of minibatch DPO over the pairs (``a`` chosen, ``b`` rejected, ``ref_*`` filled), or
+    exactly ``steps`` minibatches when > 0: the shared pair update of agents.common.train with the DPO loss.
+    Returns one metrics dict per step."""
 
     def loss(logp_a: torch.Tensor, logp_b: torch.Tensor, mb: Sequence[Pair]) -> tuple[torch.Tensor, dict]:
         return dpo_loss(logp_a, logp_b, values_like([p.ref_a for p in mb], logp_a),
                         values_like([p.ref_b for p in mb], logp_a), beta, label_smoothing)
 
-    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng, ranks)
+    return pair_update(model, optimizer, scheduler, pairs, loss, pad_id, LOGPROB_TEMPERATURE, optim, rng, ranks,
+                       steps)
 
 
 def reference_logprobs(model: Any, reference: Any | None, pairs: Sequence[Pair], use_sft: bool, pad: int,
@@ -172,9 +174,8 @@ def run(cfg: DpoConfig) -> dict:
             fixed = [tokenize_pair(p, tokenizer) for p in prefs]
             data_stats = {"env/pairs": float(len(fixed)), **{f"env/dropped_{k}": float(v) for k, v in dropped.items()}}
             reference_logprobs(model, reference, fixed, True, pad, cfg.optim)  # π_ref = SFT: once for the run
-    per_iteration = len(fixed) if fixed else cfg.dialogues
-    optimizer, scheduler = make_optimizer(trainer, cfg.optim, cfg.iterations * steps_per_iteration(per_iteration,
-                                                                                                 cfg.optim))
+    per_iteration = cfg.steps or steps_per_iteration(len(fixed) if fixed else cfg.dialogues, cfg.optim)
+    optimizer, scheduler = make_optimizer(trainer, cfg.optim, cfg.iterations * per_iteration)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
     start = 0
@@ -208,7 +209,7 @@ def run(cfg: DpoConfig) -> dict:
         if not pairs:
             log.warning("iteration %d: no pair (every context was a tie); no update", t + 1)
         history = preference_update(trainer, optimizer, scheduler, pairs, cfg.beta, cfg.label_smoothing, pad,
-                                    cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks)
+                                    cfg.optim, np.random.default_rng([cfg.seed, t, 1]), ranks, cfg.steps)
         refresh_copy(model, trainer)  # FSDP: the plain copy gets the updated weights
         t_sync = time.time()
         sync_policy(engine, model)  # a vLLM policy engine loads the new adapter or weights; HF samples the model
@@ -220,6 +221,7 @@ def run(cfg: DpoConfig) -> dict:
             metrics["perf/reward_calls"] = float(rollin.usage.reward_calls + branches.usage.reward_calls)
         for k in history[0] if history else []:
             metrics[k] = float(np.mean([h[k] for h in history]))
+        metrics["loss/steps"] = float(len(history))  # optimizer steps this iteration (``steps``, or the passes')
         if ranks.main:  # one process logs
             logger.log(t + 1, metrics)
         if ranks.main or ranks.sharded:  # one process saves (all hold the same weights); sharded: each its shards

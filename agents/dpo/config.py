@@ -45,6 +45,9 @@ class DpoConfig:
     dialogues: int = 16  # online: contexts per iteration; offline source=task: task rows sampled (a pair each)
     rollout_batch: int = 0  # contexts per vector-env batch (0: all at once); must divide dialogues
     n: int = 8  # replies sampled per context; best vs worst become the pair (recipe: 8)
+    steps: int = 0  # optimizer steps per iteration, exactly: minibatches cycle through reshuffled passes over the
+    # pairs until this many (0: optim.epochs passes). Fixes the update's size whatever the pair count after ties
+    # are dropped, so arms can be compared at equal optimizer steps (the leaderboard's fair arms)
     beta: float = 0.1  # DPO's KL strength β (recipe: 0.1)
     label_smoothing: float = 0.0  # cDPO: probability that a label is flipped, in [0, 0.5) (recipe code: 0.1)
     length_penalty: float = 0.0  # λ: pairs ranked by reward - λ * characters (recipe's concise variant: 0.001)
@@ -68,6 +71,8 @@ def validate(cfg: DpoConfig) -> None:
     check(cfg.length_penalty >= 0, f"length_penalty must be >= 0, got {cfg.length_penalty}")
     check(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     check(cfg.dialogues >= 1, f"dialogues must be >= 1, got {cfg.dialogues}")
+    check(cfg.steps >= 0, f"steps (optimizer steps per iteration) must be >= 0 (0: optim.epochs passes), got "
+                          f"{cfg.steps}")
     check(cfg.rollout_batch >= 0 and (cfg.rollout_batch == 0 or cfg.dialogues % cfg.rollout_batch == 0),
           f"rollout_batch must be 0 or divide dialogues ({cfg.dialogues}), got {cfg.rollout_batch}")
     check(cfg.turn_sampling in TURN_MODES, f"turn_sampling is {cfg.turn_sampling!r}; allowed: {', '.join(TURN_MODES)}")

@@ -291,6 +291,7 @@ def no_model_loads(monkeypatch):
         (["turn_sampling=first"], "turn_sampling is 'first'; allowed: reference, uniform, last"),
         (["mode=offline", "data.prefix=row"], "data.prefix is 'row'; allowed: on_policy, dataset"),
         (["iterations=0"], "iterations must be >= 1"),
+        (["steps=-1"], "steps (optimizer steps per iteration) must be >= 0"),
         (["rollout_batch=3"], "rollout_batch must be 0 or divide dialogues (16)"),
         (["env.task=chess"], "env.task is 'chess'"),
         (["eval.dialogues=100000"], "eval.dialogues is 100000 but the test split"),
@@ -396,12 +397,15 @@ def test_online_resume_equals_an_uninterrupted_run(interruption, online_run, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["file", "task"])
 def test_offline_smoke_trains_every_parameter(source, tmp_path):
-    extra = [f"data.path={FIXTURE}"] if source == "file" else ["n=3"]
+    extra = [f"data.path={FIXTURE}", "steps=5"] if source == "file" else ["n=3"]  # file: exactly 5 steps each
     run_agent(tmp_path, "mode=offline", f"data.source={source}", *extra)
     assert_trained(tmp_path, "offline DPO")
     rows = read_metrics(tmp_path)
     if source == "file":
         assert rows[0]["env/pairs"] == 4 and rows[0]["env/dropped_identical_replies"] == 1
+        assert [r["loss/steps"] for r in rows] == [5, 5]  # 4 pairs, more than one pass: the passes are cut at 5
+    else:
+        assert all(r["loss/steps"] >= 1 for r in rows)
     assert rows[1]["loss/reward_accuracy"] >= 0.0 and rows[0]["env/pairs"] == rows[1]["env/pairs"]  # fixed pairs
 
 

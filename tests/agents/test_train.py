@@ -1,14 +1,16 @@
-"""The learning-rate schedule shared by every agent: no zero-learning-rate step, numbers worked by hand."""
+"""The learning-rate schedule shared by every agent (no zero-learning-rate step, numbers worked by hand) and the
+minibatches of the pair update."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from agents.common.config import OptimSettings
-from agents.common.train import lr_factor, make_optimizer
+from agents.common.train import lr_factor, make_optimizer, minibatches
 
 
 def test_lr_factor_by_hand():
@@ -40,3 +42,15 @@ def test_the_first_optimizer_step_has_a_positive_learning_rate():
     # warm-up ceil(0.1 * 5) = 1 step at 1/2, then cosine over 4: 1, cos^2(pi/8), 1/2, sin^2(pi/8)
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 4)), 5e-4,
                                  1e-3 * 0.5 * (1 + math.cos(3 * math.pi / 4))])
+
+
+def test_minibatches_are_epochs_of_permutations_or_exactly_steps():
+    by_epochs = minibatches(5, 2, 2, 0, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    first, second = rng.permutation(5).tolist(), rng.permutation(5).tolist()
+    assert by_epochs == [first[0:2], first[2:4], first[4:], second[0:2], second[2:4], second[4:]]
+    # steps=4 over 5 items at batch 2: 3 minibatches per pass, so 2 passes cut after the 4th minibatch; epochs ignored
+    assert minibatches(5, 2, 7, 4, np.random.default_rng(0)) == by_epochs[:4]
+    assert minibatches(5, 2, 1, 9, np.random.default_rng(0))[6:] != []  # passes repeat as needed
+    assert len(minibatches(5, 2, 1, 9, np.random.default_rng(0))) == 9
+    assert minibatches(0, 2, 3, 4, np.random.default_rng(0)) == []  # no items: no update, not a loop
