@@ -36,6 +36,8 @@ class EvalProtocol:
     temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)
     reward: str | None = None  # the judge: a reward spec for the eval env; null = the env's own reward
     n_boot: int = 2000  # crossed bootstrap replicates (seeds and one shared resample of states) per interval
+    probe_samples: int = 8  # turn-1 probe (tasks with asks(reply)): replies the initial policy samples per state
+    probe_keep: int = 2  # turn-1 probe: replies kept per state and class (asks / the rest; leaderboard/probe.py)
 
 
 @dataclass
@@ -108,6 +110,8 @@ def validate(cfg: LeaderboardConfig) -> None:
     check(cfg.eval.states >= 1, f"eval.states must be >= 1, got {cfg.eval.states}")
     check(cfg.eval.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {cfg.eval.temperature}")
     check(cfg.eval.n_boot >= 100, f"eval.n_boot must be >= 100, got {cfg.eval.n_boot}")
+    check(cfg.eval.probe_samples >= 1, f"eval.probe_samples must be >= 1, got {cfg.eval.probe_samples}")
+    check(cfg.eval.probe_keep >= 1, f"eval.probe_keep must be >= 1, got {cfg.eval.probe_keep}")
     check(cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     check(cfg.policy_engine in ("hf", "vllm"), f"policy_engine is {cfg.policy_engine!r}; allowed: hf, vllm")
     check(0 < cfg.policy_engine_memory <= 1,

@@ -29,13 +29,13 @@ from agents.common.checkpoint import completed_iterations, export_checkpoint_pol
 from agents.common.run import setup_logging
 from benchmarks.leaderboard.agents import calibrate, train
 from benchmarks.leaderboard.config import LeaderboardConfig
-from benchmarks.leaderboard.probe import has_probe, probe_values
+from benchmarks.leaderboard.probe import probe_values
 from benchmarks.leaderboard.protocol import AgentRun, eval_env, evaluate
 from dialogue_gym.budget import Budget
 from dialogue_gym.rollout_store import RolloutStore, StateRecord, stored_states
 
 log = logging.getLogger("benchmarks.leaderboard")
-PROBE_FILE = "probe_initial.json"  # the initial policy's turn-1 probe on the test states (written by the baseline)
+PROBE_FILE = "probe_replies.json"  # the turn-1 probe's replies sampled by the initial policy (.probe), one per run
 
 
 def token_counter(model_name: str) -> Any:
@@ -107,10 +107,11 @@ def train_and_evaluate(cfg: LeaderboardConfig, ctx: Context, name: str, seed: in
     policy = f"{name}/lr-{lr:g}" if sweep else f"{name}/seed-{seed}"
     _, eval_s = evaluate(cfg, split.venv, str(run_dir / "policy"), split.states, split.store, policy,
                          {"agent": name, "seed": seed, "lr": lr})
-    task = split.venv.task
-    probe = None if sweep or not has_probe(task) else probe_values(str(run_dir / "policy"), split.states, task)
+    probe_file = Path(cfg.run_dir) / PROBE_FILE  # written before any job starts (runner.py), where the task has one
+    probe = None if sweep or not probe_file.is_file() else \
+        probe_values(str(run_dir / "policy"), json.loads(probe_file.read_text()))
     result = AgentRun(name, seed, typed.iterations, completed_iterations(run_dir), stop, budget.usage("train"),
-                      train_s, eval_s, lr, None if probe is None else [float(x) for x in probe]).to_json()
+                      train_s, eval_s, lr, probe).to_json()
     (run_dir / "leaderboard_result.json").write_text(json.dumps(result, indent=1))
     gc.collect()  # the run's models and optimizer go before the next run loads its own
     log.info("%s %s: %s, %d/%d iterations, spent %s, %.0f s training", name,
@@ -122,13 +123,8 @@ def train_and_evaluate(cfg: LeaderboardConfig, ctx: Context, name: str, seed: in
 def do_job(cfg: LeaderboardConfig, ctx: Context, kind: str, args: tuple[Any, ...]) -> Any:
     """Run one job (see the module docstring) and return its result."""
     if kind == "baseline":
-        seconds = evaluate(cfg, ctx.eval.venv, cfg.policy, ctx.eval.states, ctx.eval.store, "initial",
-                           {"agent": "initial"})[1]
-        task = ctx.eval.venv.task
-        if has_probe(task):
-            values = probe_values(cfg.policy, ctx.eval.states, task)
-            (Path(cfg.run_dir) / PROBE_FILE).write_text(json.dumps([float(x) for x in values]))
-        return seconds
+        return evaluate(cfg, ctx.eval.venv, cfg.policy, ctx.eval.states, ctx.eval.store, "initial",
+                        {"agent": "initial"})[1]
     if kind == "calibrate":
         return calibrate(cfg, args[0], Path(cfg.run_dir), ctx.count_tokens)
     if kind == "sweep":

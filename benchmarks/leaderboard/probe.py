@@ -1,59 +1,133 @@
-"""The turn-1 log-prob probe: a low-variance read of whether training moved the mechanism, beside task success.
+"""The turn-1 probe: a low-variance read of whether training moved the mechanism, beside task success.
 
 Success at the last turn is a noisy 0/1 outcome of greedy dialogues. The probe asks the policy directly: on each
-stored test opening, how much more likely is a reply that asks for the missing number than one that guesses? It
-is computed by forward passes on two *fixed* canned replies per state (the task's ``probe_replies``: clarify's
-"Could you tell me how many apples Maya has at the start?" vs "The answer is 10."), so it has no sampling noise:
+stored test opening, did training make asking more likely relative to guessing? It is computed by forward passes on
+*fixed* replies, so a trained policy adds no sampling noise of its own:
 
-    probe(s) = log pi(ask | s) - log pi(guess | s)      (nats; summed over each reply's tokens, EOS included)
+1. Once, in the baseline job, the initial policy pi_0 samples ``samples`` turn-1 replies at every test opening (at
+   the training temperature, seeded from the evaluation seed). The task's behaviour test (``task.asks``: clarify's
+   "asks or holds back its answer") sorts them into A (asks) and G (the rest: replies that state an answer); the
+   first ``keep`` of each class are kept, with their log-probs under pi_0.
+2. For a policy pi, at every state that has replies of both classes:
 
-The leaderboard reports, per trained policy and state, the change from the initial policy's value on the same
-state, as a (seeds, states) matrix with crossed intervals (:mod:`.stats`). REFUEL's claim predicts a rise (a
-turn-1 ask is credited with the later answer); REBEL's immediate reward at turn 1 is 0 for both, so it predicts no
-change beyond noise.
+       probe(s) = log mean_{y in A} pi(y|s)/pi_0(y|s) - log mean_{y in G} pi(y|s)/pi_0(y|s)      (nats)
+
+   Each mean is an importance-sampling estimate of pi(A|s)/pi_0(A|s) (the kept replies are draws from pi_0 given
+   their class), so the probe estimates the change of the log-odds log pi(A|s)/pi(G|s) from pi_0's: 0 for pi_0
+   itself, > 0 when pi asks more (relative to guessing) than pi_0 did. States with no reply of one class are left
+   out (None), the same states for every policy.
+
+Why the policy's own replies and not canned ones: a canned "Could you tell me ...?" measures one wording, and a
+policy can learn to ask in its own words while that wording becomes *less* likely (the first clarify leaderboard saw
+GRPO's turn-1 asking rise from 0.34 to 0.89 while the canned probe fell). REFUEL's claim predicts a rise (a turn-1
+ask is credited with the later answer); REBEL's immediate reward at turn 1 is 0 for asking and guessing alike, so it
+predicts no change beyond noise.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from agents.common.batching import Reply, reply_logprobs
-from dialogue_gym.generation import prompt_token_ids
+from dialogue_gym.generation import SamplingParams, prompt_token_ids
 from dialogue_gym.rollouts import StateRecord
+
+SAMPLES = 8  # turn-1 replies the initial policy samples per state
+KEEP = 2  # replies of each class kept per state (forward passes per policy: at most 2 * KEEP per state)
+SEED_STREAM = 7919  # the probe's sampling seeds: (eval seed, state, sample, this stream), apart from the eval's own
 
 
 def has_probe(task: Any) -> bool:
-    """Whether the task defines the canned replies of the probe (``probe_replies(profile) -> (ask, guess)``)."""
-    return callable(getattr(task, "probe_replies", None))
+    """Whether the task has the behaviour test the probe sorts replies with (``asks(reply) -> bool``)."""
+    return callable(getattr(task, "asks", None))
 
 
-def probe_values(model_name: str, states: list[StateRecord], task: Any, batch_size: int = 8) -> np.ndarray:
-    """(states,) ``log pi(ask | s) - log pi(guess | s)`` of the policy ``model_name`` (a name ``load_model``
-    knows, or an exported policy's directory) at every stored state, in nats.
+def sample_probe_replies(model_name: str, states: Sequence[StateRecord], asks: Callable[[str], bool],
+                         temperature: float, max_new_tokens: int, seed: int, samples: int = SAMPLES,
+                         keep: int = KEEP) -> dict[str, Any]:
+    """Step 1 of the module docstring with the initial policy ``model_name``.
+
+    Returns:
+        ``{"samples", "keep", "temperature", "states": [{"ask": [...], "guess": [...], "asked": a, "sampled": n}]}``
+        (JSON-ready), each reply ``{"text", "token_ids", "logp0"}``; ``asked`` of the ``sampled`` replies asked.
 
     Raises:
-        ValueError: the task has no ``probe_replies``.
+        ValueError: ``samples`` or ``keep`` below 1, or a temperature of 0 (greedy replies are all alike).
     """
-    if not has_probe(task):
-        raise ValueError(f"task {getattr(task, 'name', task)!r} has no probe_replies(profile); the probe needs the "
-                         "two canned replies (ask, guess) of a state")
+    if samples < 1 or keep < 1:
+        raise ValueError(f"samples and keep must be >= 1, got {samples} and {keep}")
+    if temperature <= 0:
+        raise ValueError(f"the probe samples its replies; temperature must be > 0, got {temperature}")
+    from dialogue_gym.generation.hf import HFEngine
+
+    engine = HFEngine(model_name, seed=seed)
+    tokenizer = engine.tokenizer
+    prompts = [s.state.messages for s in states for _ in range(samples)]
+    seeds = [int(np.random.default_rng([seed, i, j, SEED_STREAM]).integers(2**62)) for i in range(len(states))
+             for j in range(samples)]
+    gens = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), seeds)
+    out = []
+    for i, s in enumerate(states):
+        mine = gens[i * samples:(i + 1) * samples]
+        classes: dict[str, list[dict[str, Any]]] = {"ask": [], "guess": []}
+        for g in mine:
+            group = classes["ask" if asks(g.text) else "guess"]
+            if len(group) < keep:
+                group.append({"text": g.text, "token_ids": list(g.token_ids)})
+        out.append({**classes, "asked": sum(asks(g.text) for g in mine), "sampled": samples,
+                    "prompt_token_ids": prompt_token_ids(tokenizer, s.state.messages)})
+    logp0 = _logprobs(engine.model, tokenizer, out)
+    for st, values in zip(out, logp0):
+        for y, lp in zip(st["ask"] + st["guess"], values):
+            y["logp0"] = lp
+    return {"samples": samples, "keep": keep, "temperature": temperature, "states": out}
+
+
+def _logprobs(model: Any, tokenizer: Any, states: list[dict[str, Any]], batch_size: int = 8) -> list[list[float]]:
+    """Per state, the summed log-probs (temperature 1) of its kept replies, asks first, under ``model``."""
+    replies = [Reply(list(st["prompt_token_ids"]), list(y["token_ids"]), y["text"])
+               for st in states for y in st["ask"] + st["guess"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    with torch.no_grad():
+        flat = reply_logprobs(model, replies, pad, temperature=1.0, batch_size=batch_size).float().cpu().tolist() \
+            if replies else []
+    out, k = [], 0
+    for st in states:
+        n = len(st["ask"]) + len(st["guess"])
+        out.append(flat[k:k + n])
+        k += n
+    return out
+
+
+def _log_mean_exp(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs) / len(xs))
+
+
+def probe_values(model_name: str, probe: dict[str, Any]) -> list[float | None]:
+    """Step 2 of the module docstring: (states,) probe values of the policy ``model_name`` (a name ``load_model``
+    knows, or an exported policy's directory) on the replies of :func:`sample_probe_replies`; None where a state
+    lacks replies of one class."""
     from dialogue_gym.models import load_model
 
     model, tokenizer = load_model(model_name, shared=False)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"the tokenizer of {model_name!r} has no EOS token to end a canned reply with")
-    replies = []
-    for s in states:
-        prompt = prompt_token_ids(tokenizer, s.state.messages)
-        for text in task.probe_replies(s.state.profile):
-            replies.append(Reply(list(prompt), list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos],
-                                 text))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    model.eval()
-    with torch.no_grad():
-        logp = reply_logprobs(model, replies, pad, temperature=1.0, batch_size=batch_size).float().cpu().numpy()
-    return logp[0::2] - logp[1::2]  # (states,) ask - guess
+    return probe_from_logprobs(probe, _logprobs(model, tokenizer, probe["states"]))
+
+
+def probe_from_logprobs(probe: dict[str, Any], logp: list[list[float]]) -> list[float | None]:
+    """The probe at every state from the policy's log-probs of its kept replies (asks first, as stored)."""
+    out: list[float | None] = []
+    for st, values in zip(probe["states"], logp):
+        if not st["ask"] or not st["guess"]:
+            out.append(None)
+            continue
+        ratios = [lp - y["logp0"] for y, lp in zip(st["ask"] + st["guess"], values)]
+        n = len(st["ask"])
+        out.append(_log_mean_exp(ratios[:n]) - _log_mean_exp(ratios[n:]))
+    return out

@@ -43,7 +43,8 @@ class AgentRun:
     train_s: float  # wall time of the agent's run (model loading and its own small evaluation included)
     eval_s: float  # wall time of the leaderboard's evaluation of the trained policy
     lr: float | None = None  # the learning rate the sweep chose (None: the agent's own)
-    probe: list[float] | None = None  # (states,) turn-1 log-prob probe on the test states (.probe), if the task has it
+    probe: list[float | None] | None = None  # (states,) turn-1 probe on the test states (.probe; None: a state the
+    # probe leaves out), if the task has one
     records: list[DialogueRecord] = field(default_factory=list, repr=False)
 
     @property
@@ -145,7 +146,7 @@ def behaviour_matrix(records: list[DialogueRecord], states: list[StateRecord], a
 
 def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
               states: list[StateRecord], verifier: Any | None, asks: Any | None = None,
-              base_probe: list[float] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+              base_probe: list[float | None] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The report's numbers: ``(rows, paired)``.
 
     ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
@@ -153,8 +154,9 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     :mod:`benchmarks.leaderboard.stats`), and the mean cost per seed. The initial policy's win rate is 0.5 by
     definition. With ``asks`` (the task's behaviour test, e.g. clarify's), also the share of turn-h replies that show
     it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals, seed-level
-    tests and power; with ``base_probe`` (the initial policy's turn-1 probe) and every run's ``probe``, also the
-    probe's change from the initial policy (metric ``probe``, turn 1).
+    tests and power; with ``base_probe`` (the initial policy's turn-1 probe: 0 at every state it covers, None
+    elsewhere) and every run's ``probe``, also the probe's change from the initial policy (metric ``probe``, turn 1)
+    on the states it covers.
     """
     horizon = states_horizon(states, cfg.env.max_turns)
     base = score_matrix(baseline, horizon)
@@ -168,10 +170,12 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
         if not mine:
             continue
         groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success, behaviour)
-        if base_probe is not None and all(r.probe is not None for r in mine):
-            change = np.array([r.probe for r in mine], dtype=float) - np.asarray(base_probe, dtype=float)[None, :]
-            groups[name]["probe"] = change[:, :, None]  # (S, N, 1): the change from the initial policy
-            groups["initial"]["probe"] = np.zeros((1, len(base_probe), 1))
+        initial = np.array(base_probe if base_probe is not None else [], dtype=float)  # None -> nan: left out
+        covered = np.isfinite(initial)
+        if covered.any() and all(r.probe is not None for r in mine):
+            change = np.array([r.probe for r in mine], dtype=float)[:, covered] - initial[None, covered]
+            groups[name]["probe"] = change[:, :, None]  # (S, N', 1): the change from the initial policy
+            groups["initial"]["probe"] = np.zeros((1, int(covered.sum()), 1))
         seeds[name] = [r.seed for r in mine]
         cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
         rows += [{**row, **cost[row["seed"]]} for row in

@@ -169,8 +169,17 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[di
         lines += paired_table(paired, metric, horizon, f"Paired differences in {metric} at the last turn "
                                                         f"(h={horizon})")
         if any(p["metric"] == "probe" for p in paired):
-            lines += paired_table(paired, "probe", 1, "Turn-1 log-prob probe: change in log pi(ask) - log pi(guess) "
-                                                      "on the test openings (nats)")
+            pr = meta.get("probe") or {}
+            table = paired_table(paired, "probe", 1, "Turn-1 probe: change in the log-odds of asking vs guessing "
+                                                     "(nats)")
+            if pr:
+                table[2:2] = [f"On the initial policy's own turn-1 replies: {pr['samples']} sampled per test "
+                              f"opening at temperature {pr['temperature']:g} (it asked in {pr['asked']:.2f} of "
+                              f"them), up to {pr['keep']} kept per class; the {pr['states']} of {meta['states']} "
+                              "states with replies of both classes. probe(s) = log mean_ask pi/pi_0 - log "
+                              "mean_guess pi/pi_0 (benchmarks/leaderboard/probe.py): 0 for the initial policy, "
+                              "> 0 where a policy asks more, relative to guessing, than it did.", ""]
+            lines += table
     lines += _cost(cfg, agents, pooled, meta) + _sweep(meta) + _per_seed(rows, runs, horizon, hs)
     if cfg.notes:
         lines += ["", "## Notes", "", cfg.notes.strip()]

@@ -21,6 +21,7 @@ from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, validate
 from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
+from benchmarks.leaderboard.probe import has_probe, probe_from_logprobs, sample_probe_replies
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
 from benchmarks.leaderboard.stats import crossed_interval
@@ -113,6 +114,11 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     asks = getattr(ctx.eval.venv.task, "asks", None)  # the task's behaviour of interest (clarify), if any
     if cfg.sweep.metric == "success" and verifier is None:
         raise ConfigError(f"sweep.metric is success, but task {cfg.env.task!r} has no verifier; use score or auto")
+    probe_file = out / PROBE_FILE
+    if has_probe(ctx.eval.venv.task) and not probe_file.is_file():  # before any job: every run's probe reads it
+        probe_file.write_text(json.dumps(sample_probe_replies(
+            cfg.policy, states, ctx.eval.venv.task.asks, cfg.temperature or 1.0, cfg.max_new_tokens, cfg.eval.seed,
+            cfg.eval.probe_samples, cfg.eval.probe_keep)))
     done = played(store, states)
     baseline: list[DialogueRecord] | None = done.get("initial")
     baseline_s = 0.0
@@ -129,8 +135,9 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
         runs.sort(key=lambda r: order[(r.agent, r.seed)])
         finished = {(r.agent, r.seed) for r in runs}
-        probe_file = out / PROBE_FILE
-        base_probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+        probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+        base_probe = None if probe is None else probe_from_logprobs(  # pi_0 itself: 0 where covered, else None
+            probe, [[y["logp0"] for y in st["ask"] + st["guess"]] for st in probe["states"]])
         rows, paired = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
@@ -140,6 +147,10 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                 "sweep_rule": dict(sweep_rule), "sweep_metric": sweep_metric,
                 "sweep_lrs": list(cfg.sweep.lrs),
                 "states": len(states), "jobs": cfg.jobs, "threads": threads,
+                "probe": None if probe is None else {
+                    "states": sum(v is not None for v in base_probe or []), "samples": probe["samples"],
+                    "keep": probe["keep"], "temperature": probe["temperature"],
+                    "asked": float(np.mean([st["asked"] / st["sampled"] for st in probe["states"]]))},
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
         write_report(cfg, rows, paired, runs, meta)
         return rows, paired, meta

@@ -273,16 +273,6 @@ class ClarifyTask:
         the leaderboard reports its rate."""
         return asks_or_holds_back(reply, self.reveal)
 
-    def probe_replies(self, profile: Mapping[str, Any]) -> tuple[str, str]:
-        """Two fixed replies to an opening, for the leaderboard's turn-1 log-prob probe: one that asks for the first
-        withheld number and one that guesses (10, or 11 when 10 is the answer).
-
-        Returns:
-            ``(ask, guess)``.
-        """
-        guess = 11 if float(profile["answer"]) == 10 else 10
-        return f"Could you tell me {profile['facts'][0]['unknown']}?", f"The answer is {guess}."
-
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "steps": self.steps, "withheld": self.withheld, "distractors": self.distractors,
                 "vague": self.vague, **{f"n_{k}": v for k, v in self.sizes.items()}, "seed": self.seed,

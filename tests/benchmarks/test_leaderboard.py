@@ -497,7 +497,11 @@ def test_submitit_jobs_get_a_gpu_when_this_machines_device_is_cuda(monkeypatch):
 
 
 @pytest.mark.slow
-def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_crossed_intervals(tmp_path):
+def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_crossed_intervals(tmp_path,
+                                                                                               monkeypatch):
+    # the random tiny model never states a number, so clarify's test would call every reply an ask; an even-length
+    # reply counts as one here, so the probe has states with replies of both classes (jobs: 1, this process)
+    monkeypatch.setattr("dialogue_gym.tasks.clarify.ClarifyTask.asks", lambda self, reply: len(reply) % 2 == 0)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         raw = compose(config_name="leaderboard", overrides=["+leaderboard=smoke_clarify", "agents=[rebel,dpo_last]",
                                                                "sweep.lrs=[]", "budget.policy_samples=16",
@@ -514,11 +518,15 @@ def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_cro
     assert (typed.mode, typed.data.prefix, typed.turn_sampling) == ("offline", "on_policy", "last")
     for r in runs.values():
         assert r.usage.optimizer_steps > 0 and len(r.probe) == cfg.eval.states
-    # the probe: change from the initial policy's value on each test state, compared with crossed intervals
-    base = json.loads((Path(cfg.run_dir) / "probe_initial.json").read_text())
+    # the probe: on the initial policy's own sampled replies, the change of each state's ask-vs-guess log-odds,
+    # compared with crossed intervals on the states with replies of both classes (None elsewhere, for every run)
+    replies = json.loads((Path(cfg.run_dir) / "probe_replies.json").read_text())
+    covered = [bool(st["ask"] and st["guess"]) for st in replies["states"]]
+    assert any(covered) and len(covered) == cfg.eval.states
+    assert all((v is not None) == c for r in runs.values() for v, c in zip(r.probe, covered))
     probe = {(p["a"], p["b"]): p for p in result["paired"] if p["metric"] == "probe"}
     assert set(probe) == {("rebel", "initial"), ("dpo_last", "initial"), ("rebel", "dpo_last")}
-    change = np.array([runs["rebel", s].probe for s in (0, 1)]) - np.array(base)[None, :]
+    change = np.array([[v for v in runs["rebel", s].probe if v is not None] for s in (0, 1)])
     assert probe["rebel", "initial"]["diff"] == pytest.approx(change.mean())
     assert (probe["rebel", "initial"]["diff"], probe["rebel", "initial"]["lo"], probe["rebel", "initial"]["hi"]) == \
         pytest.approx(crossed_ci(change, n_boot=cfg.eval.n_boot, seed=300))

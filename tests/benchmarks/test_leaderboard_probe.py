@@ -1,15 +1,16 @@
-"""The turn-1 log-prob probe: canned replies scored by forward passes, checked against a plain full forward."""
+"""The turn-1 probe: the initial policy's own replies, sorted by the task's behaviour test and scored by forward
+passes, checked against plain full forwards and a hand-computed log-odds change."""
 
 from __future__ import annotations
 
+import math
+
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
 import dialogue_gym  # noqa: F401
-from benchmarks.leaderboard.probe import has_probe, probe_values
-from dialogue_gym.generation import prompt_token_ids
+from benchmarks.leaderboard.probe import has_probe, probe_from_logprobs, probe_values, sample_probe_replies
 from dialogue_gym.models import load_model
 from dialogue_gym.rollouts import make_states
 from dialogue_gym.tasks import ClarifyTask
@@ -22,10 +23,8 @@ def clarify_states(n: int):
     return venv.core.task, make_states(venv.core, n, seed=3)
 
 
-def by_hand(model, tokenizer, messages, text: str) -> float:
-    """Summed log-prob of ``text`` + EOS after the rendered prompt, from one full forward pass."""
-    prompt = prompt_token_ids(tokenizer, messages)
-    reply = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def by_hand(model, prompt: list[int], reply: list[int]) -> float:
+    """Summed log-prob of ``reply`` after ``prompt`` from one full forward pass."""
     ids = torch.tensor([prompt + reply])
     with torch.no_grad():
         logits = model(ids).logits.float()[0, :-1]  # (T-1, V) predicts tokens 1..T-1
@@ -33,22 +32,45 @@ def by_hand(model, tokenizer, messages, text: str) -> float:
     return float(logp[len(prompt) - 1:].sum())
 
 
-def test_the_probe_is_log_pi_ask_minus_log_pi_guess_on_fixed_replies():
+def test_replies_are_the_initial_policys_own_sorted_by_the_behaviour_test_with_their_log_probs():
     task, states = clarify_states(3)
-    assert has_probe(task)
-    ask, guess = task.probe_replies(states[0].state.profile)
-    assert ask.endswith("?") and task.asks(ask) and not task.asks(guess) and guess.startswith("The answer is ")
-    values = probe_values("tiny", states, task)
-    model, tokenizer = load_model("tiny", shared=False)
-    want = [by_hand(model, tokenizer, s.state.messages, task.probe_replies(s.state.profile)[0])
-            - by_hand(model, tokenizer, s.state.messages, task.probe_replies(s.state.profile)[1]) for s in states]
-    assert values.shape == (3,) and np.allclose(values, want, atol=1e-3)
-    assert np.array_equal(values, probe_values("tiny", states, task))  # forward passes: no sampling noise
+    assert has_probe(task) and not has_probe(object())
+    # a stand-in behaviour test that splits the tiny model's random replies: "asks" = an even number of characters
+    probe = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 1.0, 8, seed=5, samples=6, keep=2)
+    assert (probe["samples"], probe["keep"], len(probe["states"])) == (6, 2, 3)
+    model, _ = load_model("tiny", shared=False)
+    for st in probe["states"]:
+        assert len(st["ask"]) <= 2 and len(st["guess"]) <= 2 and st["sampled"] == 6
+        assert all(len(y["text"]) % 2 == 0 for y in st["ask"]) and all(len(y["text"]) % 2 for y in st["guess"])
+        assert len(st["ask"]) == min(2, st["asked"]) and len(st["guess"]) == min(2, 6 - st["asked"])
+        texts = [y["text"] for y in st["ask"] + st["guess"]]
+        assert len(set(texts)) == len(texts)  # each sample its own seed: distinct replies
+        for y in st["ask"] + st["guess"]:
+            assert y["logp0"] == pytest.approx(by_hand(model, st["prompt_token_ids"], y["token_ids"]), abs=1e-3)
+    # seeded: the same replies again; the initial policy's own probe is 0 where both classes exist
+    again = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 1.0, 8, seed=5, samples=6, keep=2)
+    assert [[y["token_ids"] for y in st["ask"]] for st in again["states"]] == \
+        [[y["token_ids"] for y in st["ask"]] for st in probe["states"]]
+    values = probe_values("tiny", probe)
+    for st, v in zip(probe["states"], values):
+        assert (v is None) == (not st["ask"] or not st["guess"])
+        assert v is None or abs(v) < 1e-3
 
 
-def test_the_guess_is_never_the_answer_and_a_task_without_probe_is_named():
-    task = ClarifyTask(steps=0, n_train=5, n_validation=5, n_test=5)
-    assert task.probe_replies({"answer": 10.0, "facts": [{"unknown": "x"}]})[1] == "The answer is 11."
+def test_the_probe_is_the_change_of_the_ask_vs_guess_log_odds_by_hand():
+    probe = {"states": [
+        {"ask": [{"logp0": -3.0}, {"logp0": -5.0}], "guess": [{"logp0": -2.0}]},
+        {"ask": [{"logp0": -1.0}], "guess": []},  # no guess sampled: left out
+    ]}
+    # the policy: the first ask reply 2 nats likelier, the second unchanged; the guess 1 nat less likely
+    got = probe_from_logprobs(probe, [[-1.0, -5.0, -3.0], [-0.5]])
+    want = math.log((math.exp(2.0) + 1.0) / 2) - (-1.0)
+    assert got[0] == pytest.approx(want) and got[1] is None
+
+
+def test_bad_probe_settings_are_named():
     _, states = clarify_states(1)
-    with pytest.raises(ValueError, match="has no probe_replies"):
-        probe_values("tiny", states, object())
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_probe_replies("tiny", states, ClarifyTask(steps=0, n_train=5, n_validation=5, n_test=5).asks, 0.0, 8, 0)
+    with pytest.raises(ValueError, match="samples and keep must be >= 1"):
+        sample_probe_replies("tiny", states, lambda t: True, 1.0, 8, 0, samples=0)
