@@ -64,6 +64,27 @@ def collate(replies: Sequence[Reply], pad_id: int, max_length: int | None = None
     return ids, attention, loss
 
 
+def collate_on(replies: Sequence[Reply], pad_id: int, max_length: int | None, device: Any
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`collate` with the three tensors moved to ``device``."""
+    ids, attention, mask = collate(replies, pad_id, max_length)
+    return ids.to(device), attention.to(device), mask.to(device)
+
+
+def pack_right(pieces: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 tensor shaped and placed like ``like``, with row b's last ``len(pieces[b])`` positions set to
+    ``pieces[b]`` and 0 elsewhere (:func:`collate` left-pads, so a reply's per-token values sit last in its row)."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    for b, x in enumerate(pieces):
+        out[b, like.shape[1] - len(x):] = x.to(like.device)
+    return out
+
+
+def unpack_right(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """The inverse of :func:`pack_right`: row b's last ``lengths[b]`` values, detached, as float32 on the CPU."""
+    return [x[b, x.shape[1] - n:].detach().float().cpu() for b, n in enumerate(lengths)]
+
+
 def values_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """(N,) fp32 tensor of host numbers on ``like``'s device (references and rewards that meet log-probs)."""
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=like.device)

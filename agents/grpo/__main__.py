@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from agents.common.batching import Reply, collate
+from agents.common.batching import Reply, collate_on, pack_right
 from agents.common.branching import Tree, grow, plan_dialogues
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import build_task_early
@@ -168,19 +168,6 @@ def group_samples(trees: Sequence[Tree], credit: str, baseline: str, scale: str,
     return samples, returns, stats
 
 
-def _tensors(replies: Sequence[Reply], pad: int, max_length: int, device: Any) -> tuple[torch.Tensor, ...]:
-    ids, attention, mask = collate(replies, pad, max_length)
-    return ids.to(device), attention.to(device), mask.to(device)
-
-
-def _pack(pieces: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """(B, T) tensor with row b's last ``len(pieces[b])`` positions set (collate's left padding puts replies last)."""
-    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    for b, x in enumerate(pieces):
-        out[b, like.shape[1] - len(x):] = x.to(like.device)
-    return out
-
-
 @torch.no_grad()
 def fill_logprobs(model: Any, reference: Any | None, samples: Sequence[Sample], cfg: GrpoConfig, pad: int) -> None:
     """π_t's per-token log-probs of every sample (recomputed, or the engine's), and the reference's when β > 0,
@@ -190,7 +177,7 @@ def fill_logprobs(model: Any, reference: Any | None, samples: Sequence[Sample], 
     size, temperature = cfg.optim.micro_batch_size, cfg.sampling.temperature
     for start in range(0, len(samples), size):
         chunk = samples[start:start + size]
-        ids, attention, mask = _tensors([s.reply for s in chunk], pad, cfg.optim.max_length, device)
+        ids, attention, mask = collate_on([s.reply for s in chunk], pad, cfg.optim.max_length, device)
         lengths = [len(s.reply.token_ids) for s in chunk]
         if cfg.old_logprobs == "recompute":
             logp = token_logprobs(model, ids, attention, mask, temperature)
@@ -238,12 +225,12 @@ def grpo_update(model: Any, optimizer: Any, scheduler: Any, samples: Sequence[Sa
             sums: dict[str, float] = {}
             for m in range(0, len(mine), optim.micro_batch_size):
                 mb = mine[m:m + optim.micro_batch_size]
-                ids, attention, mask = _tensors([s.reply for s in mb], pad, optim.max_length, device)
+                ids, attention, mask = collate_on([s.reply for s in mb], pad, optim.max_length, device)
                 logp = token_logprobs(model, ids, attention, mask, cfg.sampling.temperature)  # (B, T)
                 loss, metrics = grpo_loss(
-                    logp, _pack([s.old for s in mb], mask),
+                    logp, pack_right([s.old for s in mb], mask),
                     torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device), mask, cfg.clip,
-                    cfg.beta, _pack([s.ref for s in mb], mask) if cfg.beta > 0 else None, cfg.normalization,
+                    cfg.beta, pack_right([s.ref for s in mb], mask) if cfg.beta > 0 else None, cfg.normalization,
                     tokens=tokens, sequences=float(len(picked)),
                     lengths=torch.tensor([float(s.length) for s in mb], device=device))
                 loss.backward()

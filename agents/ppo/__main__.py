@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from agents.common.batching import Reply, collate
+from agents.common.batching import Reply, collate_on, pack_right, unpack_right
 from agents.common.checkpoint import load_checkpoint, save_checkpoint
 from agents.common.config import build_task_early
 from agents.common.distributed import (
@@ -169,23 +169,6 @@ def dialogue_turns(branches: Sequence[Any], first: int = 0) -> tuple[list[Turn],
     return turns, stats
 
 
-def _tensors(turns: Sequence[Turn], pad: int, max_length: int, device: Any) -> tuple[torch.Tensor, ...]:
-    ids, attention, mask = collate([t.reply for t in turns], pad, max_length)
-    return ids.to(device), attention.to(device), mask.to(device)
-
-
-def _pack(pieces: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """(B, T) tensor with row b's last ``len(pieces[b])`` positions set (collate's left padding puts replies last)."""
-    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    for b, x in enumerate(pieces):
-        out[b, like.shape[1] - len(x):] = x.to(like.device)
-    return out
-
-
-def _unpack(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
-    return [x[b, x.shape[1] - n:].detach().float().cpu() for b, n in enumerate(lengths)]
-
-
 def policy_and_values(agent: torch.nn.ModuleDict, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of the action tokens and (B, T) values of the states they are sampled from (0 elsewhere)."""
@@ -206,12 +189,13 @@ def score_turns(agent: torch.nn.ModuleDict, reference: Any | None, turns: Sequen
     device = next(agent.parameters()).device
     for start in range(0, len(turns), micro_batch_size):
         chunk = turns[start:start + micro_batch_size]
-        ids, attention, mask = _tensors(chunk, pad, max_length, device)
+        ids, attention, mask = collate_on([t.reply for t in chunk], pad, max_length, device)
         logp, values = policy_and_values(agent, ids, attention, mask, temperature)
         with reference_mode(agent["policy"], reference) as ref:
             ref_logp = token_logprobs(ref, ids, attention, mask, temperature)
         lengths = [len(t.reply.token_ids) for t in chunk]
-        for t, a, r, v in zip(chunk, _unpack(logp, lengths), _unpack(ref_logp, lengths), _unpack(values, lengths)):
+        for t, a, r, v in zip(chunk, unpack_right(logp, lengths), unpack_right(ref_logp, lengths),
+                              unpack_right(values, lengths)):
             t.logp, t.ref, t.value = a, r, v
 
 
@@ -275,12 +259,12 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
             sums: dict[str, float] = {}
             for m in range(0, len(batch), optim.micro_batch_size):
                 mb = batch[m:m + optim.micro_batch_size]
-                ids, attention, mask = _tensors(mb, pad, optim.max_length, device)
+                ids, attention, mask = collate_on([t.reply for t in mb], pad, optim.max_length, device)
                 logp, values = policy_and_values(agent, ids, attention, mask, cfg.sampling.temperature)
-                pg_loss, pg = ppo_policy_loss(logp, _pack([t.logp for t in mb], mask),
-                                              _pack([t.advantage for t in mb], mask), mask, cfg.clip)
-                vf_loss, vf = ppo_value_loss(values, _pack([t.value for t in mb], mask),
-                                             _pack([t.ret for t in mb], mask), mask, cfg.vf_clip)
+                pg_loss, pg = ppo_policy_loss(logp, pack_right([t.logp for t in mb], mask),
+                                              pack_right([t.advantage for t in mb], mask), mask, cfg.clip)
+                vf_loss, vf = ppo_value_loss(values, pack_right([t.value for t in mb], mask),
+                                             pack_right([t.ret for t in mb], mask), mask, cfg.vf_clip)
                 share = float(mask.sum()) / tokens
                 ((pg_loss + cfg.vf_coef * vf_loss) * share).backward()
                 parts = {"policy_loss": pg["loss"], "approx_kl": pg["approx_kl"], "clip_fraction": pg["clip_fraction"],

@@ -122,7 +122,7 @@ def sample_rows(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-class _RowSampler:
+class RowSampler:
     """A logits processor that samples every row from its own seed in one batched operation per position and
     records the sampled token's log-prob (under ``logits / temperature``, full vocabulary, before top-p)."""
 
@@ -340,7 +340,7 @@ class HFEngine:
         seed_t = None
         if params.temperature > 0:
             seed_t = torch.tensor([s % (2**63) for s in row_seeds], dtype=torch.long, device=device)
-        sampler = _RowSampler(params, seed_t, width)
+        sampler = RowSampler(params, seed_t, width)
         stop = sorted(set(self.eos_ids) | set(params.stop_token_ids))
         extra_cfg: dict[str, Any] = {"cache_implementation": "static"} if self.cache == "static" else {}
         config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, eos_token_id=stop,

@@ -17,14 +17,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from agents.common.batching import Reply
+from agents.common.batching import Reply, collate_on
 from agents.common.config import ConfigError, merge_schema
 from agents.common.logging import read_metrics
 from agents.common.logprobs import decoder_hidden_states, token_logprobs
 from agents.common.policy import PolicySettings, load_policy, trainable_parameters
 from agents.ppo.__main__ import (
     Turn,
-    _tensors,
     assign_advantages,
     build_agent,
     policy_and_values,
@@ -64,7 +63,7 @@ def test_one_forward_gives_token_logprobs_and_values_read_one_position_earlier()
     with torch.no_grad():
         agent["value_head"].weight.normal_()  # a non-zero head, so positions matter
         agent["value_head"].bias.fill_(0.5)
-        ids, attention, mask = _tensors(_turns()[:3], pad=0, max_length=256, device=next(model.parameters()).device)
+        ids, attention, mask = collate_on([t.reply for t in _turns()[:3]], 0, 256, next(model.parameters()).device)
         logp, values = policy_and_values(agent, ids, attention, mask, temperature=0.8)
         assert torch.allclose(logp, token_logprobs(model, ids, attention, mask, 0.8), atol=1e-6)
         hidden = decoder_hidden_states(model, ids, attention)

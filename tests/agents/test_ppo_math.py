@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.common.batching import Reply, collate
-from agents.ppo.__main__ import Turn, _pack, _unpack, assign_advantages
+from agents.common.batching import Reply, collate, pack_right, unpack_right
+from agents.ppo.__main__ import Turn, assign_advantages
 
 
 def turn(dialogue: int, n_tokens: int, score: float, logp: list[float] | None = None, ref: list[float] | None = None,
@@ -72,7 +72,7 @@ def test_pack_and_unpack_follow_collate_left_padding():
     replies = [Reply([1, 2, 3, 4], [5, 6], "a"), Reply([1], [7, 8, 9], "b")]
     ids, _, mask = collate(replies, pad_id=0)
     values = [torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4, 0.5])]
-    packed = _pack(values, mask)
+    packed = pack_right(values, mask)
     assert torch.equal(packed != 0, mask.bool())  # exactly the reply positions
     assert torch.equal(ids[mask.bool()], torch.tensor([5, 6, 7, 8, 9]))
-    assert all(torch.equal(a, b) for a, b in zip(_unpack(packed, [2, 3]), values))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_right(packed, [2, 3]), values))

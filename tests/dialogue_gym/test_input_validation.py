@@ -153,12 +153,14 @@ def test_async_default_make_vec_works():
 
 
 def test_shared_memory_slot_overflow_names_the_way_out():
-    from dialogue_gym.shared_memory import SLOT_BYTES, _create, _write
+    from gymnasium.vector.utils import create_shared_memory, write_to_shared_memory
+
+    from dialogue_gym.shared_memory import SLOT_BYTES
     from dialogue_gym.spaces import Conversation
 
-    buf = _create(Conversation(), n=1)
+    buf = create_shared_memory(Conversation(), n=1)  # gymnasium's own functions, dispatching to this package's
     with pytest.raises(DialogueError, match=r"shared_memory': False"):
-        _write(Conversation(), 0, [{"role": "user", "content": "x" * SLOT_BYTES}], buf)
+        write_to_shared_memory(Conversation(), 0, [{"role": "user", "content": "x" * SLOT_BYTES}], buf)
 
 
 # ---- dataset configs name their hub id ---------------------------------------------------------------------

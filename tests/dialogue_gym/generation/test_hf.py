@@ -10,7 +10,7 @@ from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.hf import (
     CACHE_ENV,
     HFEngine,
-    _RowSampler,
+    RowSampler,
     exponential_noise,
     resolve_cache,
     sample_rows,
@@ -92,7 +92,7 @@ def test_sample_rows_frequencies_match_the_distribution():
 
 
 def _sample(scores: torch.Tensor, seeds: list[int], params: SamplingParams, position: int = 0) -> torch.Tensor:
-    sampler = _RowSampler(params, torch.tensor(seeds, dtype=torch.long), prompt_len=0)
+    sampler = RowSampler(params, torch.tensor(seeds, dtype=torch.long), prompt_len=0)
     out = sampler(torch.zeros((len(seeds), position), dtype=torch.long), scores)
     return out.argmax(-1)
 
