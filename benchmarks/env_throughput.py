@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +77,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.device = 
     return 2 * n**3 / best / 1e9
 
 
-class Timers:
-    """Accumulates wall time spent inside wrapped callables (user generation, reward scoring)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        def timed(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-        return timed
-
-    @contextmanager
-    def instrument(self, core: Any):
-        """Time the user's engine and the reward model of one env core."""
-        engine = core.engine()
-        gen, score = engine.generate, core.reward.score
-        engine.generate, core.reward.score = self.wrap("generation", gen), self.wrap("reward", score)
-        try:
-            yield engine
-        finally:
-            engine.generate, core.reward.score = gen, score
+def spent(envs: Any) -> tuple[float, float, int]:
+    """(user seconds, reward seconds, user tokens) so far, summed over ``envs`` (each env's public ``timings``)."""
+    t = [e.timings for e in envs]
+    return sum(x.user_s for x in t), sum(x.reward_s for x in t), sum(x.user_tokens for x in t)
 
 
 SETTINGS: dict[str, Any] = {}  # model, device, dtype and HF cache of this run (set by main)
@@ -163,41 +140,27 @@ def time_native(n: int, engine: str, tokens: int, steps: int) -> dict[str, float
         venv.reset(seed=0)
         _play(venv, n, steps)
         warmup = time.perf_counter() - t
-    timers = Timers()
-    with timers.instrument(venv.core) as eng:
-        venv.reset(seed=0)
-        tok0, t0 = eng.tokens_generated, time.perf_counter()
-        _play(venv, n, steps)
-        wall = time.perf_counter() - t0
-        tokens_made = eng.tokens_generated - tok0
-    return summarize(n * steps, wall, tokens_made, timers) | {"warmup_s": warmup}
+    venv.reset(seed=0)
+    before, t0 = spent([venv]), time.perf_counter()
+    _play(venv, n, steps)
+    wall = time.perf_counter() - t0
+    return summarize(n * steps, wall, before, spent([venv])) | {"warmup_s": warmup}
 
 
 def time_sync(n: int, engine: str, tokens: int, steps: int) -> dict[str, float]:
     venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=n, vectorization_mode="sync", **env_kwargs(engine, tokens))
-    timers = Timers()
-    cores = [e.unwrapped.core for e in venv.envs]
-    engine0 = cores[0].engine()  # every sub-env shares the same model; count tokens on each engine object
-    ctx = [timers.instrument(c) for c in cores]
-    for c in ctx:
-        c.__enter__()
-    try:
-        venv.reset(seed=0)
-        engines = {id(c.engine()): c.engine() for c in cores}
-        tok0, t0 = sum(e.tokens_generated for e in engines.values()), time.perf_counter()
-        for s in range(steps):
-            venv.step(tuple(ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)))
-        wall = time.perf_counter() - t0
-        tokens_made = sum(e.tokens_generated for e in engines.values()) - tok0
-    finally:
-        for c in ctx:
-            c.__exit__(None, None, None)
-    del engine0
-    return summarize(n * steps, wall, tokens_made, timers)
+    envs = [e.unwrapped for e in venv.envs]  # each sub-env's own timings (the user engine may be shared)
+    venv.reset(seed=0)
+    before, t0 = spent(envs), time.perf_counter()
+    for s in range(steps):
+        venv.step(tuple(ACTIONS[(i + s) % len(ACTIONS)] for i in range(n)))
+    wall = time.perf_counter() - t0
+    return summarize(n * steps, wall, before, spent(envs))
 
 
-def summarize(env_steps: int, wall: float, tokens: int, timers: Timers) -> dict[str, float]:
-    gen, rew = timers.seconds.get("generation", 0.0), timers.seconds.get("reward", 0.0)
+def summarize(env_steps: int, wall: float, before: tuple[float, float, int], after: tuple[float, float, int]
+              ) -> dict[str, float]:
+    gen, rew, tokens = (a - b for a, b in zip(after, before))
     return {"steps_per_s": env_steps / wall, "tokens_per_s": tokens / wall, "wall_s": wall,
             "generation_share": gen / wall, "reward_share": rew / wall,
             "overhead_share": max(0.0, wall - gen - rew) / wall}

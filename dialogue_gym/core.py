@@ -7,6 +7,7 @@ The single env is the batch-of-one case, so both envs share every rule (validati
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,17 @@ class StepResult:
     info: dict[str, Any]
 
 
+@dataclass
+class Timings:
+    """Where an env's step time went: seconds inside its simulated user's ``respond`` and its reward model's
+    ``score`` (the task verifier's end-of-episode check is not counted), and the tokens the user's engine generated
+    meanwhile (0 for a scripted user). A profile for users and benchmarks, never a budget."""
+
+    user_s: float = 0.0
+    reward_s: float = 0.0
+    user_tokens: int = 0
+
+
 class DialogueCore:
     """Task + user + reward, and the rules that move a batch of states forward one turn."""
 
@@ -68,6 +80,7 @@ class DialogueCore:
         self.fingerprint = fingerprint(self.describe())
         # What this env spent (policy_tokens stays 0: the env has no tokenizer; a Budget's count_tokens fills it).
         self.usage = Usage()
+        self.timings = Timings()
 
     @property
     def user_calls(self) -> int:
@@ -200,7 +213,9 @@ class DialogueCore:
         self.usage.add_step(len(actions), 0, len(to_score), 0)  # the user calls were counted as they were made
         scores = np.zeros(len(states))
         if to_score:
+            t0 = time.perf_counter()
             got = self.reward.score([scored_conversations[i] for i in to_score], [states[i].profile for i in to_score])
+            self.timings.reward_s += time.perf_counter() - t0
             got = np.asarray(got, dtype=np.float64).reshape(-1)
             if got.shape != (len(to_score),):
                 raise RuntimeError(f"reward model returned {got.shape[0]} scores for {len(to_score)} conversations")
@@ -239,6 +254,10 @@ class DialogueCore:
             if v > 0:
                 s.terminated, s.truncated = True, False
 
+    def _user_tokens(self) -> int:
+        """Tokens the user's engine has generated so far (0 before it is built, and for a scripted user)."""
+        return int(getattr(self._engine, "tokens_generated", 0)) if self._engine is not None else 0
+
     def _ask_user(self, states: Sequence[DialogueState]) -> list[UserTurn]:
         seeds = []
         for s in states:
@@ -246,7 +265,10 @@ class DialogueCore:
             seeds.append(int(rng.integers(0, 2**63 - 1)))
             s.rng = dict(rng.bit_generator.state)  # numpy types the state as a Mapping; it is a fresh dict
         self.usage.user_calls += 1
+        tokens, t0 = self._user_tokens(), time.perf_counter()
         turns = self.user.respond([list(s.messages) for s in states], [s.profile for s in states], seeds)
+        self.timings.user_s += time.perf_counter() - t0
+        self.timings.user_tokens += self._user_tokens() - tokens
         if len(turns) != len(states):
             raise RuntimeError(f"user simulator returned {len(turns)} turns for {len(states)} conversations")
         for t in turns:

@@ -10,7 +10,7 @@ import gymnasium as gym
 
 from dialogue_gym.budget import Usage
 from dialogue_gym.conversation import DialogueError, DialogueState
-from dialogue_gym.core import DialogueCore, EnvConfig, StepResult, entropy_from
+from dialogue_gym.core import DialogueCore, EnvConfig, StepResult, Timings, entropy_from
 from dialogue_gym.spaces import Conversation, Utterance
 from dialogue_gym.tasks.base import Task, TaskRow
 
@@ -67,6 +67,12 @@ class EnvContract:
         """A copy of what this env has spent so far: user and reward calls, samples, scored conversations, steps
         (``policy_tokens`` stays 0: the env has no tokenizer)."""
         return dataclasses.replace(self.core.usage)
+
+    @property
+    def timings(self) -> Timings:
+        """A copy of where this env's step time went so far (:class:`~dialogue_gym.core.Timings`: seconds in the
+        simulated user and the reward model, tokens the user's engine generated)."""
+        return dataclasses.replace(self.core.timings)
 
 
 def check_reset_options(options: dict[str, Any]) -> None:

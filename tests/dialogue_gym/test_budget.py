@@ -149,3 +149,24 @@ def test_the_env_counts_what_the_budget_counts():
     u = env.usage
     u.steps = 99  # a copy: the env's counter is unchanged
     assert env.usage.steps == 2 and env.num_rows == 20 and env.max_turns == 3
+
+
+def test_timings_say_where_the_step_time_went():
+    """Seconds in the simulated user and in the reward model, and the user engine's tokens (0 for a scripted user);
+    a copy, like ``usage``."""
+    scripted = venv(2)
+    scripted.reset(seed=0)
+    assert scripted.timings == type(scripted.timings)()  # nothing yet
+    scripted.step(["one", "two"])
+    t = scripted.timings
+    assert t.user_s > 0 and t.reward_s > 0 and t.user_tokens == 0
+    t.user_s = -1.0
+    assert scripted.timings.user_s > 0  # a copy: the env's record is unchanged
+    llm = gym.make_vec("MultiTurnDialogue-v0", num_envs=2, autoreset_mode="Disabled", model="tiny",
+                       user_max_new_tokens=5, reward=LengthReward(), max_turns=3)
+    llm.reset(seed=0)
+    engine = llm.unwrapped.core.engine()  # may be shared with other envs of the process: count its tokens' change
+    before = engine.tokens_generated
+    llm.step(["one", "two"])
+    assert 2 <= llm.timings.user_tokens <= 2 * 5  # the tiny model's user turns: 1 to 5 tokens each
+    assert llm.timings.user_tokens == engine.tokens_generated - before
