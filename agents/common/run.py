@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from agents.common.config import ConfigError, EvalSettings, SamplingSettings, en
 from agents.common.distributed import broadcast, setup
 from agents.common.evaluation import format_table, play_states, records_result, save_json, states_horizon, summarize
 from agents.common.policy import PolicySettings, export_policy
-from agents.common.policy_engine import build_policy_engine
+from agents.common.policy_engine import build_policy_engine, sync_policy
 from dialogue_gym.config import EnvConfig
 from dialogue_gym.generation import SamplingParams
 from dialogue_gym.generation.base import GenerationEngine
@@ -109,6 +110,46 @@ class Evaluator:
 
     def table(self) -> str:
         return format_table(self.results)
+
+
+def begin(cfg: Any, engine: GenerationEngine, model: Any, logger: Any | None, evaluator: Evaluator | None,
+          load: Callable[[], dict[str, Any] | None]) -> tuple[int, dict[str, Any] | None]:
+    """The shared start of every agent's loop. With ``cfg.resume``: ``load()`` (the agent's own ``load_checkpoint``
+    call) restores the last checkpoint, the policy engine gets the restored weights, and the metric rows a killed
+    run logged after that checkpoint (all of them, with none) are dropped. Then the initial evaluation, unless one
+    is on record. Returns ``(iteration to start from, the saved state or None)``."""
+    start, saved = 0, None
+    if cfg.resume:
+        saved = load()
+        if saved is not None:
+            start = saved["iteration"]
+            log.info("resumed from %s at iteration %d", Path(cfg.run_dir) / "checkpoints", start)
+            sync_policy(engine, model)
+        if logger is not None:
+            logger.drop_after(start)
+    if evaluator is not None and not evaluator.results:
+        evaluator.evaluate(engine, "initial")
+    return start, saved
+
+
+def end_iteration(cfg: Any, t: int, done_here: int, metrics: dict[str, float], history: list[dict[str, float]],
+                  logger: Any | None, evaluator: Evaluator | None, engine: GenerationEngine,
+                  save: Callable[[dict[str, Any]], None] | None) -> bool:
+    """The shared end of an agent's iteration ``t``: the optimizer steps' mean ``history`` joins ``metrics``, the
+    logging process (``logger`` not None) logs them, ``save(state)`` writes the checkpoint with ``state =
+    {"iteration": t + 1}`` (None on processes that do not save), then :func:`after_iteration`. True when the run
+    stops here (``stop_after``; the logger is closed)."""
+    for k in history[0] if history else []:
+        metrics[k] = float(np.mean([h[k] for h in history]))
+    if logger is not None:
+        logger.log(t + 1, metrics)
+    if save is not None:
+        save({"iteration": t + 1})
+    if after_iteration(cfg, t, done_here, evaluator, engine):
+        if logger is not None:
+            logger.close()
+        return True
+    return False
 
 
 def after_iteration(cfg: Any, t: int, done_here: int, evaluator: Evaluator | None, engine: GenerationEngine) -> bool:

@@ -95,7 +95,8 @@ from agents.common.policy_engine import sync_policy
 from agents.common.rollout import part
 from agents.common.run import (
     Evaluator,
-    after_iteration,
+    begin,
+    end_iteration,
     finish,
     launch,
     make_vec,
@@ -287,17 +288,8 @@ def run(cfg: GrpoConfig) -> dict:
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * per_iteration)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
-    start = 0
-    if cfg.resume:
-        saved = load_checkpoint(run_dir, model, optimizer, scheduler)
-        if saved is not None:
-            start = saved["iteration"]
-            log.info("resumed from %s at iteration %d", run_dir / "checkpoints" / "last", start)
-            if logger is not None:
-                logger.drop_after(start)  # rows a killed run logged after its last checkpoint
-            sync_policy(engine, model)
-    if evaluator is not None and not evaluator.results:
-        evaluator.evaluate(engine, "initial")
+    start, _ = begin(cfg, engine, model, logger, evaluator,
+                     lambda: load_checkpoint(run_dir, model, optimizer, scheduler))
 
     name = f"GRPO ({cfg.credit})"
     done_here = 0
@@ -327,15 +319,10 @@ def run(cfg: GrpoConfig) -> dict:
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(rollin.usage.user_calls + branches.usage.user_calls),
                    "perf/reward_calls": float(rollin.usage.reward_calls + branches.usage.reward_calls)}
-        for k in history[0] if history else []:
-            metrics[k] = float(np.mean([h[k] for h in history]))
-        if ranks.main:  # one process logs and saves (all hold the same weights)
-            logger.log(t + 1, metrics)
-            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1})
         done_here += 1
-        if after_iteration(cfg, t, done_here, evaluator, engine):
-            if logger is not None:
-                logger.close()
+        if end_iteration(cfg, t, done_here, metrics, history, logger, evaluator, engine,  # one process saves
+                         (lambda state: save_checkpoint(run_dir, model, optimizer, scheduler, state))
+                         if ranks.main else None):
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)

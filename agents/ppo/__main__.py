@@ -104,7 +104,8 @@ from agents.common.policy_engine import sync_policy
 from agents.common.rollout import collect_dialogues
 from agents.common.run import (
     Evaluator,
-    after_iteration,
+    begin,
+    end_iteration,
     finish,
     launch,
     make_vec,
@@ -309,17 +310,10 @@ def run(cfg: PpoConfig) -> dict:
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
-    start = 0
-    if cfg.resume:
-        saved = load_checkpoint(run_dir, agent, optimizer, scheduler)
-        if saved is not None:
-            start, kl.value = saved["iteration"], saved["kl_coef"]
-            log.info("resumed from %s at iteration %d", run_dir / "checkpoints", start)
-            sync_policy(engine, model)
-        if logger is not None:
-            logger.drop_after(start)  # rows a killed run logged after its last checkpoint
-    if evaluator is not None and not evaluator.results:
-        evaluator.evaluate(engine, "initial")
+    start, saved = begin(cfg, engine, model, logger, evaluator,
+                         lambda: load_checkpoint(run_dir, agent, optimizer, scheduler))
+    if saved is not None:
+        kl.value = saved["kl_coef"]  # the adaptive KL controller's coefficient at the checkpoint
 
     done_here = 0
     for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc="PPO iterations",
@@ -342,15 +336,10 @@ def run(cfg: PpoConfig) -> dict:
         metrics = {**stats, "perf/rollout_s": t_roll, "perf/sync_s": t_sync, "perf/iteration_s": time.time() - t0,
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(venv.usage.user_calls), "perf/reward_calls": float(venv.usage.reward_calls)}
-        for k in history[0]:
-            metrics[k] = float(np.mean([h[k] for h in history]))
-        if ranks.main:  # one process logs and saves (all hold the same weights)
-            logger.log(t + 1, metrics)
-            save_checkpoint(run_dir, agent, optimizer, scheduler, {"iteration": t + 1, "kl_coef": kl.value})
         done_here += 1
-        if after_iteration(cfg, t, done_here, evaluator, engine):
-            if logger is not None:
-                logger.close()
+        if end_iteration(cfg, t, done_here, metrics, history, logger, evaluator, engine,  # one process saves
+                         (lambda state: save_checkpoint(run_dir, agent, optimizer, scheduler,
+                                                        {**state, "kl_coef": kl.value})) if ranks.main else None):
             return {"stopped_at": t + 1}
 
     return finish("PPO", cfg, evaluator, engine, model, tokenizer, run_dir, logger)

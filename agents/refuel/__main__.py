@@ -55,7 +55,8 @@ from agents.common.policy_engine import sync_policy
 from agents.common.rollout import collect_pairs
 from agents.common.run import (
     Evaluator,
-    after_iteration,
+    begin,
+    end_iteration,
     finish,
     launch,
     make_vec,
@@ -99,17 +100,8 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
     optimizer, scheduler = make_optimizer(trainer, cfg.optim, total_steps)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 
-    start = 0
-    if cfg.resume:
-        saved = load_checkpoint(run_dir, model, optimizer, scheduler, trainer)  # sharded: every process
-        if saved is not None:
-            start = saved["iteration"]
-            log.info("resumed from %s at iteration %d", run_dir / "checkpoints", start)
-            sync_policy(engine, model)
-        if logger is not None:
-            logger.drop_after(start)  # rows a killed run logged after its last checkpoint
-    if evaluator is not None and not evaluator.results:
-        evaluator.evaluate(engine, "initial")
+    start, _ = begin(cfg, engine, model, logger, evaluator,  # sharded: every process loads its shards
+                     lambda: load_checkpoint(run_dir, model, optimizer, scheduler, trainer))
 
     done_here = 0
     for t in track(range(start, cfg.iterations), total=cfg.iterations, initial=start, desc=f"{name} iterations",
@@ -133,16 +125,11 @@ def run(cfg: RefuelConfig, future: bool = True, prefix: str = "on_policy", name:
                    "perf/policy_tokens": float(engine.tokens_generated),
                    "perf/user_calls": float(rollin.usage.user_calls + branches.usage.user_calls),
                    "perf/reward_calls": float(rollin.usage.reward_calls + branches.usage.reward_calls)}
-        for k in history[0] if history else []:
-            metrics[k] = float(np.mean([h[k] for h in history]))
-        if ranks.main:  # one process logs
-            logger.log(t + 1, metrics)
-        if ranks.main or ranks.sharded:  # one process saves (all hold the same weights); sharded: each its shards
-            save_checkpoint(run_dir, model, optimizer, scheduler, {"iteration": t + 1}, trainer)
         done_here += 1
-        if after_iteration(cfg, t, done_here, evaluator, engine):
-            if logger is not None:
-                logger.close()
+        saves = ranks.main or ranks.sharded  # one process saves (all hold the same weights); sharded: each its shards
+        if end_iteration(cfg, t, done_here, metrics, history, logger, evaluator, engine,
+                         (lambda state: save_checkpoint(run_dir, model, optimizer, scheduler, state, trainer))
+                         if saves else None):
             return {"stopped_at": t + 1}
 
     return finish(name, cfg, evaluator, engine, model, tokenizer, run_dir, logger)
