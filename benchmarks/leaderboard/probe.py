@@ -2,20 +2,23 @@
 
 Success at the last turn is a noisy 0/1 outcome of greedy dialogues. The probe asks the policy directly: on each
 stored test opening, did training make asking more likely relative to guessing? It is computed by forward passes on
-*fixed* replies, so a trained policy adds no sampling noise of its own:
+*fixed* replies (sampled once, from the initial policy), so a trained policy adds no sampling noise of its own:
 
-1. Once, in the baseline job, the initial policy pi_0 samples ``samples`` turn-1 replies at every test opening (at
-   the training temperature, seeded from the evaluation seed). The task's behaviour test (``task.asks``: clarify's
-   "asks or holds back its answer") sorts them into A (asks) and G (the rest: replies that state an answer); the
-   first ``keep`` of each class are kept, with their log-probs under pi_0.
-2. For a policy pi, at every state that has replies of both classes:
+1. Once per leaderboard run, before any job starts, the initial policy pi_0 samples ``samples`` turn-1 replies at
+   every test opening, at the training temperature T (seeded from the evaluation seed). The task's behaviour test
+   (``task.asks``: clarify's "asks or holds back its answer") sorts them into A (asks) and G (the rest: replies
+   that state an answer); the first ``keep`` of each class are kept, with their log-probs under pi_0 at T.
+2. For a policy pi, at every state that has replies of both classes, with every log-prob taken at T (pi_T: the
+   policy as the agents sample it):
 
-       probe(s) = log mean_{y in A} pi(y|s)/pi_0(y|s) - log mean_{y in G} pi(y|s)/pi_0(y|s)      (nats)
+       probe(s) = log mean_{y in A} pi_T(y|s)/pi_0,T(y|s) - log mean_{y in G} pi_T(y|s)/pi_0,T(y|s)      (nats)
 
-   Each mean is an importance-sampling estimate of pi(A|s)/pi_0(A|s) (the kept replies are draws from pi_0 given
-   their class), so the probe estimates the change of the log-odds log pi(A|s)/pi(G|s) from pi_0's: 0 for pi_0
-   itself, > 0 when pi asks more (relative to guessing) than pi_0 did. States with no reply of one class are left
-   out (None), the same states for every policy.
+   The kept replies of a class are draws from pi_0,T given that class, so each mean is an importance-sampling
+   estimate of pi_T(A|s)/pi_0,T(A|s), and the probe estimates the change of the log-odds log pi_T(A|s)/pi_T(G|s)
+   from pi_0's: 0 for pi_0 itself, > 0 when pi asks more (relative to guessing) than pi_0 did. The log of a mean of
+   ``keep`` ratios is biased towards 0 from above and below alike as the ratios spread (Jensen), more for a policy
+   that moved further, so the probe understates large changes; its sign is what the decision rules read. States
+   with no reply of one class are left out (None), the same states for every policy.
 
 Why the policy's own replies and not canned ones: a canned "Could you tell me ...?" measures one wording, and a
 policy can learn to ask in its own words while that wording becomes *less* likely (the first clarify leaderboard saw
@@ -53,8 +56,10 @@ def sample_probe_replies(model_name: str, states: Sequence[StateRecord], asks: C
     """Step 1 of the module docstring with the initial policy ``model_name``.
 
     Returns:
-        ``{"samples", "keep", "temperature", "states": [{"ask": [...], "guess": [...], "asked": a, "sampled": n}]}``
-        (JSON-ready), each reply ``{"text", "token_ids", "logp0"}``; ``asked`` of the ``sampled`` replies asked.
+        ``{"samples", "keep", "temperature", "states": [{"id", "ask": [...], "guess": [...], "asked": a, "sampled": n,
+        "prompt_token_ids"}]}`` (JSON-ready; ``id``: the stored state's id), each reply ``{"text", "token_ids",
+        "logp0"}`` (``logp0``: its log-prob under the initial policy at ``temperature``); ``asked`` of the
+        ``sampled`` replies asked.
 
     Raises:
         ValueError: ``samples`` or ``keep`` below 1, or a temperature of 0 (greedy replies are all alike).
@@ -79,24 +84,25 @@ def sample_probe_replies(model_name: str, states: Sequence[StateRecord], asks: C
             group = classes["ask" if asks(g.text) else "guess"]
             if len(group) < keep:
                 group.append({"text": g.text, "token_ids": list(g.token_ids)})
-        out.append({**classes, "asked": sum(asks(g.text) for g in mine), "sampled": samples,
+        out.append({"id": s.id, **classes, "asked": sum(asks(g.text) for g in mine), "sampled": samples,
                     "prompt_token_ids": prompt_token_ids(tokenizer, s.state.messages)})
-    logp0 = _logprobs(engine.model, tokenizer, out)
+    logp0 = _logprobs(engine.model, tokenizer, out, temperature)
     for st, values in zip(out, logp0):
         for y, lp in zip(st["ask"] + st["guess"], values):
             y["logp0"] = lp
     return {"samples": samples, "keep": keep, "temperature": temperature, "states": out}
 
 
-def _logprobs(model: Any, tokenizer: Any, states: list[dict[str, Any]], batch_size: int = 8) -> list[list[float]]:
-    """Per state, the summed log-probs (temperature 1) of its kept replies, asks first, under ``model``."""
+def _logprobs(model: Any, tokenizer: Any, states: list[dict[str, Any]], temperature: float, batch_size: int = 8
+              ) -> list[list[float]]:
+    """Per state, the summed log-probs (at ``temperature``) of its kept replies, asks first, under ``model``."""
     replies = [Reply(list(st["prompt_token_ids"]), list(y["token_ids"]), y["text"])
                for st in states for y in st["ask"] + st["guess"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     with torch.no_grad():
-        flat = reply_logprobs(model, replies, pad, temperature=1.0, batch_size=batch_size).float().cpu().tolist() \
-            if replies else []
+        flat = reply_logprobs(model, replies, pad, temperature=temperature,
+                              batch_size=batch_size).float().cpu().tolist() if replies else []
     out, k = [], 0
     for st in states:
         n = len(st["ask"]) + len(st["guess"])
@@ -107,17 +113,31 @@ def _logprobs(model: Any, tokenizer: Any, states: list[dict[str, Any]], batch_si
 
 def _log_mean_exp(xs: list[float]) -> float:
     top = max(xs)
+    if not math.isfinite(top):  # every ratio 0 (a policy that gives the class's replies probability 0) or broken
+        return top
     return top + math.log(sum(math.exp(x - top) for x in xs) / len(xs))
+
+
+def check_states(probe: dict[str, Any], states: Sequence[StateRecord]) -> None:
+    """The probe's replies were sampled at exactly these stored states, in this order.
+
+    Raises:
+        ValueError: they were not (a run directory reused with other ``eval.states`` or ``eval.seed``).
+    """
+    got = [st.get("id") for st in probe["states"]]
+    if got != [s.id for s in states]:
+        raise ValueError(f"the probe's replies were sampled at {len(got)} other states than the {len(states)} stored "
+                         "test states; delete probe_replies.json from the run directory to sample them again")
 
 
 def probe_values(model_name: str, probe: dict[str, Any]) -> list[float | None]:
     """Step 2 of the module docstring: (states,) probe values of the policy ``model_name`` (a name ``load_model``
-    knows, or an exported policy's directory) on the replies of :func:`sample_probe_replies`; None where a state
-    lacks replies of one class."""
+    knows, or an exported policy's directory) on the replies of :func:`sample_probe_replies`, at their sampling
+    temperature; None where a state lacks replies of one class."""
     from dialogue_gym.models import load_model
 
     model, tokenizer = load_model(model_name, shared=False)
-    return probe_from_logprobs(probe, _logprobs(model, tokenizer, probe["states"]))
+    return probe_from_logprobs(probe, _logprobs(model, tokenizer, probe["states"], probe["temperature"]))
 
 
 def probe_from_logprobs(probe: dict[str, Any], logp: list[list[float]]) -> list[float | None]:
@@ -129,5 +149,9 @@ def probe_from_logprobs(probe: dict[str, Any], logp: list[list[float]]) -> list[
             continue
         ratios = [lp - y["logp0"] for y, lp in zip(st["ask"] + st["guess"], values)]
         n = len(st["ask"])
-        out.append(_log_mean_exp(ratios[:n]) - _log_mean_exp(ratios[n:]))
+        value = _log_mean_exp(ratios[:n]) - _log_mean_exp(ratios[n:])
+        if not math.isfinite(value):
+            raise ValueError(f"probe at state {st.get('id')}: a reply's log-prob is not finite ({values}); the policy "
+                             "gives a sampled reply probability 0 or its weights are broken")
+        out.append(value)
     return out

@@ -21,7 +21,7 @@ from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, validate
 from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
-from benchmarks.leaderboard.probe import has_probe, probe_from_logprobs, sample_probe_replies
+from benchmarks.leaderboard.probe import check_states, has_probe, probe_from_logprobs, sample_probe_replies
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
 from benchmarks.leaderboard.stats import crossed_interval
@@ -119,6 +119,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         probe_file.write_text(json.dumps(sample_probe_replies(
             cfg.policy, states, ctx.eval.venv.task.asks, cfg.temperature or 1.0, cfg.max_new_tokens, cfg.eval.seed,
             cfg.eval.probe_samples, cfg.eval.probe_keep)))
+    if probe_file.is_file():
+        check_states(json.loads(probe_file.read_text()), states)  # a reused run directory: the same states
     done = played(store, states)
     baseline: list[DialogueRecord] | None = done.get("initial")
     baseline_s = 0.0

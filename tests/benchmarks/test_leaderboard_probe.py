@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import dialogue_gym  # noqa: F401
-from benchmarks.leaderboard.probe import has_probe, probe_from_logprobs, probe_values, sample_probe_replies
+from benchmarks.leaderboard.probe import (
+    check_states,
+    has_probe,
+    probe_from_logprobs,
+    probe_values,
+    sample_probe_replies,
+)
 from dialogue_gym.models import load_model
 from dialogue_gym.rollouts import make_states
 from dialogue_gym.tasks import ClarifyTask
@@ -23,11 +29,11 @@ def clarify_states(n: int):
     return venv.core.task, make_states(venv.core, n, seed=3)
 
 
-def by_hand(model, prompt: list[int], reply: list[int]) -> float:
-    """Summed log-prob of ``reply`` after ``prompt`` from one full forward pass."""
+def by_hand(model, prompt: list[int], reply: list[int], temperature: float = 1.0) -> float:
+    """Summed log-prob of ``reply`` after ``prompt`` (softmax of logits / temperature) from one full forward pass."""
     ids = torch.tensor([prompt + reply])
     with torch.no_grad():
-        logits = model(ids).logits.float()[0, :-1]  # (T-1, V) predicts tokens 1..T-1
+        logits = model(ids).logits.float()[0, :-1] / temperature  # (T-1, V) predicts tokens 1..T-1
     logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
     return float(logp[len(prompt) - 1:].sum())
 
@@ -55,6 +61,21 @@ def test_replies_are_the_initial_policys_own_sorted_by_the_behaviour_test_with_t
     for st, v in zip(probe["states"], values):
         assert (v is None) == (not st["ask"] or not st["guess"])
         assert v is None or abs(v) < 1e-3
+    assert [st["id"] for st in probe["states"]] == [s.id for s in states]
+    check_states(probe, states)
+    with pytest.raises(ValueError, match="delete probe_replies.json"):
+        check_states(probe, states[:2])
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature():
+    """The kept replies are draws from the initial policy at T, so pi_0's and every policy's log-probs are at T."""
+    _, states = clarify_states(1)
+    probe = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 0.5, 6, seed=5, samples=4, keep=2)
+    model, _ = load_model("tiny", shared=False)
+    st = probe["states"][0]
+    for y in st["ask"] + st["guess"]:
+        assert y["logp0"] == pytest.approx(by_hand(model, st["prompt_token_ids"], y["token_ids"], 0.5), abs=1e-3)
+        assert y["logp0"] != pytest.approx(by_hand(model, st["prompt_token_ids"], y["token_ids"], 1.0), abs=1e-2)
 
 
 def test_the_probe_is_the_change_of_the_ask_vs_guess_log_odds_by_hand():
