@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=16,
                         help="dialogues played with both engines for the same-seed comparison (0: skip)")
     parser.add_argument("--note", default="", help="a line added to the report (e.g. how loaded the machine was)")
+    parser.add_argument("--out", default=str(RESULTS),
+                        help="the report's path (another name keeps a partial run from replacing the full table)")
     args = parser.parse_args()
     names = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETUPS]
@@ -178,12 +180,13 @@ def main() -> None:
     if comparison:
         print(comparison, flush=True)
     write_report(args, results, comparison, load_before)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comparison: str,
                  load_before: tuple[float, float, float]) -> None:
-    """``benchmarks/results/train_throughput.md``: the table, the same-seed comparison, machine and load."""
+    """``args.out`` (``benchmarks/results/train_throughput.md``): the table, the same-seed comparison, machine and
+    load."""
     load_after = os.getloadavg()
     info = machine_info()
     command = "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:])
@@ -211,8 +214,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], compar
     ]
     if args.note:
         text += ["", args.note]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(text) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":

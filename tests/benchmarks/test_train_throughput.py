@@ -8,9 +8,9 @@ import argparse
 from benchmarks import train_throughput as tt
 
 
-def test_report_is_written_with_the_machine_and_every_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(tt, "RESULTS", tmp_path / "train_throughput.md")
-    args = argparse.Namespace(dialogues=32, max_new_tokens=16, iterations=1, compare=0, note="a note")
+def test_report_is_written_with_the_machine_and_every_row(tmp_path):
+    args = argparse.Namespace(dialogues=32, max_new_tokens=16, iterations=1, compare=0, note="a note",
+                              out=str(tmp_path / "train_throughput.md"))
     row = {"setup": "hf", "engine": "hf", "processes": 1, "lora_r": 16, "samples": 112, "samples_per_s": 2.98,
            "rollout_s": 37.6, "pairs": 31, "update_s": 39.7, "pair_updates_per_s": 0.78, "iteration_s": 77.3,
            "wall_s": 99.0}
