@@ -135,12 +135,14 @@ def begin(cfg: Any, engine: GenerationEngine, model: Any, logger: Any | None, ev
 def end_iteration(cfg: Any, t: int, done_here: int, metrics: dict[str, float], history: list[dict[str, float]],
                   logger: Any | None, evaluator: Evaluator | None, engine: GenerationEngine,
                   save: Callable[[dict[str, Any]], None] | None) -> bool:
-    """The shared end of an agent's iteration ``t``: the optimizer steps' mean ``history`` joins ``metrics``, the
+    """The shared end of an agent's iteration ``t``: the optimizer steps' mean ``history`` and their count
+    (``loss/steps``) join ``metrics``, the
     logging process (``logger`` not None) logs them, ``save(state)`` writes the checkpoint with ``state =
     {"iteration": t + 1}`` (None on processes that do not save), then :func:`after_iteration`. True when the run
     stops here (``stop_after``; the logger is closed)."""
     for k in history[0] if history else []:
         metrics[k] = float(np.mean([h[k] for h in history]))
+    metrics["loss/steps"] = float(len(history))  # optimizer steps this iteration (0: no update)
     if logger is not None:
         logger.log(t + 1, metrics)
     if save is not None:

@@ -211,7 +211,6 @@ def run(cfg: DpoConfig) -> dict:
         if from_task:
             metrics["perf/user_calls"] = float(rollin.usage.user_calls + branches.usage.user_calls)
             metrics["perf/reward_calls"] = float(rollin.usage.reward_calls + branches.usage.reward_calls)
-        metrics["loss/steps"] = float(len(history))  # optimizer steps this iteration (``steps``, or the passes')
         done_here += 1
         saves = ranks.main or ranks.sharded  # one process saves (all hold the same weights); sharded: each its shards
         if end_iteration(cfg, t, done_here, metrics, history, logger, evaluator, engine,

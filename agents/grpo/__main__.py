@@ -105,7 +105,7 @@ from agents.common.run import (
     sampling_params,
 )
 from agents.common.sharding import check_sharding
-from agents.common.train import make_optimizer
+from agents.common.train import make_optimizer, minibatches
 from agents.grpo.config import GrpoConfig, validate
 from dialogue_gym.progress import track
 
@@ -216,36 +216,34 @@ def grpo_update(model: Any, optimizer: Any, scheduler: Any, samples: Sequence[Sa
         members.setdefault(s.member, []).append(s)
     keys = sorted(members)
     history = []
-    for _ in range(optim.epochs):
-        order = rng.permutation(len(keys))
-        for start in range(0, len(order), optim.batch_size):
-            picked = [keys[i] for i in order[start:start + optim.batch_size]]
-            tokens = float(sum(len(s.reply.token_ids) for k in picked for s in members[k]))
-            mine = [s for k in picked[ranks.rank::ranks.world] for s in members[k]]
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for m in range(0, len(mine), optim.micro_batch_size):
-                mb = mine[m:m + optim.micro_batch_size]
-                ids, attention, mask = collate_on([s.reply for s in mb], pad, optim.max_length, device)
-                logp = token_logprobs(model, ids, attention, mask, cfg.sampling.temperature)  # (B, T)
-                loss, metrics = grpo_loss(
-                    logp, pack_right([s.old for s in mb], mask),
-                    torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device), mask, cfg.clip,
-                    cfg.beta, pack_right([s.ref for s in mb], mask) if cfg.beta > 0 else None, cfg.normalization,
-                    tokens=tokens, sequences=float(len(picked)),
-                    lengths=torch.tensor([float(s.length) for s in mb], device=device))
-                loss.backward()
-                share = float(mask.sum()) / tokens
-                sums["loss"] = sums.get("loss", 0.0) + metrics.pop("loss")  # the micro-batch losses add up
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * share
-            all_reduce_gradients(params, ranks)
-            sums = all_reduce_sums(sums, ranks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
-                            "loss/lr": float(scheduler.get_last_lr()[0])})
+    for batch in minibatches(len(keys), optim.batch_size, optim.epochs, cfg.steps, rng):
+        picked = [keys[i] for i in batch]
+        tokens = float(sum(len(s.reply.token_ids) for k in picked for s in members[k]))
+        mine = [s for k in picked[ranks.rank::ranks.world] for s in members[k]]
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for m in range(0, len(mine), optim.micro_batch_size):
+            mb = mine[m:m + optim.micro_batch_size]
+            ids, attention, mask = collate_on([s.reply for s in mb], pad, optim.max_length, device)
+            logp = token_logprobs(model, ids, attention, mask, cfg.sampling.temperature)  # (B, T)
+            loss, metrics = grpo_loss(
+                logp, pack_right([s.old for s in mb], mask),
+                torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device), mask, cfg.clip,
+                cfg.beta, pack_right([s.ref for s in mb], mask) if cfg.beta > 0 else None, cfg.normalization,
+                tokens=tokens, sequences=float(len(picked)),
+                lengths=torch.tensor([float(s.length) for s in mb], device=device))
+            loss.backward()
+            share = float(mask.sum()) / tokens
+            sums["loss"] = sums.get("loss", 0.0) + metrics.pop("loss")  # the micro-batch losses add up
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * share
+        all_reduce_gradients(params, ranks)
+        sums = all_reduce_sums(sums, ranks)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
+                        "loss/lr": float(scheduler.get_last_lr()[0])})
     model.eval()
     return history
 
@@ -284,7 +282,7 @@ def run(cfg: GrpoConfig) -> dict:
     branches = make_vec(cfg.env, width * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = rollin.num_rows
-    per_iteration = cfg.optim.epochs * math.ceil(cfg.dialogues * cfg.group_size / cfg.optim.batch_size)
+    per_iteration = cfg.steps or cfg.optim.epochs * math.ceil(cfg.dialogues * cfg.group_size / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * per_iteration)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None
 

@@ -31,6 +31,9 @@ class GrpoConfig:
     baseline: str = "mean"  # mean: the group mean (GRPO); loo: the mean of the other G - 1 (RLOO)
     scale: str = "std"  # std: divide by the group's std (GRPO); none: raw centred returns (Dr. GRPO, RLOO)
     normalization: str = "token"  # token: every action token weighs the same; sequence: each reply's token mean
+    steps: int = 0  # optimizer steps per iteration, exactly: minibatches of optim.batch_size members cycle through
+    # reshuffled passes until this many (0: optim.epochs passes). Tied groups are dropped, so with epochs alone the
+    # step count varies; a fixed count lets the leaderboard give GRPO the other arms' steps with small minibatches
     clip: float = 0.2  # ratio clip epsilon of the surrogate (DeepSeekMath: 0.2)
     beta: float = 0.0  # k3 KL coefficient to the initial policy (DeepSeekMath: 0.04; 0: no reference pass)
     old_logprobs: str = "recompute"  # recompute: one trainer pass before the update; engine: the sampler's own
@@ -46,6 +49,8 @@ class GrpoConfig:
 def validate(cfg: GrpoConfig) -> None:
     """Range checks at start-up, before any model loads (a ConfigError names the field and what is allowed)."""
     check(cfg.credit in CREDITS, f"credit is {cfg.credit!r}; allowed: {', '.join(CREDITS)}")
+    check(cfg.steps >= 0, f"steps (optimizer steps per iteration) must be >= 0 (0: optim.epochs passes), got "
+                          f"{cfg.steps}")
     check(cfg.baseline in BASELINES, f"baseline is {cfg.baseline!r}; allowed: {', '.join(BASELINES)}")
     check(cfg.scale in SCALES, f"scale is {cfg.scale!r}; allowed: {', '.join(SCALES)}")
     check(cfg.normalization in NORMALIZATIONS,

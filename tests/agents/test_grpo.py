@@ -188,11 +188,13 @@ def test_smoke_trains_every_parameter_and_writes_outputs(credit, turn_run, tmp_p
     run_dir = turn_run
     if credit == "trajectory":
         run_dir = tmp_path
-        run_agent(run_dir, "credit=trajectory", "normalization=sequence", "beta=0.04")
+        run_agent(run_dir, "credit=trajectory", "normalization=sequence", "beta=0.04", "steps=3")
     rows = read_metrics(run_dir)
     assert len(rows) == 2
     for r in rows:
         assert math.isfinite(r["loss/loss"]) and r["env/groups"] == 2
+        if credit == "trajectory" and r["env/equal_groups"] < 2:  # steps=3: exactly 3 minibatches, whatever count
+            assert r["loss/steps"] == 3
         assert r["env/trained_replies"] == (2 - r["env/equal_groups"]) * 4 * (1 if credit == "turn" else 2)
     saved = load_file(str(run_dir / "checkpoints" / "last" / "trainable.safetensors"))
     initial = trainable_parameters(load_policy(TINY, seed=0)[0])
