@@ -54,6 +54,7 @@ from benchmarks.leaderboard.config import (
     LeaderboardConfig,
     SubmititSettings,
     SweepSettings,
+    seeds_of,
     validate,
 )
 from benchmarks.leaderboard.jobs import Context, Scheduler, do_job, job_threads, train_and_evaluate
@@ -78,5 +79,5 @@ __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol
            "calibrate", "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "crossed_ci",
            "crossed_interval", "crossed_means", "do_job", "eval_env", "evaluate", "export_checkpoint_policy",
            "job_threads", "paired_difference", "play_states", "played", "results_path", "run", "score_matrix",
-           "seed_test", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed", "validate",
-           "write_report"]
+           "seed_test", "seeds_of", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed",
+           "validate", "write_report"]

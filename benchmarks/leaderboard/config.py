@@ -69,6 +69,8 @@ class LeaderboardConfig:
 
     agents: list[str] = field(default_factory=lambda: ["refuel", "rebel", "dpo", "ppo"])  # agents.<name> packages
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds per agent
+    agent_seeds: dict[str, int] = field(default_factory=dict)  # agent -> N: it runs only the first N of seeds (a
+    # costly arm at fewer seeds; agents are compared on the seeds they share)
     policy: str = "embedded"  # the initial policy of every agent, and the baseline of the win rates
     policy_engine: str = "hf"  # where every policy samples, in training (policy.engine) and evaluation: hf or vllm
     policy_engine_memory: float = 0.15  # with vllm: the engine's share of device memory (policy.engine_memory)
@@ -93,12 +95,21 @@ class LeaderboardConfig:
     run_dir: str = "."  # working directory: stores, agent runs (Hydra's run dir)
 
 
+def seeds_of(cfg: LeaderboardConfig, agent: str) -> list[int]:
+    """The training seeds ``agent`` runs: the first ``agent_seeds[agent]`` of ``seeds``, or all of them."""
+    return list(cfg.seeds)[:cfg.agent_seeds.get(agent, len(cfg.seeds))]
+
+
 def validate(cfg: LeaderboardConfig) -> None:
     """Range checks before any model loads (the agents' names and overrides are checked by the caller)."""
     check(len(cfg.agents) >= 1, "agents must name at least one agent (refuel, rebel, dpo, ppo)")
     check(len(set(cfg.agents)) == len(cfg.agents), f"agents has duplicates: {cfg.agents}")
     check(len(cfg.seeds) >= 1 and len(set(cfg.seeds)) == len(cfg.seeds),
           f"seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
+    for name, n in cfg.agent_seeds.items():
+        check(name in cfg.agents, f"agent_seeds names {name!r}, which is not in agents {list(cfg.agents)}")
+        check(1 <= n <= len(cfg.seeds), f"agent_seeds.{name} must be between 1 and len(seeds) = {len(cfg.seeds)} "
+                                        f"(it runs the first N seeds), got {n}")
     b = cfg.budget
     for name in LIMITS:
         v = getattr(b, name)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.leaderboard.agents import limit_text
-from benchmarks.leaderboard.config import ROOT, LeaderboardConfig
+from benchmarks.leaderboard.config import ROOT, LeaderboardConfig, seeds_of
 from benchmarks.leaderboard.protocol import AgentRun
 from benchmarks.machine import machine_info
 
@@ -122,7 +122,9 @@ def _protocol(cfg: LeaderboardConfig, meta: dict[str, Any]) -> list[str]:
             f"temperature {temperature}.",
             f"- Initial policy of every agent and baseline: `{cfg.policy}`, sampled on {cfg.policy_engine} in "
             f"training and evaluation. Agents: {', '.join(cfg.agents)}; "
-            f"seeds {list(cfg.seeds)}. Learning rate: {lr}.",
+            f"seeds {list(cfg.seeds)}"
+            + "".join(f" ({a}: {seeds_of(cfg, a)})" for a in cfg.agents if a in cfg.agent_seeds)
+            + f". Learning rate: {lr}.",
             f"- Budget per agent and seed, counted by the env in its training envs: policy samples "
             f"{limit_text(cfg.budget.policy_samples)}, scored conversations "
             f"{limit_text(cfg.budget.scored_conversations)}, optimizer steps {limit_text(cfg.budget.optimizer_steps)}"

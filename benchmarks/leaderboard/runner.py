@@ -19,7 +19,7 @@ import numpy as np
 from agents.common.config import ConfigError
 from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
-from benchmarks.leaderboard.config import LeaderboardConfig, validate
+from benchmarks.leaderboard.config import LeaderboardConfig, seeds_of, validate
 from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
 from benchmarks.leaderboard.probe import check_states, has_probe, probe_from_logprobs, sample_probe_replies
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
@@ -131,7 +131,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     sweep_rule: dict[str, Any] = {}  # the shared rate and whether every agent's sweep was decisive
     sweep_metric = "success" if cfg.sweep.metric == "success" or (cfg.sweep.metric == "auto" and verifier) \
         else "score"
-    order = {(a, s): k for k, (a, s) in enumerate((a, s) for a in cfg.agents for s in cfg.seeds)}
+    order = {(a, s): k for k, (a, s) in enumerate((a, s) for a in cfg.agents for s in seeds_of(cfg, a))}
 
     def report() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         """Write the report for the runs finished so far (a partial report names the runs still to come)."""
@@ -153,13 +153,13 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                     "states": sum(v is not None for v in base_probe or []), "samples": probe["samples"],
                     "keep": probe["keep"], "temperature": probe["temperature"],
                     "asked": float(np.mean([st["asked"] / st["sampled"] for st in probe["states"]]))},
-                "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in cfg.seeds if (a, s) not in finished]}
+                "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in seeds_of(cfg, a) if (a, s) not in finished]}
         write_report(cfg, rows, paired, runs, meta)
         return rows, paired, meta
 
     def add_runs(sched: Scheduler, name: str, lr: float | None) -> None:
         iterations, estimate = plan[name]
-        for seed in cfg.seeds:
+        for seed in seeds_of(cfg, name):
             result = run_dir_of(cfg, name, seed, lr, False) / "leaderboard_result.json"
             if result.is_file() and f"{name}/seed-{seed}" in done:
                 runs.append(AgentRun.from_json(json.loads(result.read_text()), done[f"{name}/seed-{seed}"]))

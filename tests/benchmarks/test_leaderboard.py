@@ -231,10 +231,19 @@ def test_agent_config_imposes_the_shared_settings(tmp_path):
              lb.agent_config(cfg, n, 0, tmp_path, None).policy.engine_memory) for n in cfg.agents} == {("vllm", 0.3)}
 
 
+def test_agent_seeds_runs_an_arm_on_the_first_n_seeds():
+    cfg = lb.LeaderboardConfig(agents=["refuel", "grpo"], seeds=[3, 1, 4, 5], agent_seeds={"grpo": 2})
+    lb.validate(cfg)
+    assert lb.seeds_of(cfg, "refuel") == [3, 1, 4, 5] and lb.seeds_of(cfg, "grpo") == [3, 1]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(agents=["refuel", "nope"]), "agents lists 'nope', but there is no agents/nope/__main__.py; available: "),
     (dict(agents=["refuel", "refuel"]), "agents has duplicates"),
     (dict(seeds=[]), "seeds must be a non-empty list"),
+    (dict(agent_seeds={"rebel": 1}), r"agent_seeds names 'rebel', which is not in agents \['refuel'\]"),
+    (dict(agent_seeds={"refuel": 4}), r"agent_seeds.refuel must be between 1 and len\(seeds\) = 3 .* got 4"),
+    (dict(agent_seeds={"refuel": 0}), r"agent_seeds.refuel must be between 1 and len\(seeds\) = 3 .* got 0"),
     (dict(overrides={"ppx": ["x=1"]}), r"overrides name agent\(s\) \['ppx'\] that do not exist"),
     (dict(budget=lb.BudgetSettings(policy_samples=None)), "set at least one of budget.policy_samples"),
     (dict(budget=lb.BudgetSettings(policy_samples=0)), "budget.policy_samples must be >= 1 or null"),
