@@ -91,6 +91,21 @@ def minibatches(n: int, batch_size: int, epochs: int, steps: int, rng: np.random
     return out[:steps] if steps > 0 else out
 
 
+def optimizer_step(params: list[torch.Tensor], optimizer: Any, scheduler: Any, max_grad_norm: float,
+                   sums: dict[str, float], ranks: Ranks = SINGLE, reduce_gradients: bool = True) -> dict[str, float]:
+    """End one minibatch, for every agent's update: sum the processes' gradients (``reduce_gradients``; an FSDP root
+    averages its own), sum the metric ``sums`` over processes, clip, step the optimizer and the schedule. Returns
+    the step's metrics row (``loss/<name>`` of each sum, ``loss/grad_norm`` before clipping, ``loss/lr``)."""
+    if reduce_gradients:
+        all_reduce_gradients(params, ranks)
+    sums = all_reduce_sums(sums, ranks)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return {**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
+            "loss/lr": float(scheduler.get_last_lr()[0])}
+
+
 def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair], pair_loss: Callable,
                 pad_id: int, temperature: float, optim: OptimSettings, rng: np.random.Generator,
                 ranks: Ranks = SINGLE, steps: int = 0) -> list[dict[str, float]]:
@@ -130,14 +145,8 @@ def pair_update(model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[Pair
             busiest = forwards(len(batch[0::ranks.world]), micro)
             for _ in range(busiest - forwards(len(mine), micro)):
                 (dummy_logprob(model) * 0.0).backward()
-        else:
-            all_reduce_gradients(params, ranks)
-        sums = all_reduce_sums(sums, ranks)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
-                        "loss/lr": float(scheduler.get_last_lr()[0])})
+        history.append(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm, sums, ranks,
+                                      reduce_gradients=not sharded))
     model.eval()
     return history
 

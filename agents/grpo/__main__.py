@@ -81,8 +81,6 @@ from agents.common.config import build_task_early
 from agents.common.distributed import (
     SINGLE,
     Ranks,
-    all_reduce_gradients,
-    all_reduce_sums,
     check_processes,
     gather,
     setup,
@@ -105,7 +103,7 @@ from agents.common.run import (
     sampling_params,
 )
 from agents.common.sharding import check_sharding
-from agents.common.train import make_optimizer, minibatches
+from agents.common.train import make_optimizer, minibatches, optimizer_step
 from agents.grpo.config import GrpoConfig, validate
 from dialogue_gym.progress import track
 
@@ -237,13 +235,7 @@ def grpo_update(model: Any, optimizer: Any, scheduler: Any, samples: Sequence[Sa
             sums["loss"] = sums.get("loss", 0.0) + metrics.pop("loss")  # the micro-batch losses add up
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * share
-        all_reduce_gradients(params, ranks)
-        sums = all_reduce_sums(sums, ranks)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        history.append({**{f"loss/{k}": v for k, v in sums.items()}, "loss/grad_norm": float(grad_norm),
-                        "loss/lr": float(scheduler.get_last_lr()[0])})
+        history.append(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm, sums, ranks))
     model.eval()
     return history
 

@@ -73,8 +73,6 @@ from agents.common.config import build_task_early
 from agents.common.distributed import (
     SINGLE,
     Ranks,
-    all_reduce_gradients,
-    all_reduce_sums,
     check_processes,
     combine_stats,
     gather,
@@ -114,7 +112,7 @@ from agents.common.run import (
     sampling_params,
 )
 from agents.common.sharding import check_sharding
-from agents.common.train import make_optimizer
+from agents.common.train import make_optimizer, optimizer_step
 from agents.ppo.config import PpoConfig, validate
 from dialogue_gym.progress import track
 
@@ -272,14 +270,8 @@ def ppo_update(agent: torch.nn.ModuleDict, optimizer: Any, scheduler: Any, turns
                          "ratio": pg["ratio"], "value_loss": vf["loss"], "value_clip_fraction": vf["clip_fraction"]}
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * share
-            all_reduce_gradients(params, ranks)
-            sums = all_reduce_sums(sums, ranks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            history.append({**{f"loss/{k}": v for k, v in sums.items()},
-                            "loss/loss": sums["policy_loss"] + cfg.vf_coef * sums["value_loss"],
-                            "loss/grad_norm": float(grad_norm), "loss/lr": float(scheduler.get_last_lr()[0])})
+            row = optimizer_step(params, optimizer, scheduler, optim.max_grad_norm, sums, ranks)
+            history.append({**row, "loss/loss": row["loss/policy_loss"] + cfg.vf_coef * row["loss/value_loss"]})
     agent.eval()
     return history
 
