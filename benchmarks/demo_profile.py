@@ -7,12 +7,13 @@ Run (a few minutes on a 2-core CPU; ``--dialogues``/``--eval-dialogues`` shrink 
     python -m benchmarks.demo_profile --dialogues 8 --eval-dialogues 16 --out /tmp/p.md
 
 Phases: ``sampling`` (the policy's ``generate`` calls), ``env`` (``venv.step``: the scripted critic user and the
-exact verifier), ``log-probs`` (π_t's log-probs of the pairs), ``update`` (the regression update), ``other``
-(the rest of the wall time). The floor of a phase is its matmul FLOPs divided by the fp32 matmul rate measured in
-the same run (``torch.mm`` of 1024 x 1024 matrices): ``2 N`` FLOPs per token through the model for sampling (prompt
-prefill included) and log-probs, ``4 N`` per token for the update (forward plus the input gradients through the
-frozen base; LoRA's own weight gradients are negligible), ``N`` the model's parameters. ``floor share`` = floor /
-measured: 1.0 would be a phase that does nothing but full-rate matmuls. The env's floor is 0 (no model).
+exact verifier), ``log-probs`` (π_t's log-probs of the pairs), ``update`` (the regression update), ``other`` (the
+rest of the wall time). The floor of a phase is its matmul FLOPs divided by the matmul rate measured in the same run
+in the policy's weight dtype (``torch.mm`` of 1024 x 1024 matrices; the demo's is bfloat16): ``2 N`` FLOPs per token
+through the model for sampling (prompt prefill included) and log-probs, ``4 N`` per token for the update (forward
+plus the input gradients through the frozen base; LoRA's own weight gradients are negligible), ``N`` the model's
+parameters. ``floor share`` = floor / measured: 1.0 would be a phase that does nothing but full-rate matmuls. The
+env's floor is 0 (no model).
 
 The top of a ``torch.profiler`` table over the iteration (self CPU time per op) is printed and written too. Results
 go to ``--out`` (default ``benchmarks/results/demo_profile_run.md``) with the machine; the timings of a shared
@@ -35,9 +36,9 @@ from benchmarks.machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_rate(size: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of fp32 ``torch.mm`` of two ``size`` x ``size`` matrices (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of ``torch.mm`` of two ``size`` x ``size`` matrices of ``dtype`` (best of ``repeats``)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -116,12 +117,14 @@ def main(argv: list[str] | None = None) -> str:
     from agents.common.run import make_vec, pad_id, sampling_params
     from agents.common.train import fill_reference_logprobs, make_optimizer, regression_update
     from dialogue_gym.generation import SamplingParams
+    from dialogue_gym.models import resolve_dtype
     from dialogue_gym.rollout_store import make_states
 
     cfg = demo_config(args.dialogues, args.eval_dialogues)
     torch.manual_seed(cfg.seed)
-    rate = matmul_rate()
     model, tokenizer = load_policy(cfg.policy, seed=cfg.seed)
+    dtype = resolve_dtype(cfg.policy.dtype, cfg.policy.device)
+    rate, rate32 = matmul_rate(dtype=dtype), matmul_rate()
     n_params = sum(p.numel() for p in model.parameters())
     engine = Timed(build_policy_engine(cfg.policy, model, tokenizer, cfg.seed))
     lines = []
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> str:
     info = machine_info()
     text = "\n".join([f"## demo profile, {info['date']}", "",
                       "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "date") + ".",
-                      f"fp32 matmul rate (1024^3 torch.mm, best of 10): {rate / 1e9:.1f} GFLOP/s; model "
+                      f"matmul rate (1024^3 torch.mm, best of 10) in the policy's weight dtype {dtype}: "
+                      f"{rate / 1e9:.1f} GFLOP/s (float32: {rate32 / 1e9:.1f}); the floors use the first; model "
                       f"{n_params / 1e6:.1f} M parameters (LoRA included).", ""] + lines +
                      ["Top of the torch.profiler table over the iteration (self CPU time):", "", "```", table, "```",
                       ""])
