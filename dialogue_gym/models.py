@@ -227,6 +227,17 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def cpu_has_bf16_matmul(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU multiplies bfloat16 natively (the ``amx_bf16`` or ``avx512_bf16`` flag, Linux); None where
+    ``cpuinfo`` cannot be read. Without it bfloat16 weights are converted at every matmul and run slower than
+    float32."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return None
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: bool = True,
                device: str | torch.device = "auto") -> tuple[Any, Any]:
     """Load a causal language model and its tokenizer.
@@ -250,6 +261,10 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if torch_dtype == torch.bfloat16 and dev.type == "cpu" and cpu_has_bf16_matmul() is False:
+        log.warning("model %s: bfloat16 weights on a CPU without bfloat16 matrix instructions (no amx_bf16 or "
+                    "avx512_bf16 flag) run slower than float32 here; set the dtype to float32 (e.g. "
+                    "policy.dtype=float32)", name)
     key = (name, str(torch_dtype), str(dev))
     if shared:
         with _cache_lock:

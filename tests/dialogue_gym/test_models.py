@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dialogue_gym import models
 from dialogue_gym.models import load_model, save_model_dir
 
 
@@ -21,3 +22,25 @@ def test_save_model_dir_writes_a_loadable_copy_and_keeps_an_existing_one(tmp_pat
     kept, _ = load_model(str(target), shared=False, dtype="float32", device="cpu")
     assert torch.equal(kept.state_dict()[name], again.state_dict()[name])
     assert not list(tmp_path.glob(".copy-*"))
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    assert models.cpu_has_bf16_matmul(info) is True
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
+    assert models.cpu_has_bf16_matmul(info) is False
+    assert models.cpu_has_bf16_matmul(tmp_path / "missing") is None
+
+
+def test_bf16_weights_on_a_cpu_without_bf16_matmul_warn_with_the_fix(monkeypatch, caplog):
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: False)
+    with caplog.at_level("WARNING", logger="dialogue_gym.models"):
+        model, _ = models.load_model("tiny", dtype="bfloat16", shared=False, device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16  # loaded as asked, not swapped
+    assert "policy.dtype=float32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: True)
+    with caplog.at_level("WARNING", logger="dialogue_gym.models"):
+        models.load_model("tiny", dtype="bfloat16", shared=False, device="cpu")
+    assert caplog.text == ""
