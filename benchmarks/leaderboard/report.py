@@ -20,7 +20,7 @@ CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "sco
               "optimizer_steps", "train_s", "eval_s")
 FAIR = 0.05  # arms are fair when their policy samples and optimizer steps are within 5% of each other
 PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "se", "df", "mde80", "excludes_0", "seeds", "seed_lo",
-                 "seed_hi", "seed_p")
+                 "seed_hi", "seed_p", "on_seeds")
 
 
 def results_path(cfg: LeaderboardConfig) -> Path:
@@ -191,7 +191,8 @@ def markdown(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[di
 def paired_table(paired: list[dict[str, Any]], metric: str, turn: int, heading: str) -> list[str]:
     """The Markdown table of the paired comparisons of ``metric`` at ``turn``."""
     lines = [f"## {heading}", "",
-             "Same states (and, between agents, the same training seeds). Crossed 95% interval (* = excludes 0); "
+             "Same states (and, between agents, the same training seeds: the seeds both ran, named where one ran "
+             "fewer). Crossed 95% interval (* = excludes 0); "
              "mde80 = the smallest true difference this design detects with 80% probability; seed-level test = "
              "t-interval and p over the per-seed mean differences (n/a with one seed).", "",
              "| a | b | a - b | 95% interval | mde80 | seed-level 95% t-interval | seed-level p |",
@@ -200,7 +201,8 @@ def paired_table(paired: list[dict[str, Any]], metric: str, turn: int, heading: 
         if p["metric"] == metric and p["turn"] == turn:
             seed = ("n/a", "n/a") if p["seeds"] < 2 else (f"[{p['seed_lo']:+.3f}, {p['seed_hi']:+.3f}]",
                                                           f"{p['seed_p']:.3f}")
-            lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
+            b = p["b"] if p.get("on_seeds") is None else f"{p['b']} (on seeds {', '.join(map(str, p['on_seeds']))})"
+            lines.append(f"| {p['a']} | {b} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
                          f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['mde80']:.3f} | {seed[0]} | {seed[1]} |")
     return lines + [""]
 

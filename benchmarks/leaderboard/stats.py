@@ -344,17 +344,24 @@ def comparison_row(a: str, b: str, metric: str, turn: int, diff: np.ndarray, n_b
 
 def paired_rows(groups: dict[str, dict[str, np.ndarray]], seeds: dict[str, list[int]], n_boot: int,
                 metrics: tuple[str, ...] = ("success", "score", "probe")) -> list[dict[str, Any]]:
-    """Paired differences at every turn: each agent minus the initial policy, and each pair of agents (in order) that
-    ran the same seeds; for every metric in ``metrics`` the groups have (``probe`` has one "turn")."""
+    """Paired differences at every turn: each agent minus the initial policy, and each pair of agents (in order) on
+    the training seeds both ran (an arm run at fewer seeds is compared on those, listed in the row's ``on_seeds``;
+    None when both ran the same seeds, and against the initial policy); for every metric in ``metrics`` the groups
+    have (``probe`` has one "turn")."""
     agents = [a for a in groups if a != "initial"]
-    pairs = [(a, "initial") for a in agents]
-    pairs += [(a, b) for i, a in enumerate(agents) for b in agents[i + 1:] if seeds[a] == seeds[b]]
     rows = []
-    for a, b in pairs:
+    for a, b in [(a, "initial") for a in agents] + [(a, b) for i, a in enumerate(agents) for b in agents[i + 1:]]:
+        common = None if b == "initial" else [s for s in seeds[a] if s in seeds[b]]
+        if common is not None and not common:
+            continue  # no seed in common: nothing to pair
+        rows_a = slice(None) if common is None else [seeds[a].index(s) for s in common]
+        rows_b = slice(None) if common is None else [seeds[b].index(s) for s in common]
         for metric in metrics:
             if metric not in groups[a] or metric not in groups[b]:
                 continue
             for h in range(groups[a][metric].shape[2]):
-                diff = _paired(groups[a][metric][:, :, h], groups[b][metric][:, :, h])
-                rows.append(comparison_row(a, b, metric, h + 1, diff, n_boot, 300 + h))
+                diff = _paired(groups[a][metric][rows_a, :, h], groups[b][metric][rows_b, :, h])
+                fewer = common is not None and not (common == seeds[a] == seeds[b])
+                rows.append({**comparison_row(a, b, metric, h + 1, diff, n_boot, 300 + h),
+                             "on_seeds": common if fewer else None})
     return rows

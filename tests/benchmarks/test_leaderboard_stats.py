@@ -173,8 +173,25 @@ def test_paired_rows_compare_each_agent_with_the_initial_policy_and_with_each_ot
     assert pairs["refuel", "rebel", "success", 1]["diff"] == 0.0 and not pairs["refuel", "rebel", "success", 1][
         "excludes_0"]
     assert pairs["refuel", "rebel", "score", 1]["diff"] == 0.5
-    assert ("refuel", "dpo", "score", 1) not in pairs  # different seeds: no agent-agent pairing
-    assert len(rows) == (3 + 1) * 2 * 2  # 3 vs initial + refuel-rebel; 2 metrics; 2 turns
+    # dpo ran seed 0 only: it is paired with each agent on that seed, and the row says so
+    assert pairs["refuel", "dpo", "score", 1]["seeds"] == 1 and pairs["refuel", "dpo", "score", 1]["on_seeds"] == [0]
+    assert pairs["refuel", "rebel", "score", 1]["on_seeds"] is None  # the same seeds
+    assert pairs["refuel", "initial", "score", 1]["on_seeds"] is None
+    assert len(rows) == (3 + 3) * 2 * 2  # 3 vs initial + 3 agent pairs; 2 metrics; 2 turns
+
+
+def test_agents_are_paired_by_seed_not_by_row_position():
+    # a: seeds [0, 1, 2], b: seeds [2, 0]; row k of each is its k-th seed. a - b on seeds 0 and 2 is 10 - 1 = 9 and
+    # 30 - 3 = 27 on every state: mean 18. Seed 1 (a only) and the rows' order must not enter.
+    a = np.array([10.0, 20.0, 30.0])[:, None, None] * np.ones((3, 4, 1))
+    b = np.array([3.0, 1.0])[:, None, None] * np.ones((2, 4, 1))
+    groups = {"initial": {"score": np.zeros((1, 4, 1))}, "a": {"score": a}, "b": {"score": b}}
+    rows = paired_rows(groups, {"a": [0, 1, 2], "b": [2, 0]}, n_boot=200, metrics=("score",))
+    r = next(r for r in rows if (r["a"], r["b"]) == ("a", "b"))
+    assert r["diff"] == pytest.approx(18.0) and r["seeds"] == 2 and r["on_seeds"] == [0, 2]
+    groups["c"] = {"score": np.ones((1, 4, 1))}
+    rows = paired_rows(groups, {"a": [0, 1, 2], "b": [2, 0], "c": [7]}, n_boot=200, metrics=("score",))
+    assert not [r for r in rows if "c" in (r["a"], r["b"]) and "initial" not in (r["a"], r["b"])]  # nothing shared
 
 
 def test_a_sweep_that_cannot_tell_rates_apart_gives_every_agent_one_shared_rate():
