@@ -52,7 +52,8 @@ class OptimSettings:
 class EvalSettings:
     """In-run evaluation on held-out states with fixed user seeds."""
 
-    dialogues: int = 32  # test rows evaluated (the first n of the test split)
+    dialogues: int = 32  # rows evaluated (the first n of the split)
+    split: str = "test"  # the rows evaluated: test, or validation for choices made by looking at results
     seed: int = 1234  # user and policy seeds of every evaluation
     temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)
     every: int = 0  # evaluate every k iterations as well (0: only before and after training)
@@ -164,18 +165,24 @@ def check_policy_engine(policy: PolicySettings, sampling: SamplingSettings) -> N
                                          "policy.engine=hf")
 
 
-def build_task_early(env: EnvConfig, eval_dialogues: int | None = None) -> Any:
-    """Build the task now (cheap, no model) so a missing dataset, or an evaluation larger than the test split
-    (``eval_dialogues`` rows asked for), fails before any model loads."""
+EVAL_SPLITS = ("test", "validation")
+
+
+def build_task_early(env: EnvConfig, eval_dialogues: int | None = None, eval_split: str = "test") -> Any:
+    """Build the task now (cheap, no model) so a missing dataset, an evaluation split the task lacks, or an
+    evaluation larger than its split (``eval_dialogues`` rows asked for), fails before any model loads."""
     from dialogue_gym.conversation import DialogueError
     from dialogue_gym.tasks import build_task
 
+    check(eval_split in EVAL_SPLITS, f"eval.split must be one of {list(EVAL_SPLITS)}, got {eval_split!r}")
     try:
         task = build_task(env.task, **env.task_kwargs)
-        n_test = len(task.rows("test")) if eval_dialogues is not None else 0
+        n_rows = len(task.rows(eval_split)) if eval_dialogues is not None else 0
     except DialogueError as e:
-        raise ConfigError(str(e)) from None
-    check(eval_dialogues is None or eval_dialogues <= n_test,
-          f"eval.dialogues is {eval_dialogues} but the test split of task {env.task!r} has {n_test} rows: "
-          f"lower eval.dialogues to at most {n_test}")
+        raise ConfigError(f"eval.split={eval_split}: {e}" if eval_split != "test" else str(e)) from None
+    check(eval_dialogues is None or n_rows > 0,
+          f"eval.split is {eval_split!r} but task {env.task!r} has no {eval_split} rows; use eval.split=test")
+    check(eval_dialogues is None or eval_dialogues <= n_rows,
+          f"eval.dialogues is {eval_dialogues} but the {eval_split} split of task {env.task!r} has {n_rows} rows: "
+          f"lower eval.dialogues to at most {n_rows}")
     return task

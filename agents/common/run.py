@@ -73,11 +73,11 @@ class Evaluator:
                  resume: bool = False):
         self.settings = settings
         self.sampling = sampling
-        self.venv = make_vec(env, settings.dialogues, split="test", reward_mode=settings.reward_mode)
+        self.venv = make_vec(env, settings.dialogues, split=settings.split, reward_mode=settings.reward_mode)
         n_rows = self.venv.num_rows
         if settings.dialogues > n_rows:
-            raise ConfigError(f"eval.dialogues is {settings.dialogues} but the test split has {n_rows} rows: "
-                              f"lower eval.dialogues to at most {n_rows}")
+            raise ConfigError(f"eval.dialogues is {settings.dialogues} but the {settings.split} split has {n_rows} "
+                              f"rows: lower eval.dialogues to at most {n_rows}")
         self.path = run_dir / "eval.json"
         self.store = RolloutStore(run_dir / self.STORE)
         if not resume:

@@ -138,8 +138,8 @@ def run(cfg: DpoConfig) -> dict:
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues if from_task else 0, ranks, cfg.policy.engine)  # file pairs: any count
     check_sharding(ranks.sharded, cfg.policy, "DPO")
-    task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
-    # before any model loads
+    # a missing dataset, or too few rows in the evaluation split, fails here, before any model loads
+    task = build_task_early(cfg.env, cfg.eval.dialogues, cfg.eval.split)
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     if ranks.device:  # one GPU per process under a launcher

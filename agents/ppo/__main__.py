@@ -282,8 +282,8 @@ def run(cfg: PpoConfig) -> dict:
     ranks = setup()  # under `accelerate launch`: this process's share (agents/common/distributed.py)
     check_processes(cfg.dialogues, ranks, cfg.policy.engine)
     check_sharding(ranks.sharded, cfg.policy, "PPO")
-    task = build_task_early(cfg.env, cfg.eval.dialogues)  # a missing dataset or too few test rows fail here,
-    # before any model loads
+    # a missing dataset, or too few rows in the evaluation split, fails here, before any model loads
+    task = build_task_early(cfg.env, cfg.eval.dialogues, cfg.eval.split)
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     if ranks.device:  # one GPU per process under a launcher

@@ -34,8 +34,8 @@ def leaderboard_config() -> lb.LeaderboardConfig:
                                 eval=lb.EvalProtocol(states=N, seed=SEED, temperature=1.0))
 
 
-def in_run(tmp_path, resume: bool = False, **env_over) -> Evaluator:
-    settings = EvalSettings(dialogues=N, seed=SEED, temperature=1.0)
+def in_run(tmp_path, resume: bool = False, split: str = "test", **env_over) -> Evaluator:
+    settings = EvalSettings(dialogues=N, seed=SEED, temperature=1.0, split=split)
     return Evaluator(env_config(**env_over), settings, SamplingSettings(top_p=1.0, max_new_tokens=8), tmp_path,
                      resume=resume)
 
@@ -98,3 +98,19 @@ def test_resuming_with_another_env_configuration_is_an_error(tmp_path):
     with pytest.raises(RolloutError, match="env configuration"):
         in_run(tmp_path, resume=True, max_turns=3)
     assert len(RolloutStore(tmp_path / Evaluator.STORE).dialogues()) == N  # the store is left as it was
+
+
+def test_eval_split_validation_plays_the_validation_rows_and_cannot_resume_as_test(tmp_path):
+    """eval.split=validation (choices made by looking at results) plays the first validation rows, and a store of
+    validation states is never continued by a test evaluation."""
+    from dialogue_gym.tasks import build_task
+
+    val = in_run(tmp_path, split="validation")
+    rows = build_task("arithmetic", n_train=20, n_test=10).rows("validation")
+    assert [s.tags["split"] for s in val.states] == ["validation"] * N
+    assert [s.state.task_row for s in val.states] == [r.id for r in rows[:N]]
+    assert {s.state.task_row for s in in_run(tmp_path / "test").states}.isdisjoint({r.id for r in rows})
+    val.evaluate(HFEngine(load_model("tiny", shared=False), seed=0), "initial")
+    with pytest.raises(RolloutError, match="env configuration"):
+        in_run(tmp_path, resume=True)  # the test split on a validation store
+    assert len(RolloutStore(tmp_path / Evaluator.STORE).dialogues()) == N
