@@ -4,7 +4,7 @@ CPU's compute floor for the same work.
 Run (a few minutes on a 2-core CPU; ``--dialogues``/``--eval-dialogues`` shrink it)::
 
     python -m benchmarks.demo_profile                       # the demo's sizes: 32 dialogues, 64 evaluation ones
-    python -m benchmarks.demo_profile --dialogues 8 --eval-dialogues 16 --out /tmp/p.md
+    python -m benchmarks.demo_profile --dialogues 8 --eval-dialogues 16 --ops --out /tmp/p.md   # + the op table
 
 Phases: ``sampling`` (the policy's ``generate`` calls), ``env`` (``venv.step``: the scripted critic user and the
 exact verifier), ``log-probs`` (π_t's log-probs of the pairs), ``update`` (the regression update), ``other`` (the
@@ -15,7 +15,8 @@ plus the input gradients through the frozen base; LoRA's own weight gradients ar
 parameters. ``floor share`` = floor / measured: 1.0 would be a phase that does nothing but full-rate matmuls. The
 env's floor is 0 (no model).
 
-The top of a ``torch.profiler`` table over the iteration (self CPU time per op) is printed and written too. Results
+With ``--ops`` the top of a ``torch.profiler`` table over the iteration (self CPU time per op) is printed and written
+too (its trace holds every op of every decoding step: keep ``--dialogues`` small with it). Results
 go to ``--out`` (default ``benchmarks/results/demo_profile_run.md``) with the machine; the timings of a shared
 machine are slowed by its other work, the shares much less.
 """
@@ -23,6 +24,7 @@ machine are slowed by its other work, the shares much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,11 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dialogues", type=int, default=32, help="REFUEL dialogues of the iteration (demo: 32)")
     parser.add_argument("--eval-dialogues", type=int, default=64, help="evaluation dialogues (demo: 64)")
-    parser.add_argument("--top", type=int, default=15, help="rows of the torch.profiler table")
+    parser.add_argument("--top", type=int, default=15, help="rows of the torch.profiler table (with --ops)")
+    parser.add_argument("--ops", action="store_true",
+                        help="add a torch.profiler table of the iteration's ops; its trace grows with every decoding "
+                             "step (at the demo's 32 dialogues it passed 24 GiB and was killed on the 2-core "
+                             "machine): use it with --dialogues 8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_profile_run.md"))
     args = parser.parse_args(argv)
     for name in ("dialogues", "eval_dialogues", "top"):
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> str:
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * max(1, cfg.dialogues // 8))
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU]) if args.ops else None
+    with prof if prof is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         pairs, stats = collect_pairs(rollin, branches, engine, sampling_params(cfg.sampling),
                                      np.random.default_rng([cfg.seed, 0]), cfg.dialogues, rollin.num_rows,
@@ -175,15 +182,15 @@ def main(argv: list[str] | None = None) -> str:
               row("log-probs", t_ref, wall, 2 * n_params * seq_tokens, rate),
               row("update", t_upd, wall, 4 * n_params * seq_tokens, rate),
               row("other", t_roll - engine.seconds - env_total, wall, 0, rate), ""]
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    ops = [] if prof is None else [
+        "Top of the torch.profiler table over the iteration (self CPU time):", "", "```",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), "```", ""]
     info = machine_info()
     text = "\n".join([f"## demo profile, {info['date']}", "",
                       "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "date") + ".",
                       f"matmul rate (1024^3 torch.mm, best of 10) in the policy's weight dtype {dtype}: "
                       f"{rate / 1e9:.1f} GFLOP/s (float32: {rate32 / 1e9:.1f}); the floors use the first; model "
-                      f"{n_params / 1e6:.1f} M parameters (LoRA included).", ""] + lines +
-                     ["Top of the torch.profiler table over the iteration (self CPU time):", "", "```", table, "```",
-                      ""])
+                      f"{n_params / 1e6:.1f} M parameters (LoRA included).", ""] + lines + ops)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
