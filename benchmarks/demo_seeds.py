@@ -102,7 +102,8 @@ def report(runs: dict[tuple[str, int], dict], seeds: list[int], dtypes: list[str
              "solved by the last turn (3). Intervals: 95%, crossed (seeds x states) bootstrap with Satterthwaite "
              "degrees of freedom (`benchmarks/leaderboard/stats.py`, coverage checked in "
              "tests/benchmarks/test_leaderboard_stats.py); * = excludes 0.", "",
-             "## Runs", "", "| dtype | seed | initial solved | trained solved | wall minutes |", "|---|---|---|---|---|"]
+             "## Runs", "", "| dtype | seed | initial solved | trained solved | wall minutes |",
+             "|---|---|---|---|---|"]
     for d in dtypes:
         for s in seeds:
             r = runs[(d, s)]

@@ -170,8 +170,8 @@ class DialogueVectorEnv(EnvContract, VectorEnv[VectorObs, VectorAction, np.ndarr
                            for i in range(self.num_envs)])
         if self.autoreset_mode == AutoresetMode.DISABLED and all(s.done for s in states):
             raise DialogueError("every sub-env has ended; reset them with reset(options={'reset_mask': ...})")
-        texts = {i: self.core.validate_action(actions[i], f"actions[{i}]") for i in np.flatnonzero(active)}
         idx = [int(i) for i in np.flatnonzero(active)]
+        texts = {i: self.core.validate_action(actions[i], f"actions[{i}]") for i in idx}
         working = [states[i].copy() for i in idx]
         results = self.core.advance(working, [texts[i] for i in idx]) if idx else []
         new_states = list(states)
@@ -184,9 +184,9 @@ class DialogueVectorEnv(EnvContract, VectorEnv[VectorObs, VectorAction, np.ndarr
             rewards[i], terminated[i], truncated[i] = r.reward, r.terminated, r.truncated
             infos = self._add_info(infos, r.info, i)
         if resetting.any():
-            for i in np.flatnonzero(resetting):
+            for i in map(int, np.flatnonzero(resetting)):
                 new_states[i] = start_state(self.core, {}, self._rngs[i])
-                infos = self._add_info(infos, {"turn": 0, "task_row": new_states[i].task_row}, int(i))
+                infos = self._add_info(infos, {"turn": 0, "task_row": new_states[i].task_row}, i)
         self._states = list(new_states)
         infos["active"] = active
         self._autoreset = terminated | truncated
@@ -226,9 +226,11 @@ class DialogueVectorEnv(EnvContract, VectorEnv[VectorObs, VectorAction, np.ndarr
 
     def _reset_info(self, mask: np.ndarray) -> dict[str, Any]:
         infos: dict[str, Any] = {}
-        for i in np.flatnonzero(mask):
+        for i in map(int, np.flatnonzero(mask)):
             s = self._states[i]
-            infos = self._add_info(infos, {"turn": s.turn, "task_row": s.task_row}, int(i))
+            if s is None:  # every masked sub-env was just given a state; a None here is a bug in reset
+                raise RuntimeError(f"sub-env {i} has no state after reset")
+            infos = self._add_info(infos, {"turn": s.turn, "task_row": s.task_row}, i)
         return infos
 
 
