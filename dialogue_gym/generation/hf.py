@@ -46,6 +46,58 @@ from dialogue_gym.generation.base import Generation, Prompt, SamplingParams, pro
 
 log = logging.getLogger("dialogue_gym.generation")
 
+# Grouped-query attention without the copy, for CPU generation. transformers' "sdpa" attention repeats every layer's
+# key/value heads to the query heads' count (`repeat_kv`) whenever an attention mask is passed, which the engine
+# always does (left padding): on a CPU that copy is most of a decoding step's attention (benchmarks/results/
+# demo_profile.md). torch's scaled_dot_product_attention takes the grouped heads itself (`enable_gqa`); on CPU its
+# output is bit-identical to the repeated-heads call. Registered under its own name with transformers' sdpa mask
+# (a name without a mask function would make transformers drop the padding mask), and used only inside generate.
+SDPA_GQA = "dialogue_gym_sdpa_gqa"
+
+
+def sdpa_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (batch, heads, q, dim) in, (batch, q, heads, dim) out."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_SDPA_GQA_REGISTERED = False
+
+
+def _register_sdpa_gqa() -> None:
+    global _SDPA_GQA_REGISTERED
+    if not _SDPA_GQA_REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(SDPA_GQA, sdpa_gqa_attention)
+        AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
+        _SDPA_GQA_REGISTERED = True
+
+
+class gqa_attention:  # noqa: N801 (a context manager used like a function)
+    """Within the block, a CPU model with transformers' "sdpa" attention uses :func:`sdpa_gqa_attention`; any other
+    model (CUDA, eager, flash) is left alone. The model's setting is restored on exit."""
+
+    def __init__(self, model: Any, device: torch.device):
+        self.config = getattr(model, "config", None)
+        self.swap = device.type == "cpu" and getattr(self.config, "_attn_implementation", None) == "sdpa"
+
+    def __enter__(self) -> None:
+        if self.swap:
+            _register_sdpa_gqa()
+            self.config._attn_implementation = SDPA_GQA
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.swap:
+            self.config._attn_implementation = "sdpa"
+
 # A 32-bit integer mixer (xor-shift-multiply rounds; multipliers from the "lowbias32" search by C. Wellons) on
 # int32 tensors. int32 multiplication wraps modulo 2**32 on CPU and CUDA alike; right shifts are masked so they
 # act as logical shifts on negative values. int32, not int64: 64-bit integer multiplies are several times
@@ -348,8 +400,9 @@ class HFEngine:
         shape = (len(rows), width, params.max_new_tokens)
         first = self.cache == "static" and all(shape != s for s, _ in self.compile_log)
         t0 = time.perf_counter()
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        with gqa_attention(self.model, device):
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]))
         if first:
             seconds = time.perf_counter() - t0
             self.compile_log.append((shape, seconds))

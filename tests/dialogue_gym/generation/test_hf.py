@@ -164,6 +164,43 @@ def test_static_cache_gives_the_dynamic_cache_tokens(engine):
         assert [g.prompt_token_ids for g in got] == [g.prompt_token_ids for g in want]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_query_attention_without_the_copy_samples_the_same_tokens(monkeypatch, dtype):
+    """On CPU generate runs with SDPA's own grouped-query attention (no repeated key/value heads): the same tokens
+    and log-probs as transformers' sdpa, on left-padded rows of different lengths (the padding mask is kept)."""
+    import contextlib
+
+    import dialogue_gym.generation.hf as hf
+
+    eng = HFEngine("tiny", dtype=dtype, device="cpu", max_batch_size=8)
+    cfg = eng.model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # the tiny model has grouped heads: a real check
+    assert hf.gqa_attention(eng.model, torch.device("cpu")).swap
+    assert not hf.gqa_attention(eng.model, torch.device("meta")).swap  # only on CPU
+    seen = []
+    real = hf.sdpa_gqa_attention
+
+    def counting(*a, **k):
+        seen.append(a[2].shape[1] != a[1].shape[1])  # grouped: fewer key heads than query heads
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf, "sdpa_gqa_attention", counting)
+    monkeypatch.setattr(hf, "_SDPA_GQA_REGISTERED", False)  # register the counting function
+    params = [SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(temperature=1.0, max_new_tokens=8)]
+    try:
+        fast = [eng.generate(CHATS, p, seeds=[1, 2, 3, 4, 5], return_logprobs=True) for p in params]
+    finally:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(hf.SDPA_GQA, real)  # later tests get the real function again
+    assert seen and all(seen) and cfg._attn_implementation == "sdpa"  # used, and the model's setting restored
+    monkeypatch.setattr(hf, "gqa_attention", lambda model, device: contextlib.nullcontext())
+    plain = [eng.generate(CHATS, p, seeds=[1, 2, 3, 4, 5], return_logprobs=True) for p in params]
+    for f, p in zip(fast, plain):
+        assert [g.token_ids for g in f] == [g.token_ids for g in p]
+        assert [g.logprobs for g in f] == [g.logprobs for g in p]
+
+
 def test_bfloat16_weights_sample_with_fp32_logprobs():
     eng = HFEngine("tiny", dtype="bfloat16", device="cpu")
     assert next(eng.model.parameters()).dtype == torch.bfloat16
