@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from agents.common.evaluation import carry_forward
-from benchmarks.leaderboard.stats import crossed_interval, seed_test
+from benchmarks.leaderboard.report import difference_cells
+from benchmarks.leaderboard.stats import comparison_row, crossed_interval
 from benchmarks.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,11 +86,9 @@ def fmt_interval(values: np.ndarray) -> str:
 
 
 def comparison(diff: np.ndarray) -> str:
-    """``| a - b | interval | mde80 | seed-level t-interval | p |`` cells of a (seeds x states) difference."""
-    i, t = crossed_interval(diff), seed_test(diff)
-    star = " *" if i.lo > 0 or i.hi < 0 else ""
-    seed_cells = ("n/a", "n/a") if t.p is None else (f"[{t.lo:+.3f}, {t.hi:+.3f}]", f"{t.p:.3f}")
-    return f"{i.mean:+.3f}{star} | [{i.lo:+.3f}, {i.hi:+.3f}] | {i.mde80:.3f} | {seed_cells[0]} | {seed_cells[1]}"
+    """The leaderboard's paired-comparison cells (difference, interval, mde80, seed-level test) of a (seeds x states)
+    difference matrix."""
+    return difference_cells(comparison_row("a", "b", "success", 1, diff, n_boot=2000, seed=0))
 
 
 def report(runs: dict[tuple[str, int], dict], seeds: list[int], dtypes: list[str], command: str) -> str:

@@ -199,12 +199,17 @@ def paired_table(paired: list[dict[str, Any]], metric: str, turn: int, heading: 
              "|---|---|---|---|---|---|---|"]
     for p in paired:
         if p["metric"] == metric and p["turn"] == turn:
-            seed = ("n/a", "n/a") if p["seeds"] < 2 else (f"[{p['seed_lo']:+.3f}, {p['seed_hi']:+.3f}]",
-                                                          f"{p['seed_p']:.3f}")
             b = p["b"] if p.get("on_seeds") is None else f"{p['b']} (on seeds {', '.join(map(str, p['on_seeds']))})"
-            lines.append(f"| {p['a']} | {b} | {p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | "
-                         f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['mde80']:.3f} | {seed[0]} | {seed[1]} |")
+            lines.append(f"| {p['a']} | {b} | {difference_cells(p)} |")
     return lines + [""]
+
+
+def difference_cells(p: dict[str, Any]) -> str:
+    """The cells ``a - b | 95% interval | mde80 | seed-level t-interval | seed-level p`` of a
+    :func:`~benchmarks.leaderboard.stats.comparison_row` (``*`` marks an interval that excludes 0)."""
+    seed = ("n/a", "n/a") if p["seeds"] < 2 else (f"[{p['seed_lo']:+.3f}, {p['seed_hi']:+.3f}]", f"{p['seed_p']:.3f}")
+    return (f"{p['diff']:+.3f}{' *' if p['excludes_0'] else ''} | [{p['lo']:+.3f}, {p['hi']:+.3f}] | "
+            f"{p['mde80']:.3f} | {seed[0]} | {seed[1]}")
 
 
 def fairness(rows: list[dict[str, Any]]) -> dict[str, float]:
