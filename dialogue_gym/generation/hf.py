@@ -53,6 +53,11 @@ log = logging.getLogger("dialogue_gym.generation")
 # output is bit-identical to the repeated-heads call. Registered under its own name with transformers' sdpa mask
 # (a name without a mask function would make transformers drop the padding mask), and used only inside generate.
 SDPA_GQA = "dialogue_gym_sdpa_gqa"
+# Low-precision weights on CPU: attention inside generate runs in float32 (inputs upcast, output cast back; the
+# matmuls stay bfloat16). On the AMD EPYC (AVX512-BF16, no AMX) of benchmarks/results/demo.md, SDPA's bfloat16 path
+# is 4-7x slower than float32's on decoding shapes (one query position over 100-300 cached ones), and the upcast
+# costs far less than that: generation 0.81x the wall time, the demo 0.86x. Not bit-identical to bfloat16 SDPA.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def sdpa_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,10 +66,15 @@ def sdpa_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     """transformers' attention-function signature: (batch, heads, q, dim) in, (batch, q, heads, dim) out."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    dtype = query.dtype
+    if dtype in LOW_PRECISION and query.device.type == "cpu":  # see LOW_PRECISION
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return out.to(dtype).transpose(1, 2).contiguous(), None
 
 
 _SDPA_GQA_REGISTERED = False

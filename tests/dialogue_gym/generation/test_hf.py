@@ -186,6 +186,7 @@ def test_grouped_query_attention_without_the_copy_samples_the_same_tokens(monkey
 
     monkeypatch.setattr(hf, "sdpa_gqa_attention", counting)
     monkeypatch.setattr(hf, "_SDPA_GQA_REGISTERED", False)  # register the counting function
+    monkeypatch.setattr(hf, "LOW_PRECISION", ())  # bfloat16 as well: the kernel's own dtype (the upcast: below)
     params = [SamplingParams(temperature=0.0, max_new_tokens=8), SamplingParams(temperature=1.0, max_new_tokens=8)]
     try:
         fast = [eng.generate(CHATS, p, seeds=[1, 2, 3, 4, 5], return_logprobs=True) for p in params]
@@ -199,6 +200,37 @@ def test_grouped_query_attention_without_the_copy_samples_the_same_tokens(monkey
     for f, p in zip(fast, plain):
         assert [g.token_ids for g in f] == [g.token_ids for g in p]
         assert [g.logprobs for g in f] == [g.logprobs for g in p]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_low_precision_attention_runs_in_float32_on_cpu(mask):
+    """bfloat16 queries, keys and values: the output is float32 attention over the upcast inputs (grouped heads
+    repeated by hand, the reference), cast back to bfloat16; float32 inputs are used as they are."""
+    import dialogue_gym.generation.hf as hf
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 5, 16, generator=g)
+    k, v = torch.randn(3, 2, 5, 16, generator=g), torch.randn(3, 2, 5, 16, generator=g)
+    attn = None
+    if mask:  # left padding: row 0 has 2 pad positions, row 1 one
+        attn = torch.ones(3, 1, 5, 5, dtype=torch.bool).tril()
+        attn[0, :, :, :2] = False
+        attn[1, :, :, :1] = False
+        attn[0, :, :2, 0] = attn[0, :, :2, 1] = True  # pad queries see something (no all-masked row)
+        attn[1, :, 0, 0] = True
+
+    def reference(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=attn,
+            is_causal=attn is None)
+        return out.transpose(1, 2)
+
+    low = [x.to(torch.bfloat16) for x in (q, k, v)]
+    out, _ = hf.sdpa_gqa_attention(None, *low, attn)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 6, 16)
+    assert torch.equal(out, reference(*[x.float() for x in low]).to(torch.bfloat16))
+    out32, _ = hf.sdpa_gqa_attention(None, q, k, v, attn)
+    assert out32.dtype == torch.float32 and torch.equal(out32, reference(q, k, v))
 
 
 def test_bfloat16_weights_sample_with_fp32_logprobs():
