@@ -11,7 +11,7 @@ leaderboard's crossed (seeds x states) statistics (:mod:`benchmarks.leaderboard.
   each with the seed-level t-test and mde80 (the smallest difference the comparison detects with 80% probability);
 - each run's solved count and its wall time (of the process, recorded for the runs this script started).
 
-Run (about 8 minutes per bfloat16 run and 10 per float32 run on a quiet 2-core CPU, one after another)::
+Run (8-11 minutes per bfloat16 run and 10-12 per float32 run on a quiet 2-core CPU, by host; one after another)::
 
     python -m benchmarks.demo_seeds                                   # seeds 0 1 2, bfloat16 and float32
     python -m benchmarks.demo_seeds --seeds 0 1 --dtypes bfloat16 --runs-dir /tmp/demo_seeds

@@ -179,7 +179,7 @@ def build_task_early(env: EnvConfig, eval_dialogues: int | None = None, eval_spl
         task = build_task(env.task, **env.task_kwargs)
         n_rows = len(task.rows(eval_split)) if eval_dialogues is not None else 0
     except DialogueError as e:
-        raise ConfigError(f"eval.split={eval_split}: {e}" if eval_split != "test" else str(e)) from None
+        raise ConfigError(str(e)) from None  # a missing dataset: the task's own message names it
     check(eval_dialogues is None or n_rows > 0,
           f"eval.split is {eval_split!r} but task {env.task!r} has no {eval_split} rows; use eval.split=test")
     check(eval_dialogues is None or eval_dialogues <= n_rows,
