@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.demo_seeds import WALL_FILE, finished, main, read_run, run_dir, solved_by_last_turn
+from benchmarks.demo_seeds import WALL_FILE, finished, main, read_run, run_demo, run_dir, solved_by_last_turn
 
 
 def write_run(directory, initial, trained, wall_s=None):
@@ -56,3 +56,47 @@ def test_report_reads_finished_runs_and_pairs_dtypes_by_seed(tmp_path):
 def test_repeated_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["--seeds", "0", "0", "--runs-dir", str(tmp_path), "--out", str(tmp_path / "x.md")])
+
+
+def test_arms_are_named_override_sets_paired_by_seed(tmp_path):
+    n = 20
+    init = [[0.0, 0.0, 0.0]] * n
+    for (arm, seed), k in {("lr2e-4", 0): 4, ("lr2e-4", 1): 6, ("lr6e-4", 0): 8, ("lr6e-4", 1): 12}.items():
+        write_run(run_dir(tmp_path, arm, seed), init, [[0.0, 0.0, 1.0]] * k + [[0.0, 0.0, 0.0]] * (n - k))
+        eval_json = run_dir(tmp_path, arm, seed) / "eval.json"
+        data = json.loads(eval_json.read_text())
+        data["settings"] = {"split": "validation"}
+        eval_json.write_text(json.dumps(data))
+    out = tmp_path / "arms.md"
+    main(["--seeds", "0", "1", "--arm", "lr2e-4", "optim.lr=2e-4", "--arm", "lr6e-4", "optim.lr=6e-4",
+          "--runs-dir", str(tmp_path), "--out", str(out), "eval.split=validation"])
+    text = out.read_text()
+    assert "| lr6e-4 | `optim.lr=6e-4` |" in text
+    assert "20 problems of the validation split" in text
+    assert "| lr6e-4 | 1 | 0 / 20 | 12 / 20 | - |" in text
+    # arms in the order given: (4 - 8 + 6 - 12) / 2 / 20 = -0.250
+    assert "| trained lr2e-4 - trained lr6e-4 | -0.250" in text
+    assert "| lr2e-4: trained - initial | +0.250" in text  # (4 + 6) / 2 / 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtypes", "float32", "--arm", "a", "optim.lr=1e-4"], "not both"),
+    (["--arm", "a/b", "optim.lr=1e-4"], "must be letters"),
+    (["--arm", "a", "optim.lr=1e-4", "--arm", "a", "optim.lr=2e-4"], "given twice"),
+    (["--arm", "a", "optim.lr"], "is not a Hydra override"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_bad_arms_are_refused_by_name(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        main([*args, "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "x.md")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x.md").exists()  # nothing started or written
+
+
+def test_a_failed_run_names_its_log_and_records_no_wall_time(tmp_path):
+    # the real command: the agent refuses the bad override at start-up, before any model loads
+    directory = tmp_path / "bad_seed0"
+    with pytest.raises(RuntimeError, match="bad_seed0/demo_seeds.log"):
+        run_demo(directory, 0, ["optim.lr=-1"], threads=1)
+    assert "lr" in (directory / "demo_seeds.log").read_text()
+    assert not (directory / WALL_FILE).exists() and not finished(directory)
