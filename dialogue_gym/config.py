@@ -66,7 +66,8 @@ class EnvConfig:
         user_max_new_tokens: LLM user output cap in tokens.
         device: where the env's own models (LLM user on HF, judge, reward models) run: ``"auto"`` (CUDA when
             available, else CPU; ``$DIALOGUE_GYM_DEVICE`` overrides), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+        dtype: their weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"fast"`` (bfloat16 where the
+            device multiplies it natively, float32 elsewhere), ``"float32"``, ``"bfloat16"``,
             ``"float16"``.
         engine_options: extra keyword arguments for the LLM user's generation engine, e.g. ``{"cache": "static"}``
             (HF: static KV cache, compiled on CUDA), ``{"max_num_seqs": 256}`` (vLLM), or ``{"max_concurrency":

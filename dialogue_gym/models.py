@@ -161,6 +161,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+DTYPE_NAMES = ("auto (bfloat16 on CUDA, float32 on CPU), fast (bfloat16 where the device multiplies it natively, "
+               "float32 elsewhere), float32, bfloat16, float16")
 
 
 class DeviceError(ValueError):
@@ -204,21 +206,29 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "auto"
                   ) -> torch.dtype:
-    """The weight dtype a setting names: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere.
+    """The weight dtype a setting names.
+
+    ``"auto"`` is bfloat16 on CUDA and float32 elsewhere. ``"fast"`` is bfloat16 where the device multiplies it
+    natively (CUDA; a CPU with the ``amx_bf16`` or ``avx512_bf16`` flag) and float32 elsewhere: on a CPU without
+    those instructions bfloat16 matmuls are converted element by element and run one to two orders of magnitude
+    slower than float32 (benchmarks/results/demo.md). The two give different numbers, so a run's dtype is logged.
 
     Raises:
         DeviceError: an unknown dtype name.
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise DeviceError(f"dtype is {dtype}; allowed: auto, float32, bfloat16, float16")
+            raise DeviceError(f"dtype is {dtype}; allowed: {DTYPE_NAMES}")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
     name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "fast":
+        dev = resolve_device(device)
+        native = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16_matmul() is True)
+        return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
-        raise DeviceError(f"dtype is {dtype!r}; allowed: auto (bfloat16 on CUDA, float32 on CPU), float32, "
-                          "bfloat16, float16")
+        raise DeviceError(f"dtype is {dtype!r}; allowed: {DTYPE_NAMES}")
     return DTYPES[name]
 
 
@@ -244,7 +254,8 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
 
     Args:
         name: ``"embedded"``, ``"tiny"``, a local directory, or a hub id.
-        dtype: weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), a name (``"float32"``,
+        dtype: weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"fast"`` (bfloat16 where the
+            device multiplies it natively, float32 elsewhere; :func:`resolve_dtype`), a name (``"float32"``,
             ``"bfloat16"``, ``"float16"``) or a torch dtype.
         shared: return the same (model, tokenizer) objects for repeated calls with the same name, dtype and
             device, so
@@ -261,9 +272,13 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if isinstance(dtype, str) and dtype.strip().lower() == "fast":
+        log.info("model %s: dtype fast is %s on %s (%s)", name, str(torch_dtype).removeprefix("torch."), dev,
+                 "native bfloat16 matmuls" if torch_dtype == torch.bfloat16 else
+                 "no amx_bf16 or avx512_bf16 flag: bfloat16 would run slower than float32")
     if torch_dtype == torch.bfloat16 and dev.type == "cpu" and cpu_has_bf16_matmul() is False:
         log.warning("model %s: bfloat16 weights on a CPU without bfloat16 matrix instructions (no amx_bf16 or "
-                    "avx512_bf16 flag) run slower than float32 here; set the dtype to float32 (e.g. "
+                    "avx512_bf16 flag) run slower than float32 here; set the dtype to float32 or fast (e.g. "
                     "policy.dtype=float32)", name)
     key = (name, str(torch_dtype), str(dev))
     if shared:

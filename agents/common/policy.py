@@ -30,7 +30,8 @@ class PolicySettings:
         gradient_checkpointing: trade compute for memory in training forward passes.
         device: where the policy trains and samples: ``"auto"`` (``$DIALOGUE_GYM_DEVICE``, else CUDA when
             available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: base weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+        dtype: base weight dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"fast"`` (bfloat16 where the
+            device multiplies it natively, float32 elsewhere), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. LoRA adapters are kept in fp32; log-probs and losses are computed in fp32.
         engine: where the policy samples: ``hf`` (the model being trained) or ``vllm`` (a vLLM engine synced with
             the trained weights after each update; agents/common/policy_engine.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dialogue_gym import models
@@ -44,3 +45,31 @@ def test_bf16_weights_on_a_cpu_without_bf16_matmul_warn_with_the_fix(monkeypatch
     with caplog.at_level("WARNING", logger="dialogue_gym.models"):
         models.load_model("tiny", dtype="bfloat16", shared=False, device="cpu")
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("flag, expected", [(True, torch.bfloat16), (False, torch.float32), (None, torch.float32)])
+def test_fast_dtype_is_bfloat16_only_on_a_cpu_that_multiplies_it_natively(monkeypatch, flag, expected):
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: flag)  # None: /proc/cpuinfo unreadable
+    assert models.resolve_dtype("fast", "cpu") == expected
+    assert models.resolve_dtype(" FAST ", "cpu") == expected
+    assert models.resolve_dtype("auto", "cpu") == torch.float32  # auto does not look at the flags
+
+
+def test_fast_dtype_logs_what_it_chose_and_why(monkeypatch, caplog):
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: False)
+    with caplog.at_level("INFO", logger="dialogue_gym.models"):
+        model, _ = models.load_model("tiny", dtype="fast", shared=False, device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    assert "dtype fast is float32 on cpu (no amx_bf16 or avx512_bf16 flag" in caplog.text
+    assert "WARNING" not in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(models, "cpu_has_bf16_matmul", lambda: True)
+    with caplog.at_level("INFO", logger="dialogue_gym.models"):
+        model, _ = models.load_model("tiny", dtype="fast", shared=False, device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert "dtype fast is bfloat16 on cpu (native bfloat16 matmuls)" in caplog.text
+
+
+def test_an_unknown_dtype_lists_fast_among_the_allowed():
+    with pytest.raises(models.DeviceError, match=r"dtype is 'fastest'; allowed: auto .*, fast \(bfloat16 where"):
+        models.resolve_dtype("fastest", "cpu")
