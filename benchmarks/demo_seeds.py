@@ -71,7 +71,8 @@ def run_demo(directory: Path, seed: int, overrides: list[str], threads: int = 0)
     cmd = [sys.executable, "-m", "agents.refuel", "+experiment=demo", f"seed={seed}", *overrides,
            f"hydra.run.dir={directory}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
-    print("running:", " ".join(cmd), flush=True)
+    sys.stdout.write(f"running: {' '.join(cmd)}\n")  # one write: parallel runs' lines do not interleave
+    sys.stdout.flush()
     directory.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(directory / "demo_seeds.log", "w") as log:  # a run's own log: parallel runs would interleave
@@ -80,7 +81,8 @@ def run_demo(directory: Path, seed: int, overrides: list[str], threads: int = 0)
         raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}; its log: {directory / 'demo_seeds.log'}")
     wall = time.time() - t0
     (directory / WALL_FILE).write_text(json.dumps({"wall_s": wall}))
-    print(f"{directory.name}: {wall / 60:.1f} min", flush=True)
+    sys.stdout.write(f"{directory.name}: {wall / 60:.1f} min\n")
+    sys.stdout.flush()
     return wall
 
 
@@ -115,8 +117,10 @@ def comparison(diff: np.ndarray) -> str:
     return difference_cells(comparison_row("a", "b", "success", 1, diff, n_boot=2000, seed=0))
 
 
-def report(runs: dict[tuple[str, int], dict], seeds: list[int], arms: dict[str, list[str]], command: str) -> str:
-    """The markdown report of finished runs, keyed by (arm, seed); ``arms``: each arm's overrides."""
+def report(runs: dict[tuple[str, int], dict], seeds: list[int], arms: dict[str, list[str]], command: str,
+           jobs: int = 1) -> str:
+    """The markdown report of finished runs, keyed by (arm, seed); ``arms``: each arm's overrides; ``jobs``: runs
+    that were run at a time."""
     n_states = len(next(iter(runs.values()))["initial"])
     splits = sorted({r["split"] for r in runs.values()})
     lines = ["# `make demo` over training seeds and arms", "",
@@ -129,8 +133,10 @@ def report(runs: dict[tuple[str, int], dict], seeds: list[int], arms: dict[str, 
              "tests/benchmarks/test_leaderboard_stats.py); * = excludes 0.", "",
              "| arm | overrides |", "|---|---|"]
     lines += [f"| {a} | {' '.join(f'`{o}`' for o in o_) or '(the demo as it is)'} |" for a, o_ in arms.items()]
-    lines += ["", "## Runs", "", "| arm | seed | initial solved | trained solved | wall minutes |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Runs", ""]
+    if jobs > 1:
+        lines += [f"Run {jobs} at a time with a share of the threads each: their wall minutes are not the demo's.", ""]
+    lines += ["| arm | seed | initial solved | trained solved | wall minutes |", "|---|---|---|---|---|"]
     for a in arms:
         for s in seeds:
             r = runs[(a, s)]
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             f.result()
     runs = {(a, s): read_run(run_dir(runs_dir, a, s)) for a in arms for s in args.seeds}
     command = "python -m benchmarks.demo_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(runs, args.seeds, arms, command.strip())
+    text = report(runs, args.seeds, arms, command.strip(), args.jobs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

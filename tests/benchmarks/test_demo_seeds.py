@@ -77,6 +77,10 @@ def test_arms_are_named_override_sets_paired_by_seed(tmp_path):
     # arms in the order given: (4 - 8 + 6 - 12) / 2 / 20 = -0.250
     assert "| trained lr2e-4 - trained lr6e-4 | -0.250" in text
     assert "| lr2e-4: trained - initial | +0.250" in text  # (4 + 6) / 2 / 20
+    assert "not the demo's" not in text
+    main(["--seeds", "0", "1", "--arm", "lr2e-4", "optim.lr=2e-4", "--arm", "lr6e-4", "optim.lr=6e-4", "--jobs", "2",
+          "--runs-dir", str(tmp_path), "--out", str(out)])  # all finished: read, nothing run
+    assert "Run 2 at a time with a share of the threads each: their wall minutes are not the demo's" in out.read_text()
 
 
 @pytest.mark.parametrize("args, message", [
