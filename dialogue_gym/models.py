@@ -275,7 +275,8 @@ def load_model(name: str = EMBEDDED, dtype: str | torch.dtype = "auto", shared: 
     if isinstance(dtype, str) and dtype.strip().lower() == "fast":
         log.info("model %s: dtype fast is %s on %s (%s)", name, str(torch_dtype).removeprefix("torch."), dev,
                  "native bfloat16 matmuls" if torch_dtype == torch.bfloat16 else
-                 "no amx_bf16 or avx512_bf16 flag: bfloat16 would run slower than float32")
+                 "no amx_bf16 or avx512_bf16 flag: bfloat16 would run slower than float32" if dev.type == "cpu" else
+                 "bfloat16 is taken as native on CUDA only")
     if torch_dtype == torch.bfloat16 and dev.type == "cpu" and cpu_has_bf16_matmul() is False:
         log.warning("model %s: bfloat16 weights on a CPU without bfloat16 matrix instructions (no amx_bf16 or "
                     "avx512_bf16 flag) run slower than float32 here; set the dtype to float32 or fast (e.g. "
