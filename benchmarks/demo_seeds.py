@@ -33,6 +33,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -208,9 +209,19 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = Path(args.runs_dir)
     todo = [(a, s) for a in arms for s in args.seeds if not finished(run_dir(runs_dir, a, s))]
     threads = max(1, (os.cpu_count() or 2) // args.jobs) if args.jobs > 1 else 0
+    failed = threading.Event()  # a failed run stops the queue: runs not started are skipped, running ones end
+
+    def job(arm: str, seed: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            run_demo(run_dir(runs_dir, arm, seed), seed, arms[arm] + args.overrides, threads)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the runs' processes
-        for f in [pool.submit(run_demo, run_dir(runs_dir, a, s), s, arms[a] + args.overrides, threads)
-                  for a, s in todo]:
+        for f in [pool.submit(job, a, s) for a, s in todo]:
             f.result()
     runs = {(a, s): read_run(run_dir(runs_dir, a, s)) for a in arms for s in args.seeds}
     command = "python -m benchmarks.demo_seeds " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -104,3 +104,12 @@ def test_a_failed_run_names_its_log_and_records_no_wall_time(tmp_path):
         run_demo(directory, 0, ["optim.lr=-1"], threads=1)
     assert "lr" in (directory / "demo_seeds.log").read_text()
     assert not (directory / WALL_FILE).exists() and not finished(directory)
+
+
+def test_a_failed_run_stops_the_queue(tmp_path):
+    # the real command, refused at start-up: the first run fails, the second (queued behind it) never starts
+    with pytest.raises(RuntimeError, match="bad_seed0/demo_seeds.log"):
+        main(["--seeds", "0", "1", "--arm", "bad", "optim.lr=-1", "--runs-dir", str(tmp_path), "--out",
+              str(tmp_path / "x.md")])
+    assert (tmp_path / "bad_seed0" / "demo_seeds.log").is_file()
+    assert not (tmp_path / "bad_seed1").exists() and not (tmp_path / "x.md").exists()
