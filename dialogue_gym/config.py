@@ -169,8 +169,9 @@ class EnvConfig:
         kwargs: dict[str, Any] = {}
         if kind == "hf":
             kwargs = {"device": self.device, "dtype": self.dtype}
-        elif kind == "vllm" and self.dtype != "auto":  # vLLM places its model itself; it takes the dtype
-            kwargs = {"dtype": str(resolve_dtype(self.dtype, "cpu")).removeprefix("torch.")}
+        elif kind == "vllm" and self.dtype != "auto":  # vLLM places its model itself (CUDA when available, as
+            # device "auto" resolves): "fast" is decided for that device, not for this CPU
+            kwargs = {"dtype": str(resolve_dtype(self.dtype, "auto")).removeprefix("torch.")}
         elif kind == "openai":
             if base_url is None:
                 raise EnvConfigError(f"{prefix}base_url", f"{prefix}base_url is missing: {prefix}engine 'openai' "
