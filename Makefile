@@ -47,8 +47,14 @@ lint: $(STAMP)
 docs: $(STAMP)
 	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
+# The suite over TEST_WORKERS pytest-xdist processes, a test file per process at a time (--dist loadfile: a file's
+# vLLM engines and trained fixtures start once). Much of its time is process start-ups, spawned agent runs and vLLM
+# engines that leave a core idle: on a 2-core host 2 workers took 21 minutes where one process took about 33
+# (benchmarks/results/test_suite.md). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.integrations lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA
 # torch and `pip install -e '.[dev]'` (it does not build .venv, whose torch is the CPU wheel). PY=python by default.

@@ -17,6 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # HF engines default to the compiled static KV cache on CUDA; the suite opts out (minutes of compilation for tiny
 # models); tests of the static cache ask for it explicitly.
 os.environ.setdefault("DIALOGUE_GYM_HF_CACHE", "dynamic")
+# Under pytest-xdist (`make test` runs 2 workers) each worker's torch, and the agents it spawns, get their share of the
+# cores: a full set of OpenMP threads per worker would oversubscribe them. Set before anything imports torch; a
+# user's OMP_NUM_THREADS is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
