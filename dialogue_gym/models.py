@@ -75,7 +75,12 @@ def save_model_dir(model: Any, tokenizer: Any, target: Path) -> Path:
         if target.exists():  # another process finished first; keep its copy
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process renamed its copy in after the check: keep that one
+                if not (target / "config.json").is_file():
+                    raise
+                shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

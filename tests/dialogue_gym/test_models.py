@@ -25,6 +25,41 @@ def test_save_model_dir_writes_a_loadable_copy_and_keeps_an_existing_one(tmp_pat
     assert not list(tmp_path.glob(".copy-*"))
 
 
+
+def test_save_model_dir_keeps_a_copy_renamed_in_between_its_check_and_its_rename(tmp_path, monkeypatch):
+    """Two processes (pytest-xdist workers, leaderboard jobs) writing the same cache directory: the one whose rename
+    comes second finds the directory non-empty, keeps the other's copy and removes its own temporary."""
+    model, tokenizer = load_model("tiny", shared=False, dtype="float32", device="cpu")
+    first = save_model_dir(model, tokenizer, tmp_path / "first")
+    name = next(iter(model.state_dict()))
+    original = model.state_dict()[name].clone()
+    target = tmp_path / "copy"
+    real_replace = models.os.replace
+
+    def other_process_first(src, dst):
+        real_replace(str(first), str(dst))  # the other writer's rename lands after this one's exists() check
+        return real_replace(src, dst)  # a non-empty directory: OSError
+
+    monkeypatch.setattr(models.os, "replace", other_process_first)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert save_model_dir(model, tokenizer, target) == target
+    kept, _ = load_model(str(target), shared=False, dtype="float32", device="cpu")
+    assert torch.equal(kept.state_dict()[name], original)  # the other writer's copy, not this one's
+    assert not list(tmp_path.glob(".copy-*"))
+
+
+def test_save_model_dir_raises_a_rename_error_when_no_copy_is_there(tmp_path, monkeypatch):
+    model, tokenizer = load_model("tiny", shared=False, dtype="float32", device="cpu")
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(models.os, "replace", refused)
+    with pytest.raises(PermissionError):
+        save_model_dir(model, tokenizer, tmp_path / "copy")
+    assert not list(tmp_path.glob(".copy-*")) and not (tmp_path / "copy").exists()
+
 def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
