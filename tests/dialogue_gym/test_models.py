@@ -25,7 +25,6 @@ def test_save_model_dir_writes_a_loadable_copy_and_keeps_an_existing_one(tmp_pat
     assert not list(tmp_path.glob(".copy-*"))
 
 
-
 def test_save_model_dir_keeps_a_copy_renamed_in_between_its_check_and_its_rename(tmp_path, monkeypatch):
     """Two processes (pytest-xdist workers, leaderboard jobs) writing the same cache directory: the one whose rename
     comes second finds the directory non-empty, keeps the other's copy and removes its own temporary."""
@@ -59,6 +58,7 @@ def test_save_model_dir_raises_a_rename_error_when_no_copy_is_there(tmp_path, mo
     with pytest.raises(PermissionError):
         save_model_dir(model, tokenizer, tmp_path / "copy")
     assert not list(tmp_path.glob(".copy-*")) and not (tmp_path / "copy").exists()
+
 
 def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     info = tmp_path / "cpuinfo"
