@@ -12,6 +12,7 @@ from dialogue_gym.config import EnvConfig
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = str(ROOT / "conf")
 BACKENDS = ("local", "submitit")
+SCHEDULES = ("longest", "seeds")
 METRICS = ("auto", "success", "score")
 
 
@@ -88,6 +89,9 @@ class LeaderboardConfig:
     report_name: str = "leaderboard"  # report file names: <report_name>.md, .csv, _paired.csv, .png
     threads: int | None = None  # torch CPU threads per process (null: the cores shared out among the jobs)
     jobs: int = 1  # jobs side by side (1 with backend local: one after another, inline)
+    schedule: str = "longest"  # order of the agent runs: longest (the longest expected run first: the shortest
+    # total time) or seeds (every agent at a seed before any agent at the next seed, so that an interrupted
+    # leaderboard leaves its agents compared on the same seeds)
     backend: str = "local"  # where jobs run: local (a process pool on this machine) or submitit (SLURM, local)
     submitit: SubmititSettings = field(default_factory=SubmititSettings)  # used by backend: submitit
     title: str = "Leaderboard"  # heading of the Markdown report
@@ -133,6 +137,7 @@ def validate(cfg: LeaderboardConfig) -> None:
     check(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
     check(cfg.jobs >= 1, f"jobs must be >= 1 (processes running agent runs side by side), got {cfg.jobs}")
     check(cfg.backend in BACKENDS, f"backend is {cfg.backend!r}; allowed: {', '.join(BACKENDS)}")
+    check(cfg.schedule in SCHEDULES, f"schedule is {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     check(bool(cfg.report_name) and "/" not in cfg.report_name,
           f"report_name must be a plain file name stem, got {cfg.report_name!r}")
     s = cfg.sweep

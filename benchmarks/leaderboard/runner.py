@@ -82,6 +82,16 @@ def choose_rates(lrs: list[float], values: dict[str, dict[float, np.ndarray]], n
     return chosen, decisive, shared
 
 
+def run_priority(cfg: LeaderboardConfig, k: int, estimate: float) -> float:
+    """The scheduler's priority of an agent's run at its ``k``-th seed, expected to take ``estimate`` seconds (the
+    highest starts first; ties: the run added first, and the agents are added in their listed order).
+
+    ``schedule: longest`` gives the estimate (the shortest total time); ``schedule: seeds`` gives ``-k``, so every
+    agent runs seed k before any agent runs seed k + 1 (calibrations, at infinity, still come first).
+    """
+    return estimate if cfg.schedule == "longest" else -float(k)
+
+
 def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     """Train and evaluate every agent and seed (after the sweep, when ``sweep.lrs`` is set), then write the report.
 
@@ -159,12 +169,12 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
 
     def add_runs(sched: Scheduler, name: str, lr: float | None) -> None:
         iterations, estimate = plan[name]
-        for seed in seeds_of(cfg, name):
+        for k, seed in enumerate(seeds_of(cfg, name)):
             result = run_dir_of(cfg, name, seed, lr, False) / "leaderboard_result.json"
             if result.is_file() and f"{name}/seed-{seed}" in done:
                 runs.append(AgentRun.from_json(json.loads(result.read_text()), done[f"{name}/seed-{seed}"]))
             else:
-                sched.add("train", (name, seed, iterations, lr), estimate)
+                sched.add("train", (name, seed, iterations, lr), run_priority(cfg, k, estimate))
 
     def sweep_finished(sched: Scheduler, name: str) -> None:
         """Once every agent has a validation result at every learning rate, choose the rates (:func:`choose_rates`)

@@ -27,6 +27,7 @@ from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
 from benchmarks.leaderboard.agents import base_package
+from benchmarks.leaderboard.runner import run_priority
 from benchmarks.leaderboard.stats import crossed_ci
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
@@ -254,6 +255,7 @@ def test_agent_seeds_runs_an_arm_on_the_first_n_seeds():
     (dict(jobs=0), "jobs must be >= 1"),
     (dict(policy_engine="sglang"), "policy_engine is 'sglang'; allowed: hf, vllm"),
     (dict(policy_engine_memory=0.0), r"policy_engine_memory must be in \(0, 1\]"),
+    (dict(schedule="fifo"), "schedule is 'fifo'; allowed: longest, seeds"),
 ])
 def test_bad_settings_are_named(change, message):
     cfg = lb.LeaderboardConfig(**{"agents": ["refuel"], **change})
@@ -262,7 +264,7 @@ def test_bad_settings_are_named(change, message):
         lb.check_agents(cfg)
 
 
-@pytest.mark.parametrize("preset", ["cpu", "cpu_clarify", "paper", "smoke", "smoke_clarify"])
+@pytest.mark.parametrize("preset", ["cpu", "cpu_clarify", "cpu_clarify_p2", "paper", "smoke", "smoke_clarify"])
 def test_presets_compose_and_validate(preset, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         raw = compose(config_name="leaderboard", overrides=[f"+leaderboard={preset}"])
@@ -407,6 +409,24 @@ def test_scheduler_runs_the_longest_expected_job_first_and_names_a_failing_one(t
         sched.next_done()
     assert "in leaderboard job boom ['x', 3]" in e.value.__notes__
     sched.close(failed=True)
+
+
+@pytest.mark.parametrize("schedule, order", [
+    ("longest", [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]),
+    ("seeds", [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]),
+])
+def test_schedule_seeds_runs_every_agent_at_a_seed_before_the_next_seed(schedule, order, monkeypatch):
+    done = []
+    monkeypatch.setattr(lb_jobs, "do_job", lambda cfg, ctx, kind, args: done.append((kind, *args)))
+    cfg = lb.LeaderboardConfig(jobs=1, schedule=schedule)
+    sched = lb.Scheduler(cfg, ctx=None)
+    sched.add("calibrate", ("c",), math.inf)
+    for name, estimate in (("a", 50.0), ("b", 5.0)):  # as the runner adds them: agent by agent, seed by seed
+        for k in range(3):
+            sched.add("train", (name, k), run_priority(cfg, k, estimate))
+    while sched.next_done() is not None:
+        pass
+    assert done == [("calibrate", "c")] + [("train", *o) for o in order]
 
 
 @pytest.mark.slow
