@@ -27,12 +27,14 @@ Protocol (the package's files show its parts):
   Steps 2-6 are jobs (:mod:`.jobs`): inline, on a local process pool (``jobs > 1``) or through submitit
   (``backend: submitit``: SLURM, or its local executor); every job seeds itself, so the rows do not depend on where
   the jobs ran.
-  7. Report (:mod:`.report`; ``results_dir``: <report_name>.md, .csv, _paired.csv, .png): win rate against the
-     initial policy at each turn h, the mean turn-h score and task success by turn h, each with a 95% interval from
-     the crossed bootstrap of the (seeds x states) design (:mod:`.stats`); paired differences agent - initial and
-     agent - agent on the same states, each with a seed-level test and its power (mde80); the turn-1 log-prob probe
-     where the task has one (:mod:`.probe`); per-seed rows; cost (policy samples, optimizer steps and tokens, scored
-     conversations, reward calls, wall time) with the fair-arms check.
+  7. Report (:mod:`.report`; ``results_dir``: <report_name>.md, .csv, _paired.csv, _states.csv, .png): win rate
+     against the initial policy at each turn h, the mean turn-h score and task success by turn h, each with a 95%
+     interval from the crossed bootstrap of the (seeds x states) design (:mod:`.stats`); paired differences agent -
+     initial and agent - agent on the same states, each with a seed-level test and its power (mde80); the turn-1
+     log-prob probe where the task has one (:mod:`.probe`); per-seed rows; cost (policy samples, optimizer steps and
+     tokens, scored conversations, reward calls, wall time) with the fair-arms check. ``_states.csv`` holds every
+     policy's result on every state, from which all of it is computed (``read_states``): a report can be recomputed,
+     or a run extended on new seeds and compared, without the run directory.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from benchmarks.leaderboard.config import (
 from benchmarks.leaderboard.jobs import Context, Scheduler, do_job, job_threads, train_and_evaluate
 from benchmarks.leaderboard.protocol import (
     AgentRun,
+    Matrices,
     behaviour_matrix,
     eval_env,
     evaluate,
@@ -70,14 +73,16 @@ from benchmarks.leaderboard.protocol import (
     summarize,
     turn_seed,
 )
-from benchmarks.leaderboard.report import results_path, write_report
+from benchmarks.leaderboard.report import read_states, results_path, write_report, write_states
 from benchmarks.leaderboard.runner import check_sweep, run
 from benchmarks.leaderboard.stats import crossed_ci, crossed_interval, crossed_means, paired_difference, seed_test
 
-__all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Scheduler",
+__all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Matrices",
+           "Scheduler",
            "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "behaviour_matrix",
            "calibrate", "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "crossed_ci",
            "crossed_interval", "crossed_means", "do_job", "eval_env", "evaluate", "export_checkpoint_policy",
-           "job_threads", "paired_difference", "play_states", "played", "results_path", "run", "score_matrix",
+           "job_threads", "paired_difference", "play_states", "played", "read_states", "results_path", "run",
+           "score_matrix",
            "seed_test", "seeds_of", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed",
-           "validate", "write_report"]
+           "validate", "write_report", "write_states"]

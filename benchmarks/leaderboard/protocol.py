@@ -144,10 +144,24 @@ def behaviour_matrix(records: list[DialogueRecord], states: list[StateRecord], a
     return out
 
 
+@dataclass
+class Matrices:
+    """Every policy's per-state results, from which the report's rows and paired differences are computed (and
+    which ``<report_name>_states.csv`` stores, so a report can be recomputed or extended without the run
+    directory)."""
+
+    groups: dict[str, dict[str, np.ndarray]]  # policy -> metric -> (seeds, states, turns); "initial" has one row;
+    # "probe" is (seeds, covered states, 1): the change from the initial policy on the states the probe covers
+    seeds: dict[str, list[int]]  # agent -> its training seeds, in the order of its rows
+    states: list[str]  # the stored states' ids, in order
+    covered: list[bool]  # (states,) the states the probe covers (all False without a probe)
+
+
 def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
               states: list[StateRecord], verifier: Any | None, asks: Any | None = None,
-              base_probe: list[float | None] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The report's numbers: ``(rows, paired)``.
+              base_probe: list[float | None] | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Matrices]:
+    """The report's numbers: ``(rows, paired, matrices)``.
 
     ``rows``: one per (policy, seed "all" or one seed, turn h): win rate vs the initial policy, score and (with a
     verifier) success by turn h, each with its 95% interval (crossed bootstrap of seeds and states; see
@@ -156,7 +170,7 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals, seed-level
     tests and power; with ``base_probe`` (the initial policy's turn-1 probe: 0 at every state it covers, None
     elsewhere) and every run's ``probe``, also the probe's change from the initial policy (metric ``probe``, turn 1)
-    on the states it covers.
+    on the states it covers. ``matrices``: the per-state results all of them are computed from.
     """
     horizon = states_horizon(states, cfg.env.max_turns)
     base = score_matrix(baseline, horizon)
@@ -165,13 +179,13 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     groups = {"initial": policy_matrices([baseline], base, horizon, score_matrix, success, behaviour)}
     seeds: dict[str, list[int]] = {}
     rows = metric_rows("initial", [], groups["initial"], cfg.eval.n_boot)  # the initial policy: "all" only
+    initial = np.array(base_probe if base_probe is not None else [np.nan] * len(states), dtype=float)  # None -> nan
+    covered = np.isfinite(initial)  # the states the probe covers
     for name in cfg.agents:
         mine = [r for r in runs if r.agent == name]
         if not mine:
             continue
         groups[name] = policy_matrices([r.records for r in mine], base, horizon, score_matrix, success, behaviour)
-        initial = np.array(base_probe if base_probe is not None else [], dtype=float)  # None -> nan: left out
-        covered = np.isfinite(initial)
         if covered.any() and all(r.probe is not None for r in mine):
             change = np.array([r.probe for r in mine], dtype=float)[:, covered] - initial[None, covered]
             groups[name]["probe"] = change[:, :, None]  # (S, N', 1): the change from the initial policy
@@ -180,7 +194,8 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
         cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
         rows += [{**row, **cost[row["seed"]]} for row in
                  metric_rows(name, [str(r.seed) for r in mine], groups[name], cfg.eval.n_boot)]
-    return rows, paired_rows(groups, seeds, cfg.eval.n_boot)
+    mats = Matrices(groups, seeds, [s.id for s in states], [bool(c) for c in covered])
+    return rows, paired_rows(groups, seeds, cfg.eval.n_boot), mats
 
 
 def _mean_cost(group: list[AgentRun]) -> dict[str, Any]:

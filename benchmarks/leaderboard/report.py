@@ -1,5 +1,6 @@
 """The report: ``<name>.csv`` (every row, per seed and pooled), ``<name>_paired.csv`` (paired differences),
-``<name>.png`` (win rate vs turn) and ``<name>.md``, with the machine from :func:`benchmarks.machine.machine_info`."""
+``<name>_states.csv`` (every policy's result on every state: what the other two are computed from), ``<name>.png``
+(win rate vs turn) and ``<name>.md``, with the machine from :func:`benchmarks.machine.machine_info`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from benchmarks.leaderboard.agents import limit_text
 from benchmarks.leaderboard.config import ROOT, LeaderboardConfig, seeds_of
-from benchmarks.leaderboard.protocol import AgentRun
+from benchmarks.leaderboard.protocol import AgentRun, Matrices
 from benchmarks.machine import machine_info
 
 CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "score_lo", "score_hi", "success",
@@ -21,6 +22,8 @@ CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "sco
 FAIR = 0.05  # arms are fair when their policy samples and optimizer steps are within 5% of each other
 PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "se", "df", "mde80", "excludes_0", "seeds", "seed_lo",
                  "seed_hi", "seed_p", "on_seeds")
+STATE_METRICS = ("score", "win", "success", "asks")  # per (policy, seed, state, turn); "probe" at turn 1 only
+STATE_FIELDS = ("policy", "seed", "state", "turn", *STATE_METRICS, "probe")
 
 
 def results_path(cfg: LeaderboardConfig) -> Path:
@@ -38,14 +41,69 @@ def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) 
                              for k, v in r.items()})
 
 
+def write_states(path: Path, mats: Matrices) -> None:
+    """``<report_name>_states.csv``: one row per (policy, seed, state, turn) with every metric of ``mats`` (blank
+    where a policy lacks it), the probe's change at turn 1 on the states it covers (blank elsewhere); the initial
+    policy's seed is blank. Floats are written in full (``repr``): :func:`read_states` gives ``mats`` back exactly."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(STATE_FIELDS)
+        for policy, group in mats.groups.items():
+            seeds = [""] if policy == "initial" else mats.seeds[policy]
+            where = np.cumsum(mats.covered) - 1  # a state's column in the probe matrix, where covered
+            for k, seed in enumerate(seeds):
+                for j, state in enumerate(mats.states):
+                    for h in range(group["score"].shape[2]):
+                        cells = [repr(float(group[m][k, j, h])) if m in group else "" for m in STATE_METRICS]
+                        probe = repr(float(group["probe"][k, where[j], 0])) \
+                            if "probe" in group and h == 0 and mats.covered[j] else ""
+                        writer.writerow([policy, seed, state, h + 1, *cells, probe])
+
+
+def read_states(path: Path) -> Matrices:
+    """The :class:`Matrices` of a ``<report_name>_states.csv`` (:func:`write_states`): ``paired_rows(m.groups,
+    m.seeds, n_boot)`` and ``metric_rows`` recompute the report's numbers from it."""
+    with path.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    policies = list(dict.fromkeys(r["policy"] for r in table))
+    states = list(dict.fromkeys(r["state"] for r in table))
+    turns = max(int(r["turn"]) for r in table)
+    covered = [False] * len(states)
+    for r in table:
+        if r["probe"]:
+            covered[states.index(r["state"])] = True
+    col = np.cumsum(covered) - 1
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    seeds: dict[str, list[int]] = {}
+    for policy in policies:
+        mine = [r for r in table if r["policy"] == policy]
+        order = list(dict.fromkeys(r["seed"] for r in mine))
+        if policy != "initial":
+            seeds[policy] = [int(s) for s in order]
+        group = {m: np.zeros((len(order), len(states), turns)) for m in STATE_METRICS if mine[0][m]}
+        if any(r["probe"] for r in mine):
+            group["probe"] = np.zeros((len(order), sum(covered), 1))
+        for r in mine:
+            k, j, h = order.index(r["seed"]), states.index(r["state"]), int(r["turn"]) - 1
+            for m in STATE_METRICS:
+                if m in group:
+                    group[m][k, j, h] = float(r[m])
+            if r["probe"]:
+                group["probe"][k, col[j], 0] = float(r["probe"])
+        groups[policy] = group
+    return Matrices(groups, seeds, states, covered)
+
+
 def write_report(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],
-                 runs: list[AgentRun], meta: dict[str, Any]) -> None:
-    """Every report file under ``results_dir`` (named by ``report_name``)."""
+                 runs: list[AgentRun], meta: dict[str, Any], mats: Matrices | None = None) -> None:
+    """Every report file under ``results_dir`` (named by ``report_name``); the per-state file with ``mats``."""
     out = results_path(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stem = cfg.report_name
     _write_csv(out / f"{stem}.csv", CSV_FIELDS, rows)
     _write_csv(out / f"{stem}_paired.csv", PAIRED_FIELDS, paired)
+    if mats is not None:
+        write_states(out / f"{stem}_states.csv", mats)
     plot(rows, out / f"{stem}.png", cfg.title)
     (out / f"{stem}.md").write_text(markdown(cfg, rows, paired, runs, meta))
 

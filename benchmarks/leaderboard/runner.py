@@ -150,7 +150,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
         base_probe = None if probe is None else probe_from_logprobs(  # pi_0 itself: 0 where covered, else None
             probe, [[y["logp0"] for y in st["ask"] + st["guess"]] for st in probe["states"]])
-        rows, paired = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
+        rows, paired, mats = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,
@@ -164,7 +164,7 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
                     "keep": probe["keep"], "temperature": probe["temperature"],
                     "asked": float(np.mean([st["asked"] / st["sampled"] for st in probe["states"]]))},
                 "pending": [f"{a}/seed-{s}" for a in cfg.agents for s in seeds_of(cfg, a) if (a, s) not in finished]}
-        write_report(cfg, rows, paired, runs, meta)
+        write_report(cfg, rows, paired, runs, meta, mats)
         return rows, paired, meta
 
     def add_runs(sched: Scheduler, name: str, lr: float | None) -> None:

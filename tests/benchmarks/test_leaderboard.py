@@ -28,7 +28,7 @@ from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
 from benchmarks.leaderboard.agents import base_package
 from benchmarks.leaderboard.runner import run_priority
-from benchmarks.leaderboard.stats import crossed_ci
+from benchmarks.leaderboard.stats import crossed_ci, paired_rows
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -162,7 +162,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
                         records=seed1)]
     cfg = lb.LeaderboardConfig(agents=["refuel", "ppo"], seeds=[0, 1], env=lb.EnvSettings(**ARITH),
                                results_dir=str(tmp_path), eval=lb.EvalProtocol(states=2, n_boot=200))
-    rows, paired = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
+    rows, paired, mats = lb.summarize(cfg, runs, baseline, states, core.task.make_reward("verifier"))
     get = {(r["policy"], r["seed"], r["turn"]): r for r in rows}
     # seed 0: h=1 win (1 > 0) and tie (0 = 0) -> .75; h=2 win (1 > 0) and loss (0 < 1) -> .5; seed 1: all ties
     assert get["refuel", "0", 1]["win"] == 0.75 and get["refuel", "0", 2]["win"] == 0.5
@@ -184,7 +184,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
     meta = {"started": "2026-01-01T00:00:00", "wall_s": 60.0, "load_start": (1.0, 1.0, 1.0),
             "load_end": (2.0, 2.0, 2.0), "command": "python -m benchmarks.leaderboard x=1", "calibration": {},
             "states": 2, "pending": ["ppo/seed-0", "ppo/seed-1"]}
-    lb.write_report(cfg, rows, paired, runs, meta)  # a partial report: ppo has not run yet
+    lb.write_report(cfg, rows, paired, runs, meta, mats)  # a partial report: ppo has not run yet
     md = (tmp_path / "leaderboard.md").read_text()
     assert "**Partial results**: 2 agent run(s) still to come when this was written: ppo/seed-0, ppo/seed-1" in md
     assert "| ppo |" not in md and {r["policy"] for r in rows} == {"initial", "refuel"}
@@ -195,6 +195,20 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == 8 and table[0]["policy"] == "initial" and float(table[2]["win"]) == 0.625
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every policy's result on every state: (1 initial + 2 seeds) x 2 states x 2 turns rows, the numbers above
+    with (tmp_path / "leaderboard_states.csv").open() as f:
+        cells = {(r["policy"], r["seed"], r["state"], r["turn"]): r for r in csv.DictReader(f)}
+    assert len(cells) == 12 and all(r["probe"] == "" and r["asks"] == "" for r in cells.values())
+    assert cells["refuel", "0", states[0].id, "1"]["success"] == "1.0" and \
+        cells["refuel", "0", states[1].id, "2"]["win"] == "0.0"
+    assert cells["initial", "", states[1].id, "2"]["score"] == "1.0"
+    # and the report's numbers come back from it alone
+    again = lb.read_states(tmp_path / "leaderboard_states.csv")
+    assert again.seeds == {"refuel": [0, 1]} and again.states == [s.id for s in states]
+    for policy, group in mats.groups.items():
+        assert again.groups[policy].keys() == group.keys()
+        assert all(np.array_equal(again.groups[policy][m], group[m]) for m in group)
+    assert paired_rows(again.groups, again.seeds, 200) == paired
 
 
 def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
@@ -564,3 +578,13 @@ def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_cro
     with (tmp_path / "results" / "leaderboard_clarify_paired.csv").open() as f:
         table = list(csv.DictReader(f))
     assert {r["metric"] for r in table} == {"success", "score", "probe"} and "seed_p" in table[0]
+    # the per-state file gives back every paired row, the probe's included, without the run directory
+    again = lb.read_states(tmp_path / "results" / "leaderboard_clarify_states.csv")
+    assert again.covered == covered and again.seeds == {"rebel": [0, 1], "dpo_last": [0, 1]}
+    recomputed = paired_rows(again.groups, again.seeds, cfg.eval.n_boot)
+    assert len(recomputed) == len(result["paired"])
+    for got, want in zip(recomputed, result["paired"]):  # numbers to the last bits (numpy sums a copy and a view
+        # of the same numbers in a different order)
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15) if isinstance(want[k], float)
+                   else got[k] == want[k] for k in want)
