@@ -62,9 +62,21 @@ def write_states(path: Path, mats: Matrices) -> None:
 
 def read_states(path: Path) -> Matrices:
     """The :class:`Matrices` of a ``<report_name>_states.csv`` (:func:`write_states`): ``paired_rows(m.groups,
-    m.seeds, n_boot)`` and ``metric_rows`` recompute the report's numbers from it."""
+    m.seeds, n_boot)`` and ``metric_rows`` recompute the report's numbers from it.
+
+    Raises:
+        ValueError: the file lacks a column, or a policy lacks a (seed, state, turn) row another policy has (a cut or
+            edited file), naming the file and what is missing.
+    """
     with path.open(newline="") as f:
-        table = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in STATE_FIELDS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a leaderboard states file: columns {missing} are missing (expected "
+                             f"{', '.join(STATE_FIELDS)})")
+        table = list(reader)
+    if not table:
+        raise ValueError(f"{path}: the states file has no rows")
     policies = list(dict.fromkeys(r["policy"] for r in table))
     states = list(dict.fromkeys(r["state"] for r in table))
     turns = max(int(r["turn"]) for r in table)
@@ -83,6 +95,11 @@ def read_states(path: Path) -> Matrices:
         group = {m: np.zeros((len(order), len(states), turns)) for m in STATE_METRICS if mine[0][m]}
         if any(r["probe"] for r in mine):
             group["probe"] = np.zeros((len(order), sum(covered), 1))
+        cells = {(r["seed"], r["state"], r["turn"]) for r in mine}
+        if len(cells) != len(mine) or len(cells) != len(order) * len(states) * turns:
+            raise ValueError(f"{path}: policy {policy!r} has {len(mine)} rows ({len(cells)} distinct) where its "
+                             f"{len(order)} seed(s) x {len(states)} states x {turns} turns need one each: the file is "
+                             "cut or edited")
         for r in mine:
             k, j, h = order.index(r["seed"]), states.index(r["state"]), int(r["turn"]) - 1
             for m in STATE_METRICS:

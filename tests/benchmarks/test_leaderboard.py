@@ -209,6 +209,14 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
         assert again.groups[policy].keys() == group.keys()
         assert all(np.array_equal(again.groups[policy][m], group[m]) for m in group)
     assert paired_rows(again.groups, again.seeds, 200) == paired
+    # a cut file, or another CSV, is named, not read as zeros
+    lines = (tmp_path / "leaderboard_states.csv").read_text().splitlines()
+    (tmp_path / "cut.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"cut.csv: policy 'refuel' has 7 rows \(7 distinct\) where its 2 seed\(s\) x "
+                                         r"2 states x 2 turns need one each"):
+        lb.read_states(tmp_path / "cut.csv")
+    with pytest.raises(ValueError, match=r"leaderboard.csv: not a leaderboard states file: columns \['state', "):
+        lb.read_states(tmp_path / "leaderboard.csv")
 
 
 def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
