@@ -73,16 +73,14 @@ from benchmarks.leaderboard.protocol import (
     summarize,
     turn_seed,
 )
-from benchmarks.leaderboard.report import read_states, results_path, write_report, write_states
+from benchmarks.leaderboard.report import merge_states, read_states, results_path, write_report, write_states
 from benchmarks.leaderboard.runner import check_sweep, run
 from benchmarks.leaderboard.stats import crossed_ci, crossed_interval, crossed_means, paired_difference, seed_test
 
 __all__ = ["AgentRun", "BudgetSettings", "Context", "EnvSettings", "EvalProtocol", "LeaderboardConfig", "Matrices",
-           "Scheduler",
-           "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents", "behaviour_matrix",
-           "calibrate", "check_agents", "check_sweep", "completed_iterations", "compose_agent_config", "crossed_ci",
-           "crossed_interval", "crossed_means", "do_job", "eval_env", "evaluate", "export_checkpoint_policy",
-           "job_threads", "paired_difference", "play_states", "played", "read_states", "results_path", "run",
-           "score_matrix",
-           "seed_test", "seeds_of", "success_matrix", "summarize", "train", "train_and_evaluate", "turn_seed",
-           "validate", "write_report", "write_states"]
+           "Scheduler", "SubmititSettings", "SweepSettings", "agent_config", "agent_module", "available_agents",
+           "behaviour_matrix", "calibrate", "check_agents", "check_sweep", "completed_iterations",
+           "compose_agent_config", "crossed_ci", "crossed_interval", "crossed_means", "do_job", "eval_env",
+           "evaluate", "export_checkpoint_policy", "job_threads", "merge_states", "paired_difference", "play_states",
+           "played", "read_states", "results_path", "run", "score_matrix", "seed_test", "seeds_of", "success_matrix",
+           "summarize", "train", "train_and_evaluate", "turn_seed", "validate", "write_report", "write_states"]

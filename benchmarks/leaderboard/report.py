@@ -53,7 +53,7 @@ def write_states(path: Path, mats: Matrices) -> None:
             where = np.cumsum(mats.covered) - 1  # a state's column in the probe matrix, where covered
             for k, seed in enumerate(seeds):
                 for j, state in enumerate(mats.states):
-                    for h in range(group["score"].shape[2]):
+                    for h in range(next(v.shape[2] for m, v in group.items() if m != "probe")):
                         cells = [repr(float(group[m][k, j, h])) if m in group else "" for m in STATE_METRICS]
                         probe = repr(float(group["probe"][k, where[j], 0])) \
                             if "probe" in group and h == 0 and mats.covered[j] else ""
@@ -109,6 +109,35 @@ def read_states(path: Path) -> Matrices:
                 group["probe"][k, col[j], 0] = float(r["probe"])
         groups[policy] = group
     return Matrices(groups, seeds, states, covered)
+
+
+def merge_states(first: Matrices, second: Matrices) -> Matrices:
+    """Two runs of one design pooled: the same stored states, the same initial policy's results on them; an agent
+    in both gets the seeds of both (a seed in both is an error: the same seed twice is not two seeds).
+
+    For a leaderboard continued on new seeds in another run directory (another session's machine): read both
+    ``_states.csv`` files (:func:`read_states`), merge, and compute ``paired_rows`` on the result.
+
+    Raises:
+        ValueError: the states differ, the initial policy's results differ, or an agent ran a seed in both.
+    """
+    if first.states != second.states or first.covered != second.covered:
+        raise ValueError("merge_states: the two runs were evaluated on different stored states (or probe states); "
+                         "only runs of one design, with the same eval.states and eval.seed, can be pooled")
+    a, b = first.groups["initial"], second.groups["initial"]
+    if a.keys() != b.keys() or any(not np.array_equal(a[m], b[m]) for m in a):
+        raise ValueError("merge_states: the initial policy's results differ between the two runs (another policy, "
+                         "engine or machine numerics): their agents' differences from it would not be comparable")
+    groups, seeds = {"initial": a}, {}
+    for name in list(dict.fromkeys([*first.seeds, *second.seeds])):
+        parts = [m for m in (first, second) if name in m.seeds]
+        both = [s for s in parts[0].seeds[name] if len(parts) == 2 and s in parts[1].seeds[name]]
+        if both:
+            raise ValueError(f"merge_states: agent {name!r} ran seed(s) {both} in both runs")
+        seeds[name] = [s for m in parts for s in m.seeds[name]]
+        keys = set.intersection(*(set(m.groups[name]) for m in parts))
+        groups[name] = {k: np.concatenate([m.groups[name][k] for m in parts]) for k in sorted(keys)}
+    return Matrices(groups, seeds, list(first.states), list(first.covered))
 
 
 def write_report(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],

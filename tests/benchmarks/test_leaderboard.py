@@ -219,6 +219,38 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
         lb.read_states(tmp_path / "leaderboard.csv")
 
 
+def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def mats(seeds, initial):
+        groups = {"initial": {"success": initial, "probe": np.zeros((1, 2, 1))},
+                  "refuel": {"success": rng.integers(0, 2, (len(seeds), 3, 2)).astype(float),
+                             "probe": rng.normal(size=(len(seeds), 2, 1))}}
+        return lb.Matrices(groups, {"refuel": list(seeds)}, ["s0", "s1", "s2"], [True, False, True])
+
+    initial = rng.integers(0, 2, (1, 3, 2)).astype(float)
+    first, second = mats([5, 6], initial), mats([7], initial)
+    for name, m in (("a", first), ("b", second)):  # through the files, as a later session would
+        lb.write_states(tmp_path / f"{name}.csv", m)
+    pooled = lb.merge_states(lb.read_states(tmp_path / "a.csv"), lb.read_states(tmp_path / "b.csv"))
+    assert pooled.seeds == {"refuel": [5, 6, 7]} and pooled.covered == [True, False, True]
+    for k in ("success", "probe"):
+        assert np.array_equal(pooled.groups["refuel"][k],
+                              np.concatenate([first.groups["refuel"][k], second.groups["refuel"][k]]))
+    row = {(p["a"], p["metric"], p["turn"]): p for p in paired_rows(pooled.groups, pooled.seeds, 200)}
+    assert row["refuel", "success", 2]["seeds"] == 3 and row["refuel", "success", 2]["diff"] == pytest.approx(
+        (pooled.groups["refuel"]["success"][:, :, 1] - initial[:, :, 1]).mean())
+    with pytest.raises(ValueError, match=r"agent 'refuel' ran seed\(s\) \[5, 6\] in both runs"):
+        lb.merge_states(first, first)
+    other = mats([7], 1 - initial)
+    with pytest.raises(ValueError, match="the initial policy's results differ"):
+        lb.merge_states(first, other)
+    moved = mats([7], initial)
+    moved.states = ["s0", "s1", "s9"]
+    with pytest.raises(ValueError, match="different stored states"):
+        lb.merge_states(first, moved)
+
+
 def test_the_tasks_behaviour_of_interest_is_counted_per_turn():
     venv = gym.make_vec("MultiTurnDialogue-v0", num_envs=1, autoreset_mode="Disabled", split="test",
                         reward_mode="per_turn", task="clarify", max_turns=3,
