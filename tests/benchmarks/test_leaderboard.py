@@ -219,7 +219,7 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
         lb.read_states(tmp_path / "leaderboard.csv")
 
 
-def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files(tmp_path):
+def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files(tmp_path, capsys):
     rng = np.random.default_rng(0)
 
     def mats(seeds, initial):
@@ -249,6 +249,19 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     moved.states = ["s0", "s1", "s9"]
     with pytest.raises(ValueError, match="different stored states"):
         lb.merge_states(first, moved)
+    # the same from the shell (python -m benchmarks.leaderboard.pool): the pooled tables, or why it refuses (exit 2)
+    from benchmarks.leaderboard import pool
+
+    assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--n-boot", "200"]) == 0
+    out, want = capsys.readouterr().out, row["refuel", "success", 2]
+    assert "seeds refuel: [5, 6, 7]; 3 states" in out and "## Paired differences in success at turn h, h=2" in out
+    assert f"| refuel | initial | {want['diff']:+.3f}" in out and "the turn-1 probe" in out
+    lb.write_states(tmp_path / "other.csv", other)
+    assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "other.csv")]) == 2
+    assert "the initial policy's results differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pool.main([str(tmp_path / "a.csv"), str(tmp_path / "nope.csv")])
+    assert "no such file: " in capsys.readouterr().err
 
 
 def test_the_tasks_behaviour_of_interest_is_counted_per_turn():

@@ -1,0 +1,56 @@
+"""Paired differences of leaderboard runs pooled from their ``<report_name>_states.csv`` files.
+
+    python -m benchmarks.leaderboard.pool A_states.csv B_states.csv [--n-boot 2000]
+
+For one design run in parts: new seeds in another run directory, on another session's machine. The files must share
+their stored states and the initial policy's results (:func:`~benchmarks.leaderboard.report.merge_states` refuses
+otherwise). Prints the paired tables of the pooled seeds (success, or the score where the task has no verifier, at every
+turn; and the turn-1 probe) as the report writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.leaderboard.report import merge_states, paired_table, read_states
+from benchmarks.leaderboard.stats import paired_rows
+
+
+def pooled_tables(paths: list[Path], n_boot: int) -> str:
+    """The Markdown paired tables of the runs in ``paths`` pooled (in order)."""
+    mats = read_states(paths[0])
+    for path in paths[1:]:
+        mats = merge_states(mats, read_states(path))
+    paired = paired_rows(mats.groups, mats.seeds, n_boot)
+    seeds = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
+    lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {seeds}; {len(mats.states)} states.", ""]
+    outcome = "success" if any(p["metric"] == "success" for p in paired) else "score"  # a verifier's success, or
+    # the judge's score where the task has none
+    for metric, label in ((outcome, f"{outcome} at turn h"), ("probe", "the turn-1 probe (nats)")):
+        for turn in sorted({p["turn"] for p in paired if p["metric"] == metric}):
+            lines += paired_table(paired, metric, turn, f"Paired differences in {label}, h={turn}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard.pool", description=__doc__.splitlines()[0])
+    parser.add_argument("states", nargs="+", type=Path, help="<report_name>_states.csv files of one design")
+    parser.add_argument("--n-boot", type=int, default=2000, help="crossed bootstrap replicates (default 2000)")
+    args = parser.parse_args(argv)
+    if args.n_boot < 100:
+        parser.error(f"--n-boot must be >= 100, got {args.n_boot}")
+    missing = [str(p) for p in args.states if not p.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    try:
+        print(pooled_tables(args.states, args.n_boot))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
