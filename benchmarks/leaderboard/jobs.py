@@ -36,6 +36,7 @@ from dialogue_gym.rollout_store import RolloutStore, StateRecord, stored_states
 
 log = logging.getLogger("benchmarks.leaderboard")
 PROBE_FILE = "probe_replies.json"  # the turn-1 probe's replies sampled by the initial policy (.probe), one per run
+STOP_FILE = "STOP"  # in the run directory: finish the jobs running, start none, write the report, exit (resumable)
 
 
 def token_counter(model_name: str) -> Any:
@@ -244,9 +245,10 @@ class Scheduler:
     def next_done(self) -> tuple[str, tuple[Any, ...], Any] | None:
         """Start jobs while workers are free; wait for one to finish and return ``(kind, args, result)``.
 
-        Returns None when nothing is pending or running. A job's exception is raised here.
+        Returns None when nothing is pending or running, or when nothing is running and the run directory holds
+        ``STOP_FILE`` (then nothing new starts: see :meth:`stopping`). A job's exception is raised here.
         """
-        while self.pending and len(self.running) < self.cfg.jobs:
+        while self.pending and len(self.running) < self.cfg.jobs and not self.stopping():
             self.pending.sort()
             _, _, kind, args = self.pending.pop()
             self.started += 1
@@ -261,6 +263,11 @@ class Scheduler:
             e.add_note(f"in leaderboard job {kind} {list(args)}")
             log.error("leaderboard job %s %s failed: %s: %s", kind, list(args), type(e).__name__, e)
             raise
+
+    def stopping(self) -> bool:
+        """The run directory holds ``STOP_FILE`` (``touch <run_dir>/STOP``): the jobs running finish, none starts,
+        so a leaderboard that spans sessions stops between runs instead of losing the ones in progress."""
+        return (Path(self.cfg.run_dir) / STOP_FILE).is_file()
 
     def close(self, failed: bool) -> None:
         """Shut the workers down. After an error nothing new starts; local jobs already running finish (a finished

@@ -20,7 +20,7 @@ from agents.common.config import ConfigError
 from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, seeds_of, validate
-from benchmarks.leaderboard.jobs import PROBE_FILE, Context, Scheduler, job_threads, run_dir_of
+from benchmarks.leaderboard.jobs import PROBE_FILE, STOP_FILE, Context, Scheduler, job_threads, run_dir_of
 from benchmarks.leaderboard.probe import check_states, has_probe, probe_from_logprobs, sample_probe_replies
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
@@ -111,6 +111,10 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         torch.set_num_threads(threads)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stop_file = out / STOP_FILE
+    if stop_file.is_file():  # left by the stop that ended the previous start: this start is the resume
+        stop_file.unlink()
+        log.info("removed %s (left by an earlier stop); resuming", stop_file)
     first = out / "started_at.txt"  # the first start, kept across resumed runs
     resumed = first.is_file()
     if not resumed:
@@ -244,11 +248,15 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
     finally:
         bar.close()
         sched.close(failed)
+    if sched.pending:
+        log.info("stopped by %s with %d job(s) still to come; resume with the same command and hydra.run.dir",
+                 stop_file, len(sched.pending))
     if sched.started == 0 and last.is_file():  # nothing left to do: only the report is rewritten, its time kept
         ended = datetime.fromisoformat(last.read_text().strip())
     else:
         ended = datetime.now(UTC)
-        last.write_text(ended.isoformat(timespec="seconds"))
+        if not sched.pending:  # stopped with jobs to come: not finished
+            last.write_text(ended.isoformat(timespec="seconds"))
     rows, paired, meta = report()
     return {"rows": rows, "paired": paired, "runs": runs, "meta": meta}
 

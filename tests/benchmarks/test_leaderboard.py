@@ -400,7 +400,9 @@ def test_smoke_leaderboard_stops_each_agent_at_the_same_budget(tmp_path, monkeyp
     started = datetime.fromisoformat((Path(cfg.run_dir) / "started_at.txt").read_text())
     (Path(cfg.run_dir) / "finished_at.txt").write_text((started + timedelta(seconds=100)).isoformat())
     monkeypatch.setattr(lb_jobs, "train", lambda *a, **k: pytest.fail("trained again"))
+    (Path(cfg.run_dir) / lb_jobs.STOP_FILE).touch()  # left by the stop of an earlier start: this start resumes
     again = lb.run(cfg, command="pytest")
+    assert not (Path(cfg.run_dir) / lb_jobs.STOP_FILE).exists()
     assert [r.to_json() for r in again["runs"]] == [r.to_json() for r in result["runs"]]
     assert again["rows"] == result["rows"]
     assert again["meta"]["wall_s"] == 100.0 and "1.7 min of wall-clock" in \
@@ -494,6 +496,19 @@ def test_schedule_seeds_runs_every_agent_at_a_seed_before_the_next_seed(schedule
     while sched.next_done() is not None:
         pass
     assert done == [("calibrate", "c")] + [("train", *o) for o in order]
+
+
+def test_a_stop_file_lets_the_running_jobs_finish_and_starts_none(tmp_path, monkeypatch):
+    done = []
+    monkeypatch.setattr(lb_jobs, "do_job", lambda cfg, ctx, kind, args: done.append(args) or len(done))
+    sched = lb.Scheduler(lb.LeaderboardConfig(jobs=1, run_dir=str(tmp_path)), ctx=None)
+    for k in range(3):
+        sched.add("train", ("a", k), 1.0 - k)
+    assert sched.next_done() == ("train", ("a", 0), 1)
+    (tmp_path / lb_jobs.STOP_FILE).touch()  # `touch <run_dir>/STOP` while a leaderboard runs
+    assert sched.next_done() is None and done == [("a", 0)] and len(sched.pending) == 2
+    (tmp_path / lb_jobs.STOP_FILE).unlink()  # what the resumed leaderboard does first
+    assert [sched.next_done()[1] for _ in range(2)] == [("a", 1), ("a", 2)] and sched.next_done() is None
 
 
 @pytest.mark.slow
