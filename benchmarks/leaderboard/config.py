@@ -86,7 +86,7 @@ class LeaderboardConfig:
     arms: dict[str, str] = field(default_factory=dict)  # arm name -> agent package, for a second arm of one agent
     # under its own name and overrides, e.g. {dpo_last: dpo} with overrides.dpo_last: [mode=offline, ...]
     results_dir: str = "benchmarks/results"  # where the report files are written
-    report_name: str = "leaderboard"  # report file names: <report_name>.md, .csv, _paired.csv, .png
+    report_name: str = "leaderboard"  # report file names: <report_name>.md, .csv, _paired.csv, _states.csv, .png
     threads: int | None = None  # torch CPU threads per process (null: the cores shared out among the jobs)
     jobs: int = 1  # jobs side by side (1 with backend local: one after another, inline)
     schedule: str = "longest"  # order of the agent runs: longest (the longest expected run first: the shortest
