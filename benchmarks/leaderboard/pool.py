@@ -4,8 +4,9 @@
 
 For one design run in parts: new seeds in another run directory, on another session's machine. The files must share
 their stored states and the initial policy's results (:func:`~benchmarks.leaderboard.report.merge_states` refuses
-otherwise). Prints the paired tables of the pooled seeds (success, or the score where the task has no verifier, at every
-turn; and the turn-1 probe) as the report writes them.
+otherwise) and, where both files carry one, the digest of the turn-1 probe's replies. Prints the paired tables of
+the pooled seeds (success, or the score where the task has no verifier, at every turn; and the turn-1 probe) as the
+report writes them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from benchmarks.leaderboard.stats import paired_rows
 
 def pooled_tables(paths: list[Path], n_boot: int) -> str:
     """The Markdown paired tables of the runs in ``paths`` pooled (in order)."""
-    mats = read_states(paths[0])
-    for path in paths[1:]:
-        mats = merge_states(mats, read_states(path))
+    parts = [read_states(path) for path in paths]
+    mats = parts[0]
+    for part in parts[1:]:
+        mats = merge_states(mats, part)
     paired = paired_rows(mats.groups, mats.seeds, n_boot)
     seeds = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
     lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {seeds}; {len(mats.states)} states.", ""]
+    if any(m.covered[j] for m in parts for j in range(len(m.states))):  # a probe: were its replies the same?
+        unchecked = [str(p) for p, m in zip(paths, parts, strict=True) if m.probe_replies is None]
+        lines += [f"Probe replies: digest {mats.probe_replies} in every file." if not unchecked else
+                  f"Probe replies not compared for {', '.join(unchecked)} (written before states files carried "
+                  f"their digest{'' if mats.probe_replies is None else f'; the others: {mats.probe_replies}'}).", ""]
     outcome = "success" if any(p["metric"] == "success" for p in paired) else "score"  # a verifier's success, or
     # the judge's score where the task has none
     for metric, label in ((outcome, f"{outcome} at turn h"), ("probe", "the turn-1 probe (nats)")):

@@ -29,6 +29,8 @@ predicts no change beyond noise.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +45,17 @@ from dialogue_gym.rollouts import StateRecord
 SAMPLES = 8  # turn-1 replies the initial policy samples per state
 KEEP = 2  # replies of each class kept per state (forward passes per policy: at most 2 * KEEP per state)
 SEED_STREAM = 7919  # the probe's sampling seeds: (eval seed, state, sample, this stream), apart from the eval's own
+
+
+def replies_digest(probe: dict[str, Any]) -> str:
+    """A digest of the probe's replies (every state's id and the token ids of its kept replies, in order): two run
+    directories of one design measured their probe changes on the same replies exactly when their digests agree.
+    The initial policy's log-probs are left out; the states file's initial rows check those numerics already."""
+    h = hashlib.sha256()
+    for st in probe["states"]:
+        h.update(json.dumps([st["id"], [y["token_ids"] for y in st["ask"]],
+                             [y["token_ids"] for y in st["guess"]]]).encode())
+    return h.hexdigest()[:16]
 
 
 def has_probe(task: Any) -> bool:

@@ -155,11 +155,12 @@ class Matrices:
     seeds: dict[str, list[int]]  # agent -> its training seeds, in the order of its rows
     states: list[str]  # the stored states' ids, in order
     covered: list[bool]  # (states,) the states the probe covers (all False without a probe)
+    probe_replies: str | None = None  # the probe's replies_digest (None: no probe, or a states file from before it)
 
 
 def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[DialogueRecord],
               states: list[StateRecord], verifier: Any | None, asks: Any | None = None,
-              base_probe: list[float | None] | None = None
+              base_probe: list[float | None] | None = None, probe_replies: str | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Matrices]:
     """The report's numbers: ``(rows, paired, matrices)``.
 
@@ -170,7 +171,8 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
     it. ``paired``: differences agent - initial and agent - agent on the same states, with intervals, seed-level
     tests and power; with ``base_probe`` (the initial policy's turn-1 probe: 0 at every state it covers, None
     elsewhere) and every run's ``probe``, also the probe's change from the initial policy (metric ``probe``, turn 1)
-    on the states it covers. ``matrices``: the per-state results all of them are computed from.
+    on the states it covers. ``matrices``: the per-state results all of them are computed from, with
+    ``probe_replies`` (the probe's :func:`~benchmarks.leaderboard.probe.replies_digest`).
     """
     horizon = states_horizon(states, cfg.env.max_turns)
     base = score_matrix(baseline, horizon)
@@ -194,7 +196,7 @@ def summarize(cfg: LeaderboardConfig, runs: list[AgentRun], baseline: list[Dialo
         cost = {"all": _mean_cost(mine), **{str(r.seed): _mean_cost([r]) for r in mine}}
         rows += [{**row, **cost[row["seed"]]} for row in
                  metric_rows(name, [str(r.seed) for r in mine], groups[name], cfg.eval.n_boot)]
-    mats = Matrices(groups, seeds, [s.id for s in states], [bool(c) for c in covered])
+    mats = Matrices(groups, seeds, [s.id for s in states], [bool(c) for c in covered], probe_replies)
     return rows, paired_rows(groups, seeds, cfg.eval.n_boot), mats
 
 

@@ -24,6 +24,7 @@ PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "se", "df", "md
                  "seed_hi", "seed_p", "on_seeds")
 STATE_METRICS = ("score", "win", "success", "asks")  # per (policy, seed, state, turn); "probe" at turn 1 only
 STATE_FIELDS = ("policy", "seed", "state", "turn", *STATE_METRICS, "probe")
+DIGEST_FIELD = "probe_replies"  # on the initial policy's rows: the probe's replies_digest (files before it lack it)
 
 
 def results_path(cfg: LeaderboardConfig) -> Path:
@@ -44,10 +45,11 @@ def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) 
 def write_states(path: Path, mats: Matrices) -> None:
     """``<report_name>_states.csv``: one row per (policy, seed, state, turn) with every metric of ``mats`` (blank
     where a policy lacks it), the probe's change at turn 1 on the states it covers (blank elsewhere); the initial
-    policy's seed is blank. Floats are written in full (``repr``): :func:`read_states` gives ``mats`` back exactly."""
+    policy's seed is blank; the initial policy's rows carry the probe's replies digest (``DIGEST_FIELD``). Floats are
+    written in full (``repr``): :func:`read_states` gives ``mats`` back exactly."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(STATE_FIELDS)
+        writer.writerow((*STATE_FIELDS, DIGEST_FIELD))
         for policy, group in mats.groups.items():
             seeds = [""] if policy == "initial" else mats.seeds[policy]
             where = np.cumsum(mats.covered) - 1  # a state's column in the probe matrix, where covered
@@ -57,7 +59,8 @@ def write_states(path: Path, mats: Matrices) -> None:
                         cells = [repr(float(group[m][k, j, h])) if m in group else "" for m in STATE_METRICS]
                         probe = repr(float(group["probe"][k, where[j], 0])) \
                             if "probe" in group and h == 0 and mats.covered[j] else ""
-                        writer.writerow([policy, seed, state, h + 1, *cells, probe])
+                        digest = (mats.probe_replies or "") if policy == "initial" else ""
+                        writer.writerow([policy, seed, state, h + 1, *cells, probe, digest])
 
 
 def read_states(path: Path) -> Matrices:
@@ -66,7 +69,7 @@ def read_states(path: Path) -> Matrices:
 
     Raises:
         ValueError: the file lacks a column, or a policy lacks a (seed, state, turn) row another policy has (a cut or
-            edited file), naming the file and what is missing.
+            edited file), or its rows name two probe digests, naming the file and what is wrong.
     """
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -80,6 +83,10 @@ def read_states(path: Path) -> Matrices:
     policies = list(dict.fromkeys(r["policy"] for r in table))
     states = list(dict.fromkeys(r["state"] for r in table))
     turns = max(int(r["turn"]) for r in table)
+    digests = sorted({r.get(DIGEST_FIELD) or "" for r in table} - {""})  # none in a file from before the digest
+    if len(digests) > 1:
+        raise ValueError(f"{path}: the rows name {len(digests)} probe replies digests ({', '.join(digests)}) where "
+                         "one run has one: the file is edited or two files were concatenated")
     covered = [False] * len(states)
     for r in table:
         if r["probe"]:
@@ -108,7 +115,7 @@ def read_states(path: Path) -> Matrices:
             if r["probe"]:
                 group["probe"][k, col[j], 0] = float(r["probe"])
         groups[policy] = group
-    return Matrices(groups, seeds, states, covered)
+    return Matrices(groups, seeds, states, covered, digests[0] if digests else None)
 
 
 def merge_states(first: Matrices, second: Matrices) -> Matrices:
@@ -118,8 +125,13 @@ def merge_states(first: Matrices, second: Matrices) -> Matrices:
     For a leaderboard continued on new seeds in another run directory (another session's machine): read both
     ``_states.csv`` files (:func:`read_states`), merge, and compute ``paired_rows`` on the result.
 
+    The probe's replies are compared by digest where both runs have one (a states file written before the digest
+    existed has none; :mod:`benchmarks.leaderboard.pool` says which files went unchecked); the pooled matrices keep
+    the digest that is known.
+
     Raises:
-        ValueError: the states differ, the initial policy's results differ, or an agent ran a seed in both.
+        ValueError: the states differ, the initial policy's results differ, the probe's replies differ, or an agent
+            ran a seed in both.
     """
     if first.states != second.states or first.covered != second.covered:
         raise ValueError("merge_states: the two runs were evaluated on different stored states (or probe states); "
@@ -128,6 +140,10 @@ def merge_states(first: Matrices, second: Matrices) -> Matrices:
     if a.keys() != b.keys() or any(not np.array_equal(a[m], b[m]) for m in a):
         raise ValueError("merge_states: the initial policy's results differ between the two runs (another policy, "
                          "engine or machine numerics): their agents' differences from it would not be comparable")
+    if first.probe_replies and second.probe_replies and first.probe_replies != second.probe_replies:
+        raise ValueError(f"merge_states: the probe's replies differ between the two runs (digest "
+                         f"{first.probe_replies} vs {second.probe_replies}): each run's probe change is measured on "
+                         "its own replies, so the two cannot be pooled")
     groups, seeds = {"initial": a}, {}
     for name in list(dict.fromkeys([*first.seeds, *second.seeds])):
         parts = [m for m in (first, second) if name in m.seeds]
@@ -137,7 +153,8 @@ def merge_states(first: Matrices, second: Matrices) -> Matrices:
         seeds[name] = [s for m in parts for s in m.seeds[name]]
         keys = set.intersection(*(set(m.groups[name]) for m in parts))
         groups[name] = {k: np.concatenate([m.groups[name][k] for m in parts]) for k in sorted(keys)}
-    return Matrices(groups, seeds, list(first.states), list(first.covered))
+    return Matrices(groups, seeds, list(first.states), list(first.covered),
+                    first.probe_replies or second.probe_replies)
 
 
 def write_report(cfg: LeaderboardConfig, rows: list[dict[str, Any]], paired: list[dict[str, Any]],

@@ -21,7 +21,13 @@ from agents.common.evaluation import carry_forward
 from benchmarks.leaderboard.agents import calibrate, calibration_saved, check_agents
 from benchmarks.leaderboard.config import LeaderboardConfig, seeds_of, validate
 from benchmarks.leaderboard.jobs import PROBE_FILE, STOP_FILE, Context, Scheduler, job_threads, run_dir_of
-from benchmarks.leaderboard.probe import check_states, has_probe, probe_from_logprobs, sample_probe_replies
+from benchmarks.leaderboard.probe import (
+    check_states,
+    has_probe,
+    probe_from_logprobs,
+    replies_digest,
+    sample_probe_replies,
+)
 from benchmarks.leaderboard.protocol import AgentRun, played, score_matrix, success_matrix, summarize
 from benchmarks.leaderboard.report import write_report
 from benchmarks.leaderboard.stats import crossed_interval
@@ -154,7 +160,8 @@ def run(cfg: LeaderboardConfig, command: str = "") -> dict[str, Any]:
         probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
         base_probe = None if probe is None else probe_from_logprobs(  # pi_0 itself: 0 where covered, else None
             probe, [[y["logp0"] for y in st["ask"] + st["guess"]] for st in probe["states"]])
-        rows, paired, mats = summarize(cfg, runs, baseline, states, verifier, asks, base_probe)
+        rows, paired, mats = summarize(cfg, runs, baseline, states, verifier, asks, base_probe,
+                                       None if probe is None else replies_digest(probe))
         meta = {"started": started.isoformat(timespec="seconds"), "resumed": resumed,
                 "wall_s": ((ended or datetime.now(UTC)) - started).total_seconds(), "load_start": load_start,
                 "load_end": os.getloadavg(), "baseline_eval_s": baseline_s, "command": command,

@@ -27,6 +27,8 @@ from agents.common.config import ConfigError, merge_schema
 from benchmarks import leaderboard as lb
 from benchmarks.leaderboard import jobs as lb_jobs
 from benchmarks.leaderboard.agents import base_package
+from benchmarks.leaderboard.probe import replies_digest
+from benchmarks.leaderboard.report import DIGEST_FIELD, STATE_FIELDS
 from benchmarks.leaderboard.runner import run_priority
 from benchmarks.leaderboard.stats import crossed_ci, paired_rows
 from dialogue_gym.budget import Usage
@@ -222,11 +224,11 @@ def test_win_rate_score_and_success_by_hand(tmp_path):
 def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files(tmp_path, capsys):
     rng = np.random.default_rng(0)
 
-    def mats(seeds, initial):
+    def mats(seeds, initial, digest="d1"):
         groups = {"initial": {"success": initial, "probe": np.zeros((1, 2, 1))},
                   "refuel": {"success": rng.integers(0, 2, (len(seeds), 3, 2)).astype(float),
                              "probe": rng.normal(size=(len(seeds), 2, 1))}}
-        return lb.Matrices(groups, {"refuel": list(seeds)}, ["s0", "s1", "s2"], [True, False, True])
+        return lb.Matrices(groups, {"refuel": list(seeds)}, ["s0", "s1", "s2"], [True, False, True], digest)
 
     initial = rng.integers(0, 2, (1, 3, 2)).astype(float)
     first, second = mats([5, 6], initial), mats([7], initial)
@@ -234,6 +236,7 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
         lb.write_states(tmp_path / f"{name}.csv", m)
     pooled = lb.merge_states(lb.read_states(tmp_path / "a.csv"), lb.read_states(tmp_path / "b.csv"))
     assert pooled.seeds == {"refuel": [5, 6, 7]} and pooled.covered == [True, False, True]
+    assert pooled.probe_replies == "d1"
     for k in ("success", "probe"):
         assert np.array_equal(pooled.groups["refuel"][k],
                               np.concatenate([first.groups["refuel"][k], second.groups["refuel"][k]]))
@@ -249,6 +252,29 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     moved.states = ["s0", "s1", "s9"]
     with pytest.raises(ValueError, match="different stored states"):
         lb.merge_states(first, moved)
+    with pytest.raises(ValueError, match=r"the probe's replies differ between the two runs \(digest d1 vs d2\)"):
+        lb.merge_states(first, mats([7], initial, "d2"))
+    # a states file written before the digest existed: read as unknown, pooled, and the known digest kept
+    old = tmp_path / "old.csv"
+    with (tmp_path / "b.csv").open() as f:
+        table = list(csv.DictReader(f))
+    with old.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=STATE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    assert lb.read_states(old).probe_replies is None
+    assert lb.merge_states(lb.read_states(old), first).probe_replies == "d1"
+    assert lb.merge_states(lb.merge_states(lb.read_states(old), first), mats([8], initial, "d1")).seeds == \
+        {"refuel": [7, 5, 6, 8]}
+    with pytest.raises(ValueError, match="the probe's replies differ"):  # the unknown one does not hide a change
+        lb.merge_states(lb.merge_states(lb.read_states(old), first), mats([8], initial, "d2"))
+    table[0][DIGEST_FIELD] = "d9"  # an initial row that names another digest: an edited or concatenated file
+    with (tmp_path / "two.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*STATE_FIELDS, DIGEST_FIELD])
+        writer.writeheader()
+        writer.writerows(table)
+    with pytest.raises(ValueError, match=r"two.csv: the rows name 2 probe replies digests \(d1, d9\)"):
+        lb.read_states(tmp_path / "two.csv")
     # the same from the shell (python -m benchmarks.leaderboard.pool): the pooled tables, or why it refuses (exit 2)
     from benchmarks.leaderboard import pool
 
@@ -256,6 +282,10 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     out, want = capsys.readouterr().out, row["refuel", "success", 2]
     assert "seeds refuel: [5, 6, 7]; 3 states" in out and "## Paired differences in success at turn h, h=2" in out
     assert f"| refuel | initial | {want['diff']:+.3f}" in out and "the turn-1 probe" in out
+    assert "Probe replies: digest d1 in every file." in out
+    assert pool.main([str(old), str(tmp_path / "a.csv"), "--n-boot", "200"]) == 0
+    assert f"Probe replies not compared for {old} (written before states files carried their digest; the " \
+        "others: d1)." in capsys.readouterr().out
     lb.write_states(tmp_path / "other.csv", other)
     assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "other.csv")]) == 2
     assert "the initial policy's results differ" in capsys.readouterr().err
@@ -649,6 +679,7 @@ def test_clarify_smoke_runs_the_last_turn_dpo_arm_and_reports_the_probe_with_cro
     # the per-state file gives back every paired row, the probe's included, without the run directory
     again = lb.read_states(tmp_path / "results" / "leaderboard_clarify_states.csv")
     assert again.covered == covered and again.seeds == {"rebel": [0, 1], "dpo_last": [0, 1]}
+    assert again.probe_replies == replies_digest(replies)  # what a pooled look checks the probe's replies by
     recomputed = paired_rows(again.groups, again.seeds, cfg.eval.n_boot)
     assert len(recomputed) == len(result["paired"])
     for got, want in zip(recomputed, result["paired"]):  # numbers to the last bits (numpy sums a copy and a view

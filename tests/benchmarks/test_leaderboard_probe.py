@@ -3,6 +3,7 @@ passes, checked against plain full forwards and a hand-computed log-odds change.
 
 from __future__ import annotations
 
+import json
 import math
 
 import gymnasium as gym
@@ -15,6 +16,7 @@ from benchmarks.leaderboard.probe import (
     has_probe,
     probe_from_logprobs,
     probe_values,
+    replies_digest,
     sample_probe_replies,
 )
 from dialogue_gym.models import load_model
@@ -57,6 +59,16 @@ def test_replies_are_the_initial_policys_own_sorted_by_the_behaviour_test_with_t
     again = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 1.0, 8, seed=5, samples=6, keep=2)
     assert [[y["token_ids"] for y in st["ask"]] for st in again["states"]] == \
         [[y["token_ids"] for y in st["ask"]] for st in probe["states"]]
+    # the digest that pooled run directories are checked by: the replies' token ids, not pi_0's log-probs
+    assert replies_digest(again) == replies_digest(probe)
+    copy = json.loads(json.dumps(probe))
+    reply = next(y for st in copy["states"] for y in st["ask"] + st["guess"])
+    reply["logp0"] += 0.5  # the numerics are checked elsewhere (the initial policy's rows)
+    assert replies_digest(copy) == replies_digest(probe)
+    reply["token_ids"][-1] += 1
+    assert replies_digest(copy) != replies_digest(probe)
+    other = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 1.0, 8, seed=6, samples=6, keep=2)
+    assert replies_digest(other) != replies_digest(probe)
     values = probe_values("tiny", probe)
     for st, v in zip(probe["states"], values):
         assert (v is None) == (not st["ask"] or not st["guess"])
