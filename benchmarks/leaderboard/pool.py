@@ -15,8 +15,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks.leaderboard.protocol import Matrices
 from benchmarks.leaderboard.report import merge_states, paired_table, read_states
 from benchmarks.leaderboard.stats import paired_rows
+
+
+def probe_check(paths: list[Path], parts: list[Matrices]) -> str:
+    """One line on the probe's replies: the same digest in every file, or which files could not be compared (written
+    before states files carried the digest). Differing digests never get here: :func:`merge_states` refuses them."""
+    known = [str(p) for p, m in zip(paths, parts, strict=True) if m.probe_replies]
+    unknown = [str(p) for p, m in zip(paths, parts, strict=True) if not m.probe_replies]
+    digest = next((m.probe_replies for m in parts if m.probe_replies), None)
+    if not unknown:
+        return f"Probe replies: digest {digest} in every file."
+    old = f"{', '.join(unknown)} (written before states files carried the digest of the probe's replies)"
+    if len(known) < 2:
+        return f"Probe replies not compared: no two files carry a digest; not checked: {old}."
+    return f"Probe replies: digest {digest} in {', '.join(known)}; not checked: {old}."
 
 
 def pooled_tables(paths: list[Path], n_boot: int) -> str:
@@ -28,11 +43,8 @@ def pooled_tables(paths: list[Path], n_boot: int) -> str:
     paired = paired_rows(mats.groups, mats.seeds, n_boot)
     seeds = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
     lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {seeds}; {len(mats.states)} states.", ""]
-    if any(m.covered[j] for m in parts for j in range(len(m.states))):  # a probe: were its replies the same?
-        unchecked = [str(p) for p, m in zip(paths, parts, strict=True) if m.probe_replies is None]
-        lines += [f"Probe replies: digest {mats.probe_replies} in every file." if not unchecked else
-                  f"Probe replies not compared for {', '.join(unchecked)} (written before states files carried "
-                  f"their digest{'' if mats.probe_replies is None else f'; the others: {mats.probe_replies}'}).", ""]
+    if any(any(m.covered) for m in parts):  # a probe: were its replies the same in every file?
+        lines += [probe_check(paths, parts), ""]
     outcome = "success" if any(p["metric"] == "success" for p in paired) else "score"  # a verifier's success, or
     # the judge's score where the task has none
     for metric, label in ((outcome, f"{outcome} at turn h"), ("probe", "the turn-1 probe (nats)")):

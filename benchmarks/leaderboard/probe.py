@@ -50,7 +50,8 @@ SEED_STREAM = 7919  # the probe's sampling seeds: (eval seed, state, sample, thi
 def replies_digest(probe: dict[str, Any]) -> str:
     """A digest of the probe's replies (every state's id and the token ids of its kept replies, in order): two run
     directories of one design measured their probe changes on the same replies exactly when their digests agree.
-    The initial policy's log-probs are left out; the states file's initial rows check those numerics already."""
+    The initial policy's log-probs are left out: each run's probe change is taken against the log-probs stored in its
+    own directory, so what must agree between directories is which replies were scored."""
     h = hashlib.sha256()
     for st in probe["states"]:
         h.update(json.dumps([st["id"], [y["token_ids"] for y in st["ask"]],

@@ -283,9 +283,18 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     assert "seeds refuel: [5, 6, 7]; 3 states" in out and "## Paired differences in success at turn h, h=2" in out
     assert f"| refuel | initial | {want['diff']:+.3f}" in out and "the turn-1 probe" in out
     assert "Probe replies: digest d1 in every file." in out
+    with (tmp_path / "a.csv").open() as f:  # the digest sits on the initial policy's rows only
+        assert {(r["policy"], r[DIGEST_FIELD]) for r in csv.DictReader(f)} == {("initial", "d1"), ("refuel", "")}
     assert pool.main([str(old), str(tmp_path / "a.csv"), "--n-boot", "200"]) == 0
-    assert f"Probe replies not compared for {old} (written before states files carried their digest; the " \
-        "others: d1)." in capsys.readouterr().out
+    assert f"Probe replies not compared: no two files carry a digest; not checked: {old} (written before" \
+        in capsys.readouterr().out
+    lb.write_states(tmp_path / "c.csv", mats([8], initial, "d1"))
+    assert pool.main([str(old), str(tmp_path / "a.csv"), str(tmp_path / "c.csv"), "--n-boot", "200"]) == 0
+    assert f"Probe replies: digest d1 in {tmp_path / 'a.csv'}, {tmp_path / 'c.csv'}; not checked: {old}" \
+        in capsys.readouterr().out
+    lb.write_states(tmp_path / "d.csv", mats([8], initial, "d2"))
+    assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "d.csv")]) == 2
+    assert "the probe's replies differ between the two runs (digest d1 vs d2)" in capsys.readouterr().err
     lb.write_states(tmp_path / "other.csv", other)
     assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "other.csv")]) == 2
     assert "the initial policy's results differ" in capsys.readouterr().err

@@ -63,10 +63,14 @@ def test_replies_are_the_initial_policys_own_sorted_by_the_behaviour_test_with_t
     assert replies_digest(again) == replies_digest(probe)
     copy = json.loads(json.dumps(probe))
     reply = next(y for st in copy["states"] for y in st["ask"] + st["guess"])
-    reply["logp0"] += 0.5  # the numerics are checked elsewhere (the initial policy's rows)
+    reply["logp0"] += 0.5  # each directory's probe change is taken against its own log-probs
     assert replies_digest(copy) == replies_digest(probe)
     reply["token_ids"][-1] += 1
     assert replies_digest(copy) != replies_digest(probe)
+    moved = json.loads(json.dumps(probe))  # the same replies sorted into the other class
+    st = next(st for st in moved["states"] if st["ask"] or st["guess"])
+    st["ask"], st["guess"] = st["guess"], st["ask"]
+    assert replies_digest(moved) != replies_digest(probe)
     other = sample_probe_replies("tiny", states, lambda text: len(text) % 2 == 0, 1.0, 8, seed=6, samples=6, keep=2)
     assert replies_digest(other) != replies_digest(probe)
     values = probe_values("tiny", probe)
