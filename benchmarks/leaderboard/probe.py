@@ -25,6 +25,11 @@ policy can learn to ask in its own words while that wording becomes *less* likel
 GRPO's turn-1 asking rise from 0.34 to 0.89 while the canned probe fell). REFUEL's claim predicts a rise (a turn-1
 ask is credited with the later answer); REBEL's immediate reward at turn 1 is 0 for asking and guessing alike, so it
 predicts no change beyond noise.
+
+The same estimate has a limit of its own: it only sees replies pi_0 would write. A policy that moved far and
+holds back its answer in words pi_0 rarely uses puts little probability on pi_0's asking replies and reads as asking
+less while it asks more (last-turn DPO at some seeds of the clarify leaderboard's run 4). Read the probe beside the
+report's greedy asking rate.
 """
 
 from __future__ import annotations
