@@ -292,6 +292,34 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     assert pool.main([str(old), str(tmp_path / "a.csv"), str(tmp_path / "c.csv"), "--n-boot", "200"]) == 0
     assert f"Probe replies: digest d1 in {tmp_path / 'a.csv'}, {tmp_path / 'c.csv'}; not checked: {old}" \
         in capsys.readouterr().out
+    # --seeds: a look at the seeds it was read at, after later seeds joined the same files
+    assert pool.parse_seeds("5-7,9") == [5, 6, 7, 9] and pool.parse_seeds(" 6 ,5") == [5, 6]
+    for bad in ("7-5", "x", "5-", "-1"):
+        with pytest.raises(ValueError, match="--seeds: "):
+            pool.parse_seeds(bad)
+    three = lb.merge_states(lb.merge_states(first, second), mats([8], initial, "d1"))
+    look = pool.select_seeds(three, [5, 7])
+    assert look.seeds == {"refuel": [5, 7]} and look.probe_replies == "d1"
+    for k in ("success", "probe"):
+        assert np.array_equal(look.groups["refuel"][k], three.groups["refuel"][k][[0, 2]])
+    assert look.groups["initial"] is three.groups["initial"]
+    with pytest.raises(ValueError, match=r"agent 'refuel' has no run at seed\(s\) \[9\] in these files \(its seeds: "
+                                         r"\[5, 6, 7, 8\]\)"):
+        pool.select_seeds(three, [5, 9])
+    capsys.readouterr()
+    assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--n-boot", "200", "--seeds", "5,7"]) == 0
+    sub = {(p["a"], p["metric"], p["turn"]): p for p in paired_rows(
+        {"initial": first.groups["initial"], "refuel": {k: np.concatenate([first.groups["refuel"][k][:1],
+                                                                          second.groups["refuel"][k]])
+                                                         for k in ("success", "probe")}}, {"refuel": [5, 7]}, 200)}
+    out = capsys.readouterr().out
+    want = sub["refuel", "success", 2]["diff"]
+    assert "seeds refuel: [5, 7]; 3 states" in out and f"| refuel | initial | {want:+.3f}" in out
+    assert pool.main([str(tmp_path / "a.csv"), "--seeds", "5-9"]) == 2
+    assert "agent 'refuel' has no run at seed(s) [7, 8, 9]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pool.main([str(tmp_path / "a.csv"), "--seeds", "9-5"])
+    assert "--seeds: '9-5' is not an ascending range" in capsys.readouterr().err
     lb.write_states(tmp_path / "d.csv", mats([8], initial, "d2"))
     assert pool.main([str(tmp_path / "a.csv"), str(tmp_path / "d.csv")]) == 2
     assert "the probe's replies differ between the two runs (digest d1 vs d2)" in capsys.readouterr().err
