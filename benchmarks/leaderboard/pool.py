@@ -82,8 +82,8 @@ def pooled_tables(paths: list[Path], n_boot: int, seeds: list[int] | None = None
     if seeds is not None:
         mats = select_seeds(mats, seeds)
     paired = paired_rows(mats.groups, mats.seeds, n_boot)
-    seeds = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
-    lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {seeds}; {len(mats.states)} states.", ""]
+    pooled = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
+    lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {pooled}; {len(mats.states)} states.", ""]
     if any(any(m.covered) for m in parts):  # a probe: were its replies the same in every file?
         lines += [probe_check(paths, parts), ""]
     outcome = "success" if any(p["metric"] == "success" for p in paired) else "score"  # a verifier's success, or
