@@ -21,7 +21,7 @@ CSV_FIELDS = ("policy", "seed", "turn", "win", "win_lo", "win_hi", "score", "sco
               "optimizer_steps", "train_s", "eval_s")
 FAIR = 0.05  # arms are fair when their policy samples and optimizer steps are within 5% of each other
 PAIRED_FIELDS = ("a", "b", "metric", "turn", "diff", "lo", "hi", "se", "df", "mde80", "excludes_0", "seeds", "seed_lo",
-                 "seed_hi", "seed_p", "on_seeds")
+                 "seed_hi", "seed_p", "seed_sd", "on_seeds")
 STATE_METRICS = ("score", "win", "success", "asks")  # per (policy, seed, state, turn); "probe" at turn 1 only
 STATE_FIELDS = ("policy", "seed", "state", "turn", *STATE_METRICS, "probe")
 DIGEST_FIELD = "probe_replies"  # on the initial policy's rows: the probe's replies_digest (files before it lack it)

@@ -209,6 +209,7 @@ class SeedTest:
         mean: the mean of the per-seed means.
         lo, hi: the ``level`` t-interval of the per-seed means (None with one seed: no test).
         p: two-sided p-value (None with one seed; 0 or 1 when every seed's mean is the same).
+        sd: the standard deviation of the per-seed means (None with one seed), what :func:`seed_power` needs.
     """
 
     seeds: int
@@ -216,6 +217,7 @@ class SeedTest:
     lo: float | None
     hi: float | None
     p: float | None
+    sd: float | None = None
 
 
 def seed_test(diff: Any, level: float = LEVEL) -> SeedTest:
@@ -228,10 +230,39 @@ def seed_test(diff: Any, level: float = LEVEL) -> SeedTest:
         return SeedTest(s, m, None, None, None)
     sd = float(d.std(ddof=1))
     if sd == 0.0:
-        return SeedTest(s, m, m, m, 1.0 if m == 0 else 0.0)
+        return SeedTest(s, m, m, m, 1.0 if m == 0 else 0.0, 0.0)
     half = float(sps.t.ppf(1 - (1 - level) / 2, s - 1)) * sd / np.sqrt(s)
     p = float(2 * sps.t.sf(abs(m) / (sd / np.sqrt(s)), s - 1))
-    return SeedTest(s, m, m - half, m + half, p)
+    return SeedTest(s, m, m - half, m + half, p, sd)
+
+
+def seed_power(difference: float, sd: float, seeds: int, alpha: float) -> float:
+    """The probability that :func:`seed_test` over ``seeds`` seeds gives p < ``alpha`` (either sign) when the
+    per-seed mean differences are normal with mean ``difference`` and standard deviation ``sd``: the two tails of a
+    noncentral t with ``seeds - 1`` degrees of freedom. Used to state what a look at a pre-registered threshold
+    could detect; with ``sd`` estimated from the same seeds it is an estimate too.
+
+    Raises:
+        ValueError: fewer than two seeds, ``sd`` not positive, or ``alpha`` outside (0, 1).
+    """
+    if seeds < 2 or not sd > 0 or not 0 < alpha < 1:
+        raise ValueError(f"seed_power needs seeds >= 2, sd > 0 and 0 < alpha < 1 (got seeds={seeds}, sd={sd}, "
+                         f"alpha={alpha})")
+    df, nc = seeds - 1, difference * np.sqrt(seeds) / sd
+    t = float(sps.t.ppf(1 - alpha / 2, df))
+    # P(T > t) + P(T < -t), the lower tail as the upper tail of -T (scipy's nct.cdf far in the left tail is nan)
+    return float(sps.nct.sf(t, df, nc) + sps.nct.sf(t, df, -nc))
+
+
+def seed_detectable(sd: float, seeds: int, alpha: float, power: float = POWER) -> float:
+    """The smallest true difference (> 0) that :func:`seed_test` at p < ``alpha`` detects with probability
+    ``power`` (:func:`seed_power`), at per-seed standard deviation ``sd``."""
+    if seed_power(0.0, sd, seeds, alpha) >= power:
+        return 0.0
+    hi = sd
+    while seed_power(hi, sd, seeds, alpha) < power:
+        hi *= 2
+    return float(brentq(lambda d: seed_power(d, sd, seeds, alpha) - power, 0.0, hi))
 
 
 @dataclass(frozen=True)
@@ -339,7 +370,7 @@ def comparison_row(a: str, b: str, metric: str, turn: int, diff: np.ndarray, n_b
     i, t = crossed_interval(diff, n_boot=n_boot, seed=seed), seed_test(diff)
     return {"a": a, "b": b, "metric": metric, "turn": turn, "diff": i.mean, "lo": i.lo, "hi": i.hi, "se": i.se,
             "df": i.df, "mde80": i.mde80, "excludes_0": i.excludes_0(), "seeds": t.seeds, "seed_lo": t.lo,
-            "seed_hi": t.hi, "seed_p": t.p}
+            "seed_hi": t.hi, "seed_p": t.p, "seed_sd": t.sd}
 
 
 def paired_rows(groups: dict[str, dict[str, np.ndarray]], seeds: dict[str, list[int]], n_boot: int,

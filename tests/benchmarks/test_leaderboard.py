@@ -20,6 +20,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
+from scipy import stats
 
 import dialogue_gym  # noqa: F401
 from agents.common.checkpoint import completed_iterations, export_checkpoint_policy
@@ -30,7 +31,7 @@ from benchmarks.leaderboard.agents import base_package
 from benchmarks.leaderboard.probe import replies_digest
 from benchmarks.leaderboard.report import DIGEST_FIELD, STATE_FIELDS
 from benchmarks.leaderboard.runner import run_priority
-from benchmarks.leaderboard.stats import crossed_ci, paired_rows
+from benchmarks.leaderboard.stats import crossed_ci, paired_rows, seed_detectable, seed_power
 from dialogue_gym.budget import Usage
 from dialogue_gym.generation.base import Generation, SamplingParams
 from dialogue_gym.rollouts import DialogueRecord, RolloutStore, make_states, stored_states
@@ -329,6 +330,55 @@ def test_runs_on_new_seeds_pool_with_the_earlier_ones_through_their_states_files
     with pytest.raises(SystemExit):
         pool.main([str(tmp_path / "a.csv"), str(tmp_path / "nope.csv")])
     assert "no such file: " in capsys.readouterr().err
+
+
+def test_pool_prints_each_seed_and_the_seed_level_test_at_a_looks_threshold(tmp_path, capsys):
+    from benchmarks.leaderboard import pool
+
+    # two agents at seeds 5-8 on 4 states; success by hand: refuel solves 3, 2, 4, 3 of 4 at h=2, dpo_last 1, 2, 0, 1
+    def solved(counts):
+        return np.stack([np.stack([np.zeros(4), np.r_[np.ones(c), np.zeros(4 - c)]], axis=1) for c in counts])
+
+    initial = solved([2])
+    groups = {"initial": {"success": initial, "asks": np.zeros((1, 4, 2))},
+              "refuel": {"success": solved([3, 2, 4, 3]), "asks": solved([4, 4, 4, 4])[:, :, ::-1].copy()},
+              "dpo_last": {"success": solved([1, 2, 0, 1]), "asks": np.zeros((4, 4, 2))}}
+    mats = lb.Matrices(groups, {"refuel": [5, 6, 7, 8], "dpo_last": [5, 6, 7, 8]}, ["s0", "s1", "s2", "s3"],
+                       [False] * 4)
+    lb.write_states(tmp_path / "a.csv", mats)
+    assert pool.main([str(tmp_path / "a.csv"), "--n-boot", "200", "--per-seed", "--alpha", "0.05",
+                      "--power-at", "0.2,0.5"]) == 0
+    out = capsys.readouterr().out
+    # per seed: the means over the states, and the difference seed by seed with its mean (sd)
+    diffs = np.array([0.5, 0.0, 1.0, 0.5])  # (3-1, 2-2, 4-0, 3-1) / 4
+    assert "## Per seed: success, h=2" in out and "| policy | 5 | 6 | 7 | 8 | mean (sd) |" in out
+    assert "| initial | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |" in out
+    assert f"| refuel | 0.750 | 0.500 | 1.000 | 0.750 | 0.750 ({np.std([.75, .5, 1, .75], ddof=1):.3f}) |" in out
+    assert f"| refuel - dpo_last | +0.500 | +0.000 | +1.000 | +0.500 | 0.500 ({diffs.std(ddof=1):.3f}) |" in out
+    assert "## Per seed: the behaviour of interest, h=1" in out and "| refuel | 1.000 | 1.000 | 1.000 | 1.000 |" in out
+    # the seed-level test at 0.05: t = 0.5 / (0.408 / 2) = 2.449 on 3 df, p 0.092: does not pass
+    sd = diffs.std(ddof=1)
+    p = 2 * stats.t.sf(0.5 / (sd / 2), 3)
+    assert p == pytest.approx(0.0917, abs=1e-4)
+    row = (f"| refuel | dpo_last | success | 2 | 4 | +0.500 | {sd:.3f} | {p:.4f} | no | "
+           f"{'yes' if p < 0.05 else 'no'}")
+    assert "## Seed-level test at p < 0.05" in out and row in out, out
+    assert f"| {seed_detectable(sd, 4, 0.05):.3f} | {seed_power(0.2, sd, 4, 0.05):.2f} | " \
+        f"{seed_power(0.5, sd, 4, 0.05):.2f} |" in out
+    # refuel vs the initial policy: +0.25, sd 0.204, p 0.092 too; at turn 1 nothing moved: sd 0, no power
+    assert "| refuel | initial | success | 1 | 4 | +0.000 | 0.000 | 1.0000 | no | no | n/a | n/a | n/a |" in out
+    # the same files at a looser threshold: it passes, with the sign
+    assert pool.main([str(tmp_path / "a.csv"), "--n-boot", "200", "--alpha", "0.1"]) == 0
+    assert "| refuel | dpo_last | success | 2 | 4 | +0.500 |" in (out := capsys.readouterr().out)
+    assert f"| {p:.4f} | yes, + |" in out and "Per seed" not in out
+    # bad options: named, nothing printed
+    for argv, message in ((["--alpha", "1.5"], "--alpha must be between 0 and 1 (exclusive), got 1.5"),
+                          (["--power-at", "0.2"], "--power-at needs --alpha"),
+                          (["--alpha", "0.05", "--power-at", "0.2,x"], "--power-at: '0.2,x' is not a comma-separated")):
+        with pytest.raises(SystemExit):
+            pool.main([str(tmp_path / "a.csv"), *argv])
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""
 
 
 def test_the_tasks_behaviour_of_interest_is_counted_per_turn():

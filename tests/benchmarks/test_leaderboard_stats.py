@@ -16,6 +16,8 @@ from benchmarks.leaderboard.stats import (
     detectable,
     paired_difference,
     paired_rows,
+    seed_detectable,
+    seed_power,
     seed_test,
     simulated_power,
 )
@@ -121,9 +123,33 @@ def test_seed_test_by_hand():
     assert t.seeds == 3 and t.mean == pytest.approx(0.75)
     assert t.p == pytest.approx(2 * sps.t.sf(0.75 / (0.25 / np.sqrt(3)), 2))
     assert t.hi - t.mean == pytest.approx(sps.t.ppf(0.975, 2) * 0.25 / np.sqrt(3))
+    assert t.sd == pytest.approx(0.25)
     one = seed_test(d[:1])
-    assert one.seeds == 1 and one.p is None and one.lo is None
+    assert one.seeds == 1 and one.p is None and one.lo is None and one.sd is None
     assert seed_test(np.zeros((3, 4))).p == 1.0
+
+
+def test_seed_power_is_how_often_the_seed_test_passes():
+    # at difference 0 the two tails of the central t hold exactly alpha
+    assert seed_power(0.0, 0.4, 8, 0.048) == pytest.approx(0.048)
+    assert seed_power(0.3, 0.4, 8, 0.05) == pytest.approx(seed_power(-0.3, 0.4, 8, 0.05))  # two-sided
+    # by hand, far from 0: the upper tail alone, P(T > t_crit) of a noncentral t with nc = d sqrt(S) / sd
+    nc, t = 0.45 * np.sqrt(8) / 0.386, sps.t.ppf(1 - 0.005 / 2, 7)
+    assert seed_power(0.45, 0.386, 8, 0.005) == pytest.approx(sps.nct.sf(t, 7, nc), abs=1e-6)
+    # against the test itself: normal per-seed means, seed_test's p below the threshold (4000 draws, MC se <= 0.008)
+    rng = np.random.default_rng(5)
+    for d, sd, seeds, alpha in ((0.45, 0.386, 8, 0.005), (0.19, 0.386, 16, 0.048), (0.1, 0.3, 3, 0.05)):
+        hits = np.mean([seed_test(rng.normal(d, sd, (seeds, 1))).p < alpha for _ in range(4000)])
+        assert hits == pytest.approx(seed_power(d, sd, seeds, alpha), abs=0.03), (d, sd, seeds, alpha)
+    # far out in the tails it stays a probability (scipy's noncentral t cdf there is nan)
+    assert seed_power(0.19, 0.022, 8, 0.005) == 1.0 and seed_power(-0.19, 0.022, 8, 0.005) == 1.0
+    # the detectable difference is where the power reaches 80%, and it grows with the spread and a stricter alpha
+    mde = seed_detectable(0.386, 16, 0.048)
+    assert seed_power(mde, 0.386, 16, 0.048) == pytest.approx(0.8, abs=1e-6)
+    assert seed_detectable(0.386, 16, 0.005) > mde > seed_detectable(0.2, 16, 0.048)
+    for bad in ((0.1, 0.3, 1, 0.05), (0.1, 0.0, 8, 0.05), (0.1, 0.3, 8, 0.0), (0.1, 0.3, 8, 1.0)):
+        with pytest.raises(ValueError, match="seed_power needs seeds >= 2, sd > 0 and 0 < alpha < 1"):
+            seed_power(*bad)
 
 
 def test_mde80_is_the_difference_seen_80_percent_of_the_time():
