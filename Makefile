@@ -57,7 +57,7 @@ test: $(VENV)/.integrations lint docs
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA
-# torch and `pip install -e '.[dev]'` (it does not build .venv, whose torch is the CPU wheel). PY=python by default.
+# torch and `pip install -e '.[dev]'` (it does not build .venv, whose torch is the CPU wheel). PY=python3 by default.
 gpu-check:
 	$(PY) -m benchmarks.gpu_check
 

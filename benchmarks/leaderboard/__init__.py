@@ -1,7 +1,7 @@
 """The leaderboard: every agent trained from the same policy on the same task with the same budget, judged alike.
 
 Run:
-    python -m benchmarks.leaderboard +leaderboard=cpu     # clarify + arithmetic tables, SmolLM2-135M, 2-core CPU
+    python -m benchmarks.leaderboard +leaderboard=cpu     # arithmetic, SmolLM2-135M, 2-core CPU (cpu_clarify: clarify)
     python -m benchmarks.leaderboard +leaderboard=smoke   # tiny model, two agents, one seed (a minute)
     python -m benchmarks.leaderboard +leaderboard=paper   # the REFUEL protocol on GPUs (documented; not run on CPU)
     python -m benchmarks.leaderboard agents=[refuel,rebel] seeds=[0,1] budget.policy_samples=400

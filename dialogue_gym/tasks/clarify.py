@@ -186,7 +186,7 @@ class ClarifyTask:
     """Seeded word problems with ``withheld`` numbers that the user gives when asked.
 
     Args:
-        steps: changes to the starting quantity, 1 or 2.
+        steps: changes to the starting quantity, 0 .. 2 (0: the withheld number is the answer).
         withheld: numbers left out of the opening, 1 .. steps + 1.
         distractors: sentences with numbers the answer does not need, 0 .. 3.
         vague: probability in [0, 1) that the user answers a request vaguely (the number stays withheld).
