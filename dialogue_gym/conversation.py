@@ -207,6 +207,12 @@ class DialogueState:
         rng = data["rng"]
         if not isinstance(rng, Mapping) or rng.get("bit_generator") != "PCG64" or "state" not in rng:
             raise DialogueError("state.rng must be a PCG64 bit-generator state dict (as from new_rng_state)")
+        try:  # what stepping (rng_from_state) and forking (fork_rng_state) will read, checked now, not mid-batch
+            rng_from_state(rng)
+            fork_rng_state(rng, 0)
+        except (TypeError, KeyError, ValueError, OverflowError) as e:
+            raise DialogueError(f"state.rng is not a usable PCG64 bit-generator state dict (as from new_rng_state): "
+                                f"{type(e).__name__}: {e!s:.120}") from None
         if not isinstance(data["config_fingerprint"], str):
             raise DialogueError("state.config_fingerprint must be a string")
         if not isinstance(data["task_row"], str):

@@ -32,7 +32,11 @@ state comes back as an observation whose ``error`` is ``{"type": "DialogueError"
 (the env's own message: which field, what was wrong, what is allowed); the session keeps its episode and other
 sessions are untouched. :class:`DialogueGymClient` raises it as :class:`RemoteDialogueError`. A request is plain
 JSON: the server builds nothing from it but messages and a validated ``DialogueState`` (no code, no pickles, no
-model or task names: the configuration is fixed when the server starts).
+model or task names: the configuration is fixed when the server starts). A state that passes those checks but
+cannot be played (a free-form prefix without the profile its task's user needs) fails inside the batched call; that
+batch is then retried state by state, so only that session gets the error (``field`` ``"state"``, its episode
+unchanged). A failure of a model itself (or a budget run out) fails every step of its batch, each session keeping its
+previous state.
 """
 
 from __future__ import annotations
@@ -183,14 +187,17 @@ class StepBatcher:
     def __init__(self, shared: SharedDialogue, loop: asyncio.AbstractEventLoop):
         self.shared = shared
         self.loop = loop
-        self._pending: list[tuple[DialogueEnvironment, DialogueState, str, asyncio.Future[StepResult]]] = []
+        self._pending: list[tuple[DialogueEnvironment, DialogueState, str,
+                                  asyncio.Future[tuple[DialogueState, StepResult]]]] = []
         self._first_at = 0.0  # loop time of the oldest pending step
         self._timer: asyncio.TimerHandle | None = None
         self._flushing = asyncio.Lock()
 
-    async def submit(self, session: DialogueEnvironment, state: DialogueState, text: str) -> StepResult:
-        """Advance ``state`` (a copy ``session`` owns) by ``text`` in the next batch; returns its result."""
-        fut: asyncio.Future[StepResult] = self.loop.create_future()
+    async def submit(self, session: DialogueEnvironment, state: DialogueState, text: str
+                     ) -> tuple[DialogueState, StepResult]:
+        """Advance ``state`` (a copy ``session`` owns) by ``text`` in the next batch; returns the advanced state (a
+        fresh copy where the batch had to be retried state by state) and its result."""
+        fut: asyncio.Future[tuple[DialogueState, StepResult]] = self.loop.create_future()
         if not self._pending:
             self._first_at = self.loop.time()
         self._pending.append((session, state, text, fut))
@@ -226,16 +233,39 @@ class StepBatcher:
             try:
                 results = await self.loop.run_in_executor(
                     self.shared.executor, self.shared.advance, [b[1] for b in batch], [b[2] for b in batch])
-            except Exception as e:  # a model failure fails the whole batch; each session keeps its old state
-                for session, _, _, fut in batch:
-                    session._stepping = False
-                    if not fut.done():
-                        fut.set_exception(e)
+            except Exception as e:
+                if len(batch) == 1 or not isinstance(e, DialogueError):
+                    # a model failure (or a budget run out) fails the whole batch; each session keeps its old state
+                    for item in batch:
+                        self._settle(item, error=e)
+                    return
+                # A DialogueError is about one state (say a profile its task's user cannot play) and must not fail
+                # the other sessions: each steps again alone, on a fresh copy of its session's state (the batch may
+                # have changed the copies it held before it raised).
+                for session, _, text, fut in batch:
+                    state = session._state.copy() if session._state is not None else None
+                    try:
+                        alone = await self.loop.run_in_executor(self.shared.executor, self.shared.advance, [state],
+                                                                [text])
+                    except Exception as each:
+                        self._settle((session, state, text, fut), error=each)
+                    else:
+                        self._settle((session, state, text, fut), result=alone[0])
                 return
-            for (session, _, _, fut), r in zip(batch, results):
-                session._stepping = False  # before its coroutine resumes, so the next flush counts it as running
-                if not fut.done():
-                    fut.set_result(r)
+            for item, r in zip(batch, results):
+                self._settle(item, result=r)
+
+    @staticmethod
+    def _settle(item: tuple[DialogueEnvironment, Any, str, asyncio.Future[tuple[DialogueState, StepResult]]],
+                result: StepResult | None = None, error: BaseException | None = None) -> None:
+        session, state, _, fut = item
+        session._stepping = False  # before its coroutine resumes, so the next flush counts it as running
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result((state, result))
 
 
 class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, DialogueGymState]):
@@ -336,7 +366,10 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
             working, text = self._check_step(action)
         except _Refused as r:
             return self._refused(r)
-        result = self.shared.advance([working], [text])[0]
+        try:
+            result = self.shared.advance([working], [text])[0]
+        except DialogueError as e:  # this session's state cannot be played (its profile, say): it stays as it was
+            return self._refused(_Refused("state", e))
         return self._finish(working, result)
 
     async def step_async(self, action: DialogueAction, timeout_s: float | None = None, **kwargs: Any
@@ -345,7 +378,10 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
             working, text = self._check_step(action)
         except _Refused as r:
             return self._refused(r)
-        result = await self.shared.batcher().submit(self, working, text)
+        try:
+            working, result = await self.shared.batcher().submit(self, working, text)
+        except DialogueError as e:  # as in step(): refused for this session alone, which keeps its state
+            return self._refused(_Refused("state", e))
         return self._finish(working, result)
 
     def _finish(self, working: DialogueState, result: StepResult) -> DialogueObservation:

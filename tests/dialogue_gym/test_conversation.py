@@ -61,6 +61,10 @@ def test_state_round_trips_through_json():
         ({"turn": 1}, "state.turn is 1"),
         ({"max_turns": 0}, "state.max_turns must be >= 1"),
         ({"rng": {"bit_generator": "MT19937"}}, "state.rng must be a PCG64"),
+        ({"rng": {"bit_generator": "PCG64", "state": "x"}}, "state.rng is not a usable PCG64"),  # read at a step
+        ({"rng": {"bit_generator": "PCG64", "state": {"state": 1, "inc": 2}}}, "KeyError: 'has_uint32'"),
+        ({"rng": {"bit_generator": "PCG64", "state": {"state": 2**130, "inc": 1}, "has_uint32": 0, "uinteger": 0}},
+         "state.rng is not a usable PCG64"),
         ({"profile": [1]}, "state.profile must be a dict"),
         ({"version": 99}, "state.version is 99"),
         ({"extra_field": 1}, "unknown field(s) ['extra_field']"),

@@ -195,6 +195,56 @@ def test_bad_input_is_a_structured_error_and_the_sessions_stay_usable(served):
                 a.step(ASK)
 
 
+def test_a_state_that_cannot_be_played_fails_its_own_session_not_its_batch(served):
+    # clarify's user needs the row's profile: a free-form start without one passes reset's checks but fails inside
+    # the batched step. Before the retry, that failed all four sessions of the batch with a generic error.
+    prefix = [{"role": "user", "content": "Zoe has some cookies. How many cookies does Zoe have now?"}]
+
+    async def run():
+        clients = [await DialogueGymClient(base_url=served.url).connect() for _ in range(4)]
+        try:
+            for seed, c in enumerate(clients[:3]):
+                await c.reset(seed=seed)
+            await clients[3].reset(seed=3, messages=prefix)
+            before = (await clients[3].state()).dialogue
+            first = len(served.shared.batch_sizes)
+            results = await asyncio.gather(*[c.step(ASK) for c in clients], return_exceptions=True)
+            sizes = served.shared.batch_sizes[first:]
+            after = (await clients[3].state()).dialogue
+            again = await asyncio.gather(*[c.step(answer(seed)) for seed, c in enumerate(clients[:3])])
+            return results, sizes, before, after, again
+        finally:
+            for c in clients:
+                await c.close()
+
+    results, sizes, before, after, again = asyncio.run(run())
+    assert sizes[0] == 4 and sizes[1:] == [1, 1, 1, 1], sizes  # one batch of four, then each state alone
+    bad = results[3]
+    assert isinstance(bad, RemoteDialogueError) and bad.field == "state", bad
+    assert "the clarify user needs the profile's 'answer' and 'facts'" in bad.message
+    assert after == before  # the refused session's episode is unchanged
+    for seed, (first, second) in enumerate(zip(results[:3], again)):  # the others step as their in-process envs
+        env = local_env()
+        env.reset(seed=seed)
+        assert first.observation.messages == env.step(ASK)[0]
+        assert second.observation.messages == env.step(answer(seed))[0]
+
+
+def test_a_snapshot_with_a_broken_random_state_is_refused_at_reset(served):
+    with served.client().sync() as a:
+        a.reset(seed=5)
+        good = a.state().dialogue
+        for rng, text in (({"bit_generator": "PCG64", "state": "x"}, "TypeError"),
+                          ({"bit_generator": "PCG64", "state": {"state": 1, "inc": 2}}, "KeyError"),
+                          ({**good["rng"], "state": {"state": -1, "inc": 2}}, "OverflowError")):
+            for branch in (None, 1):  # stepping reads it, and so does forking (branch >= 1)
+                with pytest.raises(RemoteDialogueError) as e:
+                    a.reset(state=dict(good, rng=rng), branch=branch)
+                assert e.value.field == "state" and "state.rng is not a usable PCG64" in e.value.message
+                assert text in e.value.message
+                assert a.state().dialogue == good
+
+
 def test_the_session_limit_refuses_one_more_with_a_clear_message():
     s = Served(max_sessions=2, window_s=0.01)
     try:
