@@ -56,6 +56,19 @@ except ImportError as e:  # pragma: no cover - exercised by a subprocess test wi
 __all__ = ["DialogueRollout", "chat_glue"]
 
 
+def _task_rows(env_kwargs: Mapping[str, Any]) -> list[Any]:
+    """The rows of the configured task's split, from the task alone (the configuration checked as the env does)."""
+    from dialogue_gym.env import make_config
+    from dialogue_gym.tasks import build_task
+
+    config = make_config(dict(env_kwargs))
+    config.validate()
+    rows = list(build_task(config.task, **config.task_kwargs).rows(config.split))
+    if not rows:
+        raise DialogueError(f"task {config.task!r} has no rows in split {config.split!r}")
+    return rows
+
+
 def _key(messages: Sequence[Mapping[str, str]]) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages])
 
@@ -101,17 +114,21 @@ class _Local:
 
         self._make = lambda n: DialogueVectorEnv(n, autoreset_mode=AutoresetMode.DISABLED, **env_kwargs)
         self._envs: dict[int, Any] = {}
-        self.rows = self._make(1).core.rows
         self.env: Any = None
 
     def start(self, starts: list[dict[str, Any]], seed: int) -> list[list[dict[str, str]]]:
         n = len(starts)
-        self.env = self._envs.setdefault(n, self._make(n))
-        if all("task_index" in s for s in starts):
-            options = {"task_indices": [s["task_index"] for s in starts]}
-        else:
-            options = {"messages": [s["messages"] for s in starts]}
-        obs, _ = self.env.reset(seed=seed, options=options)
+        if n == 0:
+            return []
+        if n not in self._envs:  # one env per batch size, built once (task rows, user and reward with it)
+            self._envs[n] = self._make(n)
+        self.env = self._envs[n]
+        rows = np.array(["task_index" in s for s in starts])
+        # task rows and free-form prefixes may share a batch: each kind resets its own sub-envs
+        for key, single, mask in (("task_indices", "task_index", rows), ("messages", "messages", ~rows)):
+            if mask.any():
+                values = [s.get(single, 0 if single == "task_index" else []) for s in starts]
+                obs, _ = self.env.reset(seed=seed, options={key: values, "reset_mask": mask})
         return [list(o) for o in obs]
 
     def step(self, actions: list[str | None]) -> list[tuple[list[dict[str, str]], float, bool]]:
@@ -149,6 +166,17 @@ class _Remote:
                                           enumerate(zip(self._clients, starts))])
 
         results = self._run(go())
+        for s, r in zip(starts, results):  # the server must play the rows the dataset's prompts came from
+            if "task_index" not in s or self.rows is None:
+                continue
+            row = self.rows[s["task_index"]]
+            got, opening = r.observation.info.get("task_row"), r.observation.messages
+            if got != row.id or opening != [dict(m) for m in row.messages]:
+                raise DialogueError(
+                    f"the server at {self.base_url} plays another row for task_index {s['task_index']}: row "
+                    f"{got!r} opening {json.dumps(opening)[:120]}, where this rollout's env_kwargs give row "
+                    f"{row.id!r} opening {_key(row.messages)[:120]}; start the server with the same env "
+                    "configuration (task, task_kwargs, split)")
         self._done = [False] * len(starts)
         return [r.observation.messages for r in results]
 
@@ -181,11 +209,14 @@ class DialogueRollout:
 
     Args:
         env_kwargs: the env configuration (fields of :class:`~dialogue_gym.core.EnvConfig`); in process, and also
-            where the dataset's openings come from when ``base_url`` is set (the server must run the same
-            configuration; a state fingerprint mismatch would show at once).
+            where the dataset's openings come from when ``base_url`` is set (only the task is built then, no user or
+            reward model; the server must run the same task configuration: a reset whose row or opening differs
+            from the dataset's raises a DialogueError naming both).
         base_url: an OpenEnv server of ``python -m dialogue_gym.serve_env``; None plays in process.
         max_new_tokens: the policy's cap per reply, in tokens.
-        seed: the first batch's dialogue seed; batch ``k`` uses ``seed + k * batch``, dialogue ``i`` ``+ i``.
+        seed: the first dialogue's seed; every dialogue gets its own: a batch starts after all the dialogues of
+            the batches before it (of every process, under ``accelerate``: process ``r`` of ``W`` takes the
+            ``r``-th slice of each round), dialogue ``i`` of a batch adds ``i``.
     """
 
     def __init__(self, env_kwargs: Mapping[str, Any] | None = None, *, base_url: str | None = None,
@@ -193,28 +224,32 @@ class DialogueRollout:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DialogueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.env_kwargs = dict(env_kwargs or {})
-        self.local = _Local(self.env_kwargs)  # in process; with base_url only its rows are used
-        self.backend: _Local | _Remote = self.local if base_url is None else _Remote(base_url)
+        self.rows = _task_rows(self.env_kwargs)  # the split's rows, from the task alone (no user or reward model)
+        self.backend: _Local | _Remote = _Local(self.env_kwargs) if base_url is None else _Remote(base_url)
+        if isinstance(self.backend, _Remote):
+            self.backend.rows = self.rows
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-        self._rows: dict[str, int] = {}
-        self._calls = 0
+        self._rows: dict[str, int] = {}  # each opening of the split -> its first row
+        for i, row in enumerate(self.rows):
+            self._rows.setdefault(_key(row.messages), i)
+        self._next_seed = 0  # dialogues started so far (by every process)
         self.stats = {"dialogues": 0, "turns": 0, "blank_replies": 0}
         self.last: list[list[dict[str, str]]] = []  # the dialogues of the latest call (final messages)
 
     # ---- dataset and reward ------------------------------------------------------------------------------------
 
     def dataset(self, n: int | None = None) -> datasets.Dataset:
-        """A ``prompt`` column of the env split's openings (first ``n`` distinct ones), each mapped to its row."""
-        prompts = []
-        for i, row in enumerate(self.local.rows):
-            key = _key(row.messages)
-            if key in self._rows:
-                continue  # an opening shared by two rows: the first row stands for it
-            self._rows[key] = i
-            prompts.append([dict(m) for m in row.messages])
-            if n is not None and len(prompts) >= n:
-                break
+        """A ``prompt`` column of the env split's openings (the first ``n`` distinct ones; every one if None), each
+        played from its row (an opening shared by two rows: the first row stands for it). The same on every call.
+
+        Raises:
+            DialogueError: ``n`` is not a non-negative integer.
+        """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise DialogueError(f"dataset(n): n must be a non-negative integer or None (every opening), got {n!r}")
+        firsts = sorted(set(self._rows.values()))
+        prompts = [[dict(m) for m in self.rows[i].messages] for i in (firsts if n is None else firsts[:n])]
         return datasets.Dataset.from_dict({"prompt": prompts})
 
     @staticmethod
@@ -232,18 +267,27 @@ class DialogueRollout:
             per-completion-token sampling log-probs, 1 for the policy's tokens and 0 for the user's), and
             ``env_reward`` (the episode return per prompt).
         """
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        return self.play(model, trainer.processing_class, prompts, float(getattr(trainer.args, "temperature", 1.0)))
+        acc = trainer.accelerator
+        model = acc.unwrap_model(trainer.model)
+        return self.play(model, trainer.processing_class, prompts, float(getattr(trainer.args, "temperature", 1.0)),
+                         process=(int(acc.process_index), int(acc.num_processes)))
 
-    def play(self, model: Any, tokenizer: Any, prompts: list[Any], temperature: float = 1.0) -> dict[str, list[Any]]:
+    def play(self, model: Any, tokenizer: Any, prompts: list[Any], temperature: float = 1.0,
+             process: tuple[int, int] = (0, 1)) -> dict[str, list[Any]]:
         """Play one dialogue per prompt with ``model`` (what the rollout does; also for evaluation outside TRL).
+
+        Args:
+            process: ``(rank, world)``: under several processes each plays its slice of a round of batches of the
+                same size, and takes its own seeds (TRL spreads a prompt's group over processes, so equal seeds
+                would give group members the same user).
 
         Returns:
             as :meth:`__call__`.
         """
+        rank, world = process
         starts = [self._start(p) for p in prompts]
-        seed = self.seed + self._calls * len(prompts)
-        self._calls += 1
+        seed = self.seed + self._next_seed + rank * len(prompts)
+        self._next_seed += world * len(prompts)
         convs = self.backend.start(starts, seed)
         n = len(convs)
         prompt_ids = [self._ids(tokenizer, _render(tokenizer, c, True)) for c in convs]

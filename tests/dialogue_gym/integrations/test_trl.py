@@ -6,6 +6,7 @@ The env: embedded openings, the scripted user, and a reward of the last reply's 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -17,6 +18,7 @@ pytest.importorskip("openenv", reason="needs the integrations extra: pip install
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from dialogue_gym.conversation import DialogueError  # noqa: E402
 from dialogue_gym.integrations.trl import DialogueRollout, chat_glue  # noqa: E402
 from dialogue_gym.models import load_model, load_tokenizer  # noqa: E402
 from tests.conftest import LengthReward  # noqa: E402
@@ -108,20 +110,83 @@ def test_grpo_trains_on_multi_turn_dialogues_and_user_tokens_carry_no_loss(tmp_p
     assert per_token[mask == 1].abs().sum() > 0
 
 
-def test_grpo_through_the_openenv_server(tmp_path):
+@contextlib.contextmanager
+def served(kwargs: dict):
+    """An OpenEnv server of ``kwargs`` under uvicorn on a loopback port, in a thread; yields (app, base_url)."""
     import uvicorn
 
     from dialogue_gym.generation.serve import free_port
     from dialogue_gym.integrations.openenv import create_app
 
-    app = create_app(env_kwargs(), max_sessions=8, batch_window_s=0.05)
+    app = create_app(kwargs, max_sessions=8, batch_window_s=0.05)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    rollout = DialogueRollout(env_kwargs(), base_url=f"http://127.0.0.1:{port}", max_new_tokens=6, seed=0)
+    try:
+        yield app, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_dataset_batches_and_seeds_of_the_rollout():
+    rollout = DialogueRollout(env_kwargs(), max_new_tokens=4, seed=100)
+    every = rollout.dataset()["prompt"]
+    # the same dataset on every call (a second call used to come back empty), n the first n openings
+    assert rollout.dataset()["prompt"] == every and len(every) == len({str(p) for p in every}) > 8
+    assert rollout.dataset(n=3)["prompt"] == every[:3] and rollout.dataset(n=0)["prompt"] == []
+    for bad in (-1, 2.5, True):
+        with pytest.raises(DialogueError, match=r"dataset\(n\): n must be a non-negative integer"):
+            rollout.dataset(n=bad)
+    model, tok = load_model("tiny", dtype="float32", shared=False, device="cpu")
+    tok.padding_side = "left"
+    seeds = []
+    start = rollout.backend.start
+    rollout.backend.start = lambda starts, seed: seeds.append(seed) or start(starts, seed)
+    free = [{"role": "user", "content": "A question of my own, not in the dataset?"}]
+    out = rollout.play(model, tok, [every[1], free, every[1], free])  # rows and free-form prefixes in one batch
+    assert len(out["env_reward"]) == 4 and rollout.last[0][0] == every[1][0] and rollout.last[1][0] == free[0]
+    assert rollout.last[0][:1] == rollout.last[2][:1] and len(rollout.backend._envs) == 1
+    env = rollout.backend.env
+    rollout.play(model, tok, [every[0]] * 4)
+    assert rollout.backend.env is env  # built once per batch size, not on every call
+    assert seeds == [100, 104]  # each batch's first seed comes after the dialogues before it
+    # under 2 processes (a rollout each), every round of batches gives each process its own slice of seeds
+    by_rank: dict[int, list[int]] = {0: [], 1: []}
+    for rank in (0, 1):
+        r = DialogueRollout(env_kwargs(), max_new_tokens=4, seed=100)
+        first = r.backend.start
+        r.backend.start = lambda starts, seed, first=first, rank=rank: by_rank[rank].append(seed) or first(starts,
+                                                                                                           seed)
+        for _ in range(2):
+            r.play(model, tok, [every[0]] * 2, process=(rank, 2))
+    assert by_rank == {0: [100, 104], 1: [102, 106]}  # dialogues 100-101, 104-105 and 102-103, 106-107
+
+
+def test_a_server_of_another_configuration_is_named_not_trained_on():
+    other = dict(env_kwargs(), split="test")
+    with served(other) as (_, url):
+        rollout = DialogueRollout(env_kwargs(), base_url=url, max_new_tokens=4, seed=0)
+        try:
+            model, tok = load_model("tiny", dtype="float32", shared=False, device="cpu")
+            tok.padding_side = "left"
+            with pytest.raises(DialogueError, match=r"plays another row for task_index 0: row .* where this "
+                                                    r"rollout's env_kwargs give row"):
+                rollout.play(model, tok, rollout.dataset(n=2)["prompt"])
+        finally:
+            rollout.close()
+
+
+def test_grpo_through_the_openenv_server(tmp_path):
+    with served(env_kwargs()) as (app, url):
+        _grpo_through(tmp_path, app, url)
+
+
+def _grpo_through(tmp_path, app, url):
+    rollout = DialogueRollout(env_kwargs(), base_url=url, max_new_tokens=6, seed=0)
     try:
         trainer = _trainer(tmp_path, rollout, steps=1)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -132,8 +197,6 @@ def test_grpo_through_the_openenv_server(tmp_path):
         assert len(shared.batch_sizes) < rollout.stats["turns"]  # the server batched the concurrent sessions
     finally:
         rollout.close()
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_importing_without_the_extra_names_the_install_line():
