@@ -274,6 +274,7 @@ def run(cfg: GrpoConfig) -> dict:
     branches = make_vec(cfg.env, width * chunk, task=task, reward_mode="terminal")
     evaluator = Evaluator(cfg.env, cfg.eval, cfg.sampling, run_dir, resume=cfg.resume) if ranks.main else None
     n_rows = rollin.num_rows
+    # with steps=0 the schedule assumes no tied group; dropped ties leave it short of its end (docs/agents/grpo.md)
     per_iteration = cfg.steps or cfg.optim.epochs * math.ceil(cfg.dialogues * cfg.group_size / cfg.optim.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.iterations * per_iteration)
     logger = MetricLogger(run_dir, resume=cfg.resume) if ranks.main else None

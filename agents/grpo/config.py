@@ -20,7 +20,8 @@ class GrpoConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (T = 1.0 here)
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0))  # T = 1, as
+    # conf/grpo.yaml (DeepSeekMath); the common default is 0.8
     optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts group members
     eval: EvalSettings = field(default_factory=EvalSettings)  # held-out evaluation before/after training
     seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order

@@ -32,6 +32,7 @@ interval would detect (exclude 0) with 80% probability at the run's design (``md
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,11 +257,14 @@ def seed_power(difference: float, sd: float, seeds: int, alpha: float) -> float:
 
 def seed_detectable(sd: float, seeds: int, alpha: float, power: float = POWER) -> float:
     """The smallest true difference (> 0) that :func:`seed_test` at p < ``alpha`` detects with probability
-    ``power`` (:func:`seed_power`), at per-seed standard deviation ``sd``."""
+    ``power`` (:func:`seed_power`), at per-seed standard deviation ``sd``; ``inf`` beyond 10^4 standard deviations
+    (two seeds at a tiny alpha: no difference in reach, and scipy's noncentral t is no longer accurate there)."""
     if seed_power(0.0, sd, seeds, alpha) >= power:
         return 0.0
     hi = sd
     while seed_power(hi, sd, seeds, alpha) < power:
+        if hi > 1e4 * sd:
+            return math.inf
         hi *= 2
     return float(brentq(lambda d: seed_power(d, sd, seeds, alpha) - power, 0.0, hi))
 

@@ -147,6 +147,7 @@ def test_seed_power_is_how_often_the_seed_test_passes():
     mde = seed_detectable(0.386, 16, 0.048)
     assert seed_power(mde, 0.386, 16, 0.048) == pytest.approx(0.8, abs=1e-6)
     assert seed_detectable(0.386, 16, 0.005) > mde > seed_detectable(0.2, 16, 0.048)
+    assert seed_detectable(0.386, 2, 1e-8) == np.inf  # out of reach: said so (it ran for minutes before)
     for bad in ((0.1, 0.3, 1, 0.05), (0.1, 0.0, 8, 0.05), (0.1, 0.3, 8, 0.0), (0.1, 0.3, 8, 1.0)):
         with pytest.raises(ValueError, match="seed_power needs seeds >= 2, sd > 0 and 0 < alpha < 1"):
             seed_power(*bad)
