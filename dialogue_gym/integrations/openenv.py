@@ -287,6 +287,7 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
         self._episode_id: str | None = None
         self._steps = 0
         self._stepping = False
+        self._unplayable: DialogueError | None = None  # why this episode's state cannot step (until a reset)
         shared.register(self)
 
     @property
@@ -342,6 +343,7 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
 
     def _begin(self, state: DialogueState, rng: Any, episode_id: str | None) -> DialogueObservation:
         self._np_random, self._state, self._steps = rng, state, 0
+        self._unplayable = None
         self._episode_id = episode_id or str(uuid.uuid4())
         info = {"turn": state.turn, "task_row": state.task_row, "fingerprint": state.config_fingerprint}
         return self._observation(None, info)
@@ -354,6 +356,9 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
         if self._state.done:
             raise _Refused("action", DialogueError(
                 "the episode has ended (terminated or truncated); call reset() to start another"))
+        if self._unplayable is not None:  # refused before it joins (and fails) another batch
+            raise _Refused("state", DialogueError(f"{self._unplayable} (this episode cannot step; reset to start "
+                                                  "another)"))
         content = action.content if isinstance(action, DialogueAction) else action
         try:
             text = self.shared.core.validate_action(content, "action.content")
@@ -369,6 +374,7 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
         try:
             result = self.shared.advance([working], [text])[0]
         except DialogueError as e:  # this session's state cannot be played (its profile, say): it stays as it was
+            self._unplayable = e
             return self._refused(_Refused("state", e))
         return self._finish(working, result)
 
@@ -381,6 +387,7 @@ class DialogueEnvironment(Environment[DialogueAction, DialogueObservation, Dialo
         try:
             working, result = await self.shared.batcher().submit(self, working, text)
         except DialogueError as e:  # as in step(): refused for this session alone, which keeps its state
+            self._unplayable = e
             return self._refused(_Refused("state", e))
         return self._finish(working, result)
 

@@ -5,6 +5,7 @@ users and verifier share."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -212,7 +213,13 @@ def profile_answer(profile: Mapping[str, Any], who: str) -> float:
     if "answer" not in profile:
         raise DialogueError(f"{who} needs the task profile's 'answer' (got profile keys {sorted(profile)}); "
                             "use it with the arithmetic task or put the answer in options['profile']")
-    return float(profile["answer"])
+    answer = profile["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (numbers.Real, str)):
+        raise DialogueError(f"{who} needs profile['answer'] to be a number, got {answer!r:.60}")
+    try:
+        return float(answer)
+    except ValueError:
+        raise DialogueError(f"{who} needs profile['answer'] to be a number, got {answer!r:.60}") from None
 
 
 def last_assistant(conversation: Sequence[Message]) -> str:

@@ -53,6 +53,7 @@ numbers) pair appears in two splits.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -118,6 +119,22 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def check_clarify_profile(profile: Mapping[str, Any]) -> None:
+    """Raise a DialogueError unless ``profile`` has what the clarify user reads: a numeric ``answer`` and ``facts``, a
+    list of ``{"text": str, "unknown": str}`` (a profile sent by a client is checked here, per conversation)."""
+    if "answer" not in profile or "facts" not in profile:
+        raise DialogueError(f"the clarify user needs the profile's 'answer' and 'facts' (got keys "
+                            f"{sorted(profile)}); use it with the clarify task")
+    answer, facts = profile["answer"], profile["facts"]
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
+        raise DialogueError(f"the clarify user needs profile['answer'] to be a number, got {answer!r:.60}")
+    if not isinstance(facts, list) or not all(
+            isinstance(f, Mapping) and isinstance(f.get("text"), str) and isinstance(f.get("unknown"), str)
+            for f in facts):
+        raise DialogueError(f"the clarify user needs profile['facts'] to be a list of {{'text': str, 'unknown': str}}, "
+                            f"got {facts!r:.80}")
+
+
 def revealed(fact: Mapping[str, str], conversation: Sequence[Message]) -> bool:
     """Whether a user message after the opening has stated ``fact``."""
     return any(m["role"] == "user" and fact["text"] in m["content"] for m in conversation[1:])
@@ -162,9 +179,7 @@ class ClarifyUser:
                 seeds: Sequence[int]) -> list[UserTurn]:
         out = []
         for conv, profile, seed in zip(conversations, profiles, seeds):
-            if "answer" not in profile or "facts" not in profile:
-                raise DialogueError(f"the clarify user needs the profile's 'answer' and 'facts' (got keys "
-                                    f"{sorted(profile)}); use it with the clarify task")
+            check_clarify_profile(profile)
             reply = next((m["content"] for m in reversed(conv) if m["role"] == "assistant"), "")
             rng = np.random.default_rng(int(seed))
             missing = [f for f in profile["facts"] if not revealed(f, conv)]

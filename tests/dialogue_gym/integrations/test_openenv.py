@@ -200,29 +200,45 @@ def test_a_state_that_cannot_be_played_fails_its_own_session_not_its_batch(serve
     # the batched step. Before the retry, that failed all four sessions of the batch with a generic error.
     prefix = [{"role": "user", "content": "Zoe has some cookies. How many cookies does Zoe have now?"}]
 
+    # a profile with the keys but a value the user cannot read (a ValueError inside the batch before)
+    facts = [{"text": "Zoe has 3 cookies at the start.", "unknown": "how many cookies Zoe has"}]
+    valueless = {"answer": "three", "facts": facts}
+
     async def run():
-        clients = [await DialogueGymClient(base_url=served.url).connect() for _ in range(4)]
+        clients = [await DialogueGymClient(base_url=served.url).connect() for _ in range(5)]
         try:
             for seed, c in enumerate(clients[:3]):
                 await c.reset(seed=seed)
             await clients[3].reset(seed=3, messages=prefix)
+            await clients[4].reset(seed=4, messages=prefix, profile=valueless)
             before = (await clients[3].state()).dialogue
             first = len(served.shared.batch_sizes)
             results = await asyncio.gather(*[c.step(ASK) for c in clients], return_exceptions=True)
             sizes = served.shared.batch_sizes[first:]
             after = (await clients[3].state()).dialogue
-            again = await asyncio.gather(*[c.step(answer(seed)) for seed, c in enumerate(clients[:3])])
-            return results, sizes, before, after, again
+            again = await asyncio.gather(*[c.step(answer(seed)) for seed, c in enumerate(clients[:3])],
+                                         *[c.step(ASK) for c in clients[3:]], return_exceptions=True)
+            sizes_again = served.shared.batch_sizes[first + len(sizes):]
+            await clients[3].reset(seed=3)  # a reset clears it: a row's state steps again
+            fresh = await clients[3].step(ASK)
+            return results, sizes, before, after, again, sizes_again, fresh
         finally:
             for c in clients:
                 await c.close()
 
-    results, sizes, before, after, again = asyncio.run(run())
-    assert sizes[0] == 4 and sizes[1:] == [1, 1, 1, 1], sizes  # one batch of four, then each state alone
-    bad = results[3]
-    assert isinstance(bad, RemoteDialogueError) and bad.field == "state", bad
-    assert "the clarify user needs the profile's 'answer' and 'facts'" in bad.message
+    results, sizes, before, after, again, sizes_again, fresh = asyncio.run(run())
+    assert sizes[0] == 5 and sizes[1:] == [1] * 5, sizes  # one batch of five, then each state alone
+    for bad, text in ((results[3], "the clarify user needs the profile's 'answer' and 'facts'"),
+                      (results[4], "the clarify user needs profile['answer'] to be a number, got 'three'")):
+        assert isinstance(bad, RemoteDialogueError) and bad.field == "state" and text in bad.message, bad
     assert after == before  # the refused session's episode is unchanged
+    # their next steps are refused before they join a batch: the three others step in one batch of three
+    assert sizes_again == [3], sizes_again
+    for bad in again[3:]:
+        assert isinstance(bad, RemoteDialogueError) and "this episode cannot step; reset" in bad.message, bad
+    env = local_env()
+    env.reset(seed=3)
+    assert fresh.observation.messages == env.step(ASK)[0]
     for seed, (first, second) in enumerate(zip(results[:3], again)):  # the others step as their in-process envs
         env = local_env()
         env.reset(seed=seed)

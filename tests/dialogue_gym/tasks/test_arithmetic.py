@@ -248,6 +248,10 @@ def test_critic_same_seed_same_critique_and_one_step_wording():
 def test_critic_needs_answer_in_profile():
     with pytest.raises(DialogueError, match="needs the task profile's 'answer'"):
         CriticUser().respond([_conv("12")], [{}], [0])
+    for bad in ("twelve", None, [12], True):  # a client's profile: a DialogueError naming the value, not a ValueError
+        with pytest.raises(DialogueError, match=r"the critic user needs profile\['answer'\] to be a number"):
+            CriticUser().respond([_conv("12")], [{**PROFILE, "answer": bad}], [0])
+    assert CriticUser().respond([_conv("The answer is 12.")], [{**PROFILE, "answer": "12"}], [0])[0].done
 
 
 class FakeEngine:

@@ -44,6 +44,21 @@ def test_asking_or_holding_back_gets_the_number_a_wrong_guess_is_told_what_is_un
     assert not late.done and "17" not in late.text and "Maya has 12" not in late.text
 
 
+@pytest.mark.parametrize("profile, message", [
+    ({"answer": 17.0}, r"needs the profile's 'answer' and 'facts' \(got keys \['answer'\]\)"),
+    ({**PROFILE, "answer": "x"}, r"profile\['answer'\] to be a number, got 'x'"),
+    ({**PROFILE, "answer": True}, r"profile\['answer'\] to be a number, got True"),
+    ({**PROFILE, "facts": "Maya has 12"}, r"profile\['facts'\] to be a list of \{'text': str, 'unknown': str\}"),
+    ({**PROFILE, "facts": [{}]}, r"profile\['facts'\] to be a list of"),
+    ({**PROFILE, "facts": [{"text": 12, "unknown": "u"}]}, r"profile\['facts'\] to be a list of"),
+])
+def test_a_profile_the_user_cannot_read_is_a_dialogue_error(profile, message):
+    # a profile can come from a client (a free-form start, a restored state): what is wrong is named, per profile
+    with pytest.raises(DialogueError, match=message):
+        respond(["How many apples?"], profile=profile)
+    assert respond(["How many apples?"], profile={**PROFILE, "answer": np.float32(17)}).text.endswith("start.")
+
+
 def test_holding_back_means_no_stated_final_answer():
     assert asks_or_holds_back("So she has 12 + 5 apples") and asks_or_holds_back("Is it 17?")
     assert not asks_or_holds_back("12 + 5 = 17. The answer is 17.") and not asks_or_holds_back("\\boxed{3}")
