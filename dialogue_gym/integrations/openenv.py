@@ -35,8 +35,8 @@ JSON: the server builds nothing from it but messages and a validated ``DialogueS
 model or task names: the configuration is fixed when the server starts). A state that passes those checks but
 cannot be played (a free-form prefix without the profile its task's user needs) fails inside the batched call; that
 batch is then retried state by state, so only that session gets the error (``field`` ``"state"``, its episode
-unchanged; its later steps are refused before they join a batch, until it resets). A failure of a model itself (or a budget run out) fails every step of its batch, each session keeping its
-previous state.
+unchanged; its later steps are refused before they join a batch, until it resets). A failure of a model itself
+(or a budget run out) fails every step of its batch, each session keeping its previous state.
 """
 
 from __future__ import annotations
