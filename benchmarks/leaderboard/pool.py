@@ -85,18 +85,19 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ({np.std(values, ddof=1):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def per_seed_tables(mats: Matrices) -> list[str]:
+def per_seed_tables(mats: Matrices, outcome: str) -> list[str]:
     """Markdown tables of every policy's mean over the states at each training seed, one table per metric and turn
     (the outcome, the behaviour of interest where the task counts one, the probe), with each pair of agents'
-    difference on the seeds both ran: what a pooled comparison averages, seed by seed."""
+    difference on the seeds both ran: what a pooled comparison averages, seed by seed. ``outcome``: "success", or
+    "score" where the task has no verifier."""
     agents = [a for a in mats.groups if a != "initial"]
     seeds = sorted({s for a in agents for s in mats.seeds[a]})
     initial = mats.groups["initial"]
     lines: list[str] = []
-    for metric, label in (("success", "success"), ("score", "score"), ("asks", "the behaviour of interest"),
-                          ("probe", "the turn-1 probe (nats)")):
-        if not any(metric in mats.groups[a] for a in agents) or (metric == "score" and "success" in initial):
-            continue  # the score is shown only where the task has no verifier, as in the paired tables
+    labels = {outcome: outcome, "asks": "the behaviour of interest", "probe": "the turn-1 probe (nats)"}
+    for metric, label in labels.items():
+        if not any(metric in mats.groups[a] for a in agents):
+            continue
         for h in range(next(mats.groups[a][metric] for a in agents if metric in mats.groups[a]).shape[2]):
             lines += [f"## Per seed: {label}, h={h + 1}", "",
                       "Mean over the states at each training seed (pooled tables average these; sd over seeds).", "",
@@ -120,15 +121,13 @@ def per_seed_tables(mats: Matrices) -> list[str]:
     return lines
 
 
-def look_table(paired: list[dict[str, Any]], alpha: float, differences: list[float]) -> list[str]:
+def look_table(paired: list[dict[str, Any]], outcome: str, alpha: float, differences: list[float]) -> list[str]:
     """The Markdown table of every comparison's seed-level test at p < ``alpha`` (a pre-registered look's
     threshold): the sign it passes with, or "no"; whether the crossed interval excludes 0; and the test's power at
     that threshold at the comparison's observed per-seed sd (the smallest difference detected with 80% probability,
     and, for the outcome, the chance of passing at each of ``differences``). Rows: the outcome (success, or the
     score where the task has no verifier) at every turn and the probe, as in the paired tables."""
-    outcome = "success" if any(p["metric"] == "success" for p in paired) else "score"
-    paired = [p for p in paired if p["metric"] in (outcome, "probe")]  # as the paired tables: the score only where
-    # the task has no verifier
+    paired = [p for p in paired if p["metric"] in (outcome, "probe")]
     power_cols = "".join(f" power at {d:+g} |" for d in differences)
     lines = [f"## Seed-level test at p < {alpha:g}", "",
              f"Passes: the seed-level p is below {alpha:g} (with the sign of the difference). Power of that test "
@@ -176,9 +175,9 @@ def pooled_tables(paths: list[Path], n_boot: int, seeds: list[int] | None = None
         for turn in sorted({p["turn"] for p in paired if p["metric"] == metric}):
             lines += paired_table(paired, metric, turn, f"Paired differences in {label}, h={turn}")
     if alpha is not None:
-        lines += look_table(paired, alpha, differences or [])
+        lines += look_table(paired, outcome, alpha, differences or [])
     if per_seed:
-        lines += per_seed_tables(mats)
+        lines += per_seed_tables(mats, outcome)
     return "\n".join(lines)
 
 

@@ -143,7 +143,7 @@ class _Remote:
     """Dialogues on an OpenEnv server: one session each, stepped concurrently from a private event-loop thread (so
     the WebSocket keep-alive is answered while the policy generates)."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, rows: list[Any]):
         from dialogue_gym.integrations.openenv import DialogueGymClient
 
         self._client_cls = DialogueGymClient
@@ -153,7 +153,7 @@ class _Remote:
         self._thread.start()
         self._clients: list[Any] = []
         self._done: list[bool] = []
-        self.rows = None
+        self.rows = rows  # the task rows the dataset's prompts came from: each reset is checked against them
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -167,7 +167,7 @@ class _Remote:
 
         results = self._run(go())
         for s, r in zip(starts, results):  # the server must play the rows the dataset's prompts came from
-            if "task_index" not in s or self.rows is None:
+            if "task_index" not in s:
                 continue
             row = self.rows[s["task_index"]]
             got, opening = r.observation.info.get("task_row"), r.observation.messages
@@ -225,9 +225,8 @@ class DialogueRollout:
             raise DialogueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.env_kwargs = dict(env_kwargs or {})
         self.rows = _task_rows(self.env_kwargs)  # the split's rows, from the task alone (no user or reward model)
-        self.backend: _Local | _Remote = _Local(self.env_kwargs) if base_url is None else _Remote(base_url)
-        if isinstance(self.backend, _Remote):
-            self.backend.rows = self.rows
+        self.backend: _Local | _Remote = _Local(self.env_kwargs) if base_url is None else _Remote(base_url,
+                                                                                                  self.rows)
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self._rows: dict[str, int] = {}  # each opening of the split -> its first row
