@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.leaderboard.pool import parse_seeds, select_seeds
-from benchmarks.leaderboard.report import merge_states, read_states
+from benchmarks.leaderboard.pool import parse_seeds, pooled_states
 from benchmarks.leaderboard.stats import crossed_interval, seed_test
 
 
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     try:
-        mats = read_states(args.states[0])
-        for path in args.states[1:]:
-            mats = merge_states(mats, read_states(path))
-        if args.seeds:
-            mats = select_seeds(mats, parse_seeds(args.seeds))
+        _, mats = pooled_states(args.states, parse_seeds(args.seeds) if args.seeds else None)
         for name in (args.a, args.b):
             if name not in mats.groups:
                 raise ValueError(f"--a/--b: no agent {name!r} in these files (agents: {sorted(mats.groups)})")

@@ -153,17 +153,22 @@ def look_table(paired: list[dict[str, Any]], outcome: str, alpha: float, differe
     return lines + [""]
 
 
+def pooled_states(paths: list[Path], seeds: list[int] | None = None) -> tuple[list[Matrices], Matrices]:
+    """Each states file in ``paths`` as read, and all of them pooled in order (:func:`merge_states`), restricted to
+    ``seeds`` if given (:func:`select_seeds`)."""
+    parts = [read_states(path) for path in paths]
+    mats = parts[0]
+    for part in parts[1:]:
+        mats = merge_states(mats, part)
+    return parts, (select_seeds(mats, seeds) if seeds is not None else mats)
+
+
 def pooled_tables(paths: list[Path], n_boot: int, seeds: list[int] | None = None, per_seed: bool = False,
                   alpha: float | None = None, differences: list[float] | None = None) -> str:
     """The Markdown paired tables of the runs in ``paths`` pooled (in order), at ``seeds`` only if given; with
     ``per_seed`` the per-seed tables (:func:`per_seed_tables`), with ``alpha`` the seed-level tests at that threshold
     (:func:`look_table`, power at each of ``differences``)."""
-    parts = [read_states(path) for path in paths]
-    mats = parts[0]
-    for part in parts[1:]:
-        mats = merge_states(mats, part)
-    if seeds is not None:
-        mats = select_seeds(mats, seeds)
+    parts, mats = pooled_states(paths, seeds)
     paired = paired_rows(mats.groups, mats.seeds, n_boot)
     pooled = ", ".join(f"{a}: {mats.seeds[a]}" for a in mats.seeds)
     lines = [f"Pooled from {', '.join(str(p) for p in paths)}; seeds {pooled}; {len(mats.states)} states.", ""]
