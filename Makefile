@@ -53,8 +53,9 @@ docs: $(STAMP)
 # (benchmarks/results/test_suite.md). TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 
+# --durations lists the slowest tests at the end of every run, so a CI log shows where the suite's time goes.
 test: $(VENV)/.integrations lint docs
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # The GPU check (benchmarks/gpu_check.py): run it on a CUDA machine in the Python environment that has your CUDA
 # torch and `pip install -e '.[dev]'` (it does not build .venv, whose torch is the CPU wheel). PY=python3 by default.

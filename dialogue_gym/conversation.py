@@ -27,6 +27,15 @@ class DialogueError(ValueError):
     """Bad input to the environment: the message says which field, what was wrong and what is allowed."""
 
 
+def check_profile(component: object, profile: Mapping[str, Any]) -> None:
+    """Let a user or reward model check a new state's hidden profile before the episode starts, through its optional
+    ``check_profile(profile)`` method (raising DialogueError): a profile sent with ``options['messages']`` is then
+    refused at reset, where the caller sent it, and not at the first step."""
+    check = getattr(component, "check_profile", None)
+    if check is not None:
+        check(profile)
+
+
 def validate_message(msg: Any, where: str = "message") -> Message:
     """Check one message and return a clean copy (only ``role`` and ``content``).
 

@@ -20,6 +20,7 @@ from dialogue_gym.conversation import (
     DialogueError,
     DialogueState,
     Message,
+    check_profile,
     count_assistant_turns,
     fingerprint,
     new_rng_state,
@@ -120,7 +121,14 @@ class DialogueCore:
         msgs = validate_messages(messages, "options['messages']")
         if profile is not None and not isinstance(profile, Mapping):
             raise DialogueError(f"options['profile'] must be a dict, got {type(profile).__name__}")
-        return self._new_state(msgs, "", dict(profile or {}), entropy)
+        profile = dict(profile or {})
+        self._check_profile(profile)
+        return self._new_state(msgs, "", profile, entropy)
+
+    def _check_profile(self, profile: Mapping[str, Any]) -> None:
+        """Refuse a profile the user, reward or verifier cannot read when a state is made, not at its first step."""
+        for part in (self.user, self.reward, self.verifier):
+            check_profile(part, profile)
 
     def restore(self, data: object) -> DialogueState:
         """A validated copy of a saved state that belongs to this configuration."""
@@ -140,6 +148,7 @@ class DialogueCore:
             )
         if state.messages[-1]["role"] != "user":
             raise DialogueError("state.messages must end with a user message (the assistant speaks next)")
+        self._check_profile(state.profile)
         return state
 
     def _new_state(self, messages: list[Message], row_id: str, profile: dict, entropy: int) -> DialogueState:

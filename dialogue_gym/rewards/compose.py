@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dialogue_gym.conversation import Message
+from dialogue_gym.conversation import Message, check_profile
 from dialogue_gym.rewards.base import RewardModel
 
 
@@ -59,6 +59,10 @@ class WeightedSum:
                 raise ValueError(f"terms[{i}] must be a (weight, reward_model) pair, got {t!r}")
             self.terms.append((_finite(t[0], f"terms[{i}] weight"), _check_rm(t[1], f"terms[{i}] reward model")))
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        for _, rm in self.terms:
+            check_profile(rm, profile)
+
     def describe(self) -> dict[str, Any]:
         return {"reward": "weighted_sum", "terms": [{"weight": w, "reward": rm.describe()} for w, rm in self.terms]}
 
@@ -92,6 +96,9 @@ class LengthPenalty:
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0 (a penalty per character), got {lam!r}")
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        check_profile(self.rm, profile)
+
     def describe(self) -> dict[str, Any]:
         return {"reward": "length_penalty", "lam": self.lam, "inner": self.rm.describe()}
 
@@ -115,6 +122,9 @@ class Clip:
         self.lo, self.hi = _finite(lo, "lo"), _finite(hi, "hi")
         if self.lo > self.hi:
             raise ValueError(f"lo ({lo}) must be <= hi ({hi})")
+
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        check_profile(self.rm, profile)
 
     def describe(self) -> dict[str, Any]:
         return {"reward": "clip", "lo": self.lo, "hi": self.hi, "inner": self.rm.describe()}
@@ -152,6 +162,9 @@ class RunningNorm:
     def std(self) -> float:
         """Population standard deviation of the scores seen (0 before any)."""
         return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        check_profile(self.rm, profile)
 
     def describe(self) -> dict[str, Any]:
         return {"reward": "running_norm", "eps": self.eps, "inner": self.rm.describe()}

@@ -186,6 +186,19 @@ class PairwisePreferenceReward:
         p_first = preference_from_logits(logits[:, 0], logits[:, 1])
         return average_orders(p_first[:n], p_first[n:])
 
+    def _reference(self, profile: object, where: str) -> str:
+        ref = profile.get(self.reference_key) if isinstance(profile, Mapping) else None
+        if not isinstance(ref, str) or not ref.strip():
+            raise DialogueError(
+                f"{where}[{self.reference_key!r}] is missing or not a non-blank string ({ref!r:.60}); the pairwise "
+                "reward needs a reference reply per task row (use a task whose rows carry one, put one in "
+                "options['profile'], or use another reward)"
+            )
+        return ref
+
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        self._reference(profile, "profile")
+
     def score(self, conversations: Sequence[Sequence[Message]],
               profiles: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
         """P(last assistant reply beats ``profile[reference_key]``) for each conversation: (B,) in [0, 1]."""
@@ -195,14 +208,5 @@ class PairwisePreferenceReward:
                 f"the pairwise reward compares each reply with profile[{self.reference_key!r}]; it needs one "
                 f"profile per conversation (got {None if profiles is None else len(profiles)} for {len(convs)})"
             )
-        references = []
-        for i, p in enumerate(profiles):
-            ref = p.get(self.reference_key) if isinstance(p, Mapping) else None
-            if not isinstance(ref, str) or not ref.strip():
-                raise DialogueError(
-                    f"profiles[{i}][{self.reference_key!r}] is missing or not a non-blank string ({ref!r}); the "
-                    "pairwise reward needs a reference reply per task row (use a task whose rows carry one, or "
-                    "another reward)"
-                )
-            references.append(ref)
+        references = [self._reference(p, f"profiles[{i}]") for i, p in enumerate(profiles)]
         return self.prefer([c[:-1] for c in convs], [c[-1]["content"] for c in convs], references)

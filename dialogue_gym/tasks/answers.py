@@ -222,6 +222,14 @@ def profile_answer(profile: Mapping[str, Any], who: str) -> float:
         raise DialogueError(f"{who} needs profile['answer'] to be a number, got {answer!r:.60}") from None
 
 
+def profile_steps(profile: Mapping[str, Any], who: str) -> int:
+    """The number of solution steps a task profile states (1 when absent), which the scripted critique names."""
+    steps = profile.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise DialogueError(f"{who} needs profile['steps'] to be an integer >= 1 when given, got {steps!r:.60}")
+    return int(steps)
+
+
 def last_assistant(conversation: Sequence[Message]) -> str:
     """The last assistant message's text (empty when there is none)."""
     for m in reversed(conversation):

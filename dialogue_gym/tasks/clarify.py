@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from dialogue_gym.conversation import DialogueError, Message
-from dialogue_gym.tasks.answers import is_correct, stated_answer
+from dialogue_gym.tasks.answers import is_correct, profile_steps, stated_answer
 from dialogue_gym.tasks.arithmetic import ITEMS, PEOPLE
 from dialogue_gym.tasks.base import SPLITS, TaskRow
 from dialogue_gym.tasks.critic import CORRECT_REPLIES, scripted_critique
@@ -133,6 +133,7 @@ def check_clarify_profile(profile: Mapping[str, Any]) -> None:
             for f in facts):
         raise DialogueError(f"the clarify user needs profile['facts'] to be a list of {{'text': str, 'unknown': str}}, "
                             f"got {facts!r:.80}")
+    profile_steps(profile, "the clarify user")
 
 
 def revealed(fact: Mapping[str, str], conversation: Sequence[Message]) -> bool:
@@ -175,6 +176,9 @@ class ClarifyUser:
                 "vague_replies": list(VAGUE_REPLIES), "unknown": list(UNKNOWN_TEMPLATES),
                 "correct": list(CORRECT_REPLIES)}
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        check_clarify_profile(profile)
+
     def respond(self, conversations: Sequence[Sequence[Message]], profiles: Sequence[Mapping[str, Any]],
                 seeds: Sequence[int]) -> list[UserTurn]:
         out = []
@@ -186,7 +190,7 @@ class ClarifyUser:
             if is_correct(reply, float(profile["answer"])):
                 out.append(UserTurn(_pick(rng, CORRECT_REPLIES), done=True))
             elif not missing:
-                out.append(UserTurn(scripted_critique(reply, int(profile.get("steps", 1)), int(seed))))
+                out.append(UserTurn(scripted_critique(reply, profile_steps(profile, "the clarify user"), int(seed))))
             elif asks_or_holds_back(reply, self.reveal):
                 if rng.random() < self.vague:
                     out.append(UserTurn(_pick(rng, VAGUE_REPLIES)))

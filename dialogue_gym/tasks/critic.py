@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dialogue_gym.conversation import Message
-from dialogue_gym.tasks.answers import extract_answer, find_numbers, is_correct, last_assistant, profile_answer
+from dialogue_gym.tasks.answers import (
+    extract_answer,
+    find_numbers,
+    is_correct,
+    last_assistant,
+    profile_answer,
+    profile_steps,
+)
 from dialogue_gym.users.base import UserTurn
 
 _ORDINALS = ("first", "second", "third")
@@ -62,8 +69,12 @@ class CriticUser:
             if is_correct(reply, profile_answer(profile, "the critic user")):
                 out.append(UserTurn(CORRECT_REPLIES[int(seed) % len(CORRECT_REPLIES)], done=True))
             else:
-                out.append(UserTurn(scripted_critique(reply, int(profile.get("steps", 1)), int(seed))))
+                out.append(UserTurn(scripted_critique(reply, profile_steps(profile, "the critic user"), int(seed))))
         return out
+
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        profile_answer(profile, "the critic user")
+        profile_steps(profile, "the critic user")
 
 
 LLM_CRITIC_PROMPT = (
@@ -102,6 +113,10 @@ class LLMCriticUser:
         return {"user": "critic_llm", "engine": engine, "prompt": LLM_CRITIC_PROMPT,
                 "temperature": self.params.temperature, "max_new_tokens": self.params.max_new_tokens}
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        profile_answer(profile, "the critic_llm user")
+        profile_steps(profile, "the critic_llm user")
+
     def respond(self, conversations: Sequence[Sequence[Message]], profiles: Sequence[Mapping[str, Any]],
                 seeds: Sequence[int]) -> list[UserTurn]:
         out: list[UserTurn | None] = []
@@ -127,6 +142,6 @@ class LLMCriticUser:
                 leaks = any(math.isclose(n.value, answer, abs_tol=1e-6) for n in find_numbers(text))
                 if not text or leaks:
                     text = scripted_critique(last_assistant(conversations[i]),
-                                             int(profiles[i].get("steps", 1)), int(seeds[i]))
+                                             profile_steps(profiles[i], "the critic_llm user"), int(seeds[i]))
                 out[i] = UserTurn(text)
         return [t for t in out if t is not None]

@@ -26,6 +26,9 @@ class VerifierReward:
     def describe(self) -> dict[str, Any]:
         return {"reward": "verifier", "discount": self.discount}
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        profile_answer(profile, "the verifier reward")
+
     def score(self, conversations: Sequence[Sequence[Message]],
               profiles: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
         if profiles is None or len(profiles) != len(conversations):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dialogue_gym.conversation import Message, count_assistant_turns
+from dialogue_gym.conversation import DialogueError, Message, count_assistant_turns
 from dialogue_gym.users.base import UserTurn
 
 
@@ -52,10 +53,21 @@ class ReplayUser:
     def describe(self) -> dict[str, Any]:
         return {"user": "replay"}
 
+    def check_profile(self, profile: Mapping[str, Any]) -> None:
+        turns = profile.get("user_turns", [])
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise DialogueError(f"the replay user needs profile['user_turns'] to be a list of strings, got "
+                                f"{turns!r:.80}")
+        opening = profile.get("opening_assistant_turns", 0)
+        if isinstance(opening, bool) or not isinstance(opening, numbers.Integral) or opening < 0:
+            raise DialogueError("the replay user needs profile['opening_assistant_turns'] to be an integer >= 0, got "
+                                f"{opening!r:.60}")
+
     def respond(self, conversations: Sequence[Sequence[Message]], profiles: Sequence[Mapping[str, Any]],
                 seeds: Sequence[int]) -> list[UserTurn]:
         out = []
         for conv, profile in zip(conversations, profiles):
+            self.check_profile(profile)
             turns = list(profile.get("user_turns", []))
             index = count_assistant_turns(conv) - int(profile.get("opening_assistant_turns", 0)) - 1
             if 0 <= index < len(turns):

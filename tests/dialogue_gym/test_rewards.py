@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dialogue_gym.conversation import DialogueError
+from dialogue_gym.conversation import DialogueError, check_profile
 from dialogue_gym.models import load_model, load_tokenizer, tiny_config
 from dialogue_gym.rewards import (
     Clip,
@@ -247,6 +247,11 @@ def test_pairwise_env_reward_uses_reference(tokenizer):
         judge.score([CHOSEN], [{"answer": 5}])
     with pytest.raises(DialogueError, match="one profile per conversation"):
         judge.score([CHOSEN])
+    # the same check, before any scoring, for the env's reset of a free-form start; wrappers pass it through
+    judge.check_profile({"reference": "bad"})
+    for wrapped in (judge, Clip(LengthPenalty(WeightedSum([(1.0, judge)]), lam=0.1), 0.0, 1.0)):
+        with pytest.raises(DialogueError, match=r"profile\['reference'\] is missing or not a non-blank string \(' '\)"):
+            check_profile(wrapped, {"reference": " "})
     with pytest.raises(DialogueError, match=r"replies_b\[0\] must be a non-blank string"):
         judge.prefer([CONTEXT], ["x"], [" "])
     with pytest.raises(DialogueError, match="one reply_a and one reply_b per context"):

@@ -195,14 +195,37 @@ def test_bad_input_is_a_structured_error_and_the_sessions_stay_usable(served):
                 a.step(ASK)
 
 
-def test_a_state_that_cannot_be_played_fails_its_own_session_not_its_batch(served):
-    # clarify's user needs the row's profile: a free-form start without one passes reset's checks but fails inside
-    # the batched step. Before the retry, that failed all four sessions of the batch with a generic error.
-    prefix = [{"role": "user", "content": "Zoe has some cookies. How many cookies does Zoe have now?"}]
+PREFIX = [{"role": "user", "content": "Zoe has some cookies. How many cookies does Zoe have now?"}]
+FACTS = [{"text": "Zoe has 3 cookies at the start.", "unknown": "how many cookies Zoe has"}]
 
-    # a profile with the keys but a value the user cannot read (a ValueError inside the batch before)
-    facts = [{"text": "Zoe has 3 cookies at the start.", "unknown": "how many cookies Zoe has"}]
-    valueless = {"answer": "three", "facts": facts}
+
+def test_a_free_form_start_the_user_cannot_play_is_refused_at_reset(served):
+    # clarify's user reads the profile's answer and facts: a start without them is refused by reset, where the client
+    # sent it (it used to pass reset and fail the first step); the session keeps its episode and steps on
+    with served.client().sync() as remote:
+        first = remote.reset(seed=2)
+        for profile, text in ((None, "the clarify user needs the profile's 'answer' and 'facts'"),
+                              ({"answer": "three", "facts": FACTS},
+                               "the clarify user needs profile['answer'] to be a number, got 'three'")):
+            with pytest.raises(RemoteDialogueError) as err:
+                remote.reset(seed=3, messages=PREFIX, profile=profile)
+            assert err.value.field == "messages" and text in err.value.message, err.value
+        assert remote.state().dialogue["messages"] == first.observation.messages
+        stepped = remote.step(ASK)
+    env = local_env()
+    env.reset(seed=2)
+    assert stepped.observation.messages == env.step(ASK)[0]
+
+
+def test_a_state_that_cannot_be_played_fails_its_own_session_not_its_batch(served, monkeypatch):
+    # A user and reward without a reset-time check_profile (classes written elsewhere) let a free-form start whose
+    # profile they cannot read pass reset; it fails inside the batched step. Before the retry, that failed all four
+    # sessions of the batch with a generic error.
+    core = served.shared.core
+    for part in (core.user, core.reward, core.verifier):
+        monkeypatch.setattr(part, "check_profile", lambda profile: None)
+    prefix = PREFIX
+    valueless = {"answer": "three", "facts": FACTS}  # the keys, but a value the user cannot read
 
     async def run():
         clients = [await DialogueGymClient(base_url=served.url).connect() for _ in range(5)]

@@ -132,6 +132,19 @@ def served(kwargs: dict):
         thread.join(timeout=10)
 
 
+def test_a_free_form_prompt_on_a_task_that_needs_the_rows_profile_is_refused_at_reset():
+    rollout = DialogueRollout({"task": "arithmetic", "task_kwargs": {"n_train": 8, "n_test": 4}, "max_turns": 2},
+                              max_new_tokens=4, seed=0)
+    model, tok = load_model("tiny", dtype="float32", shared=False, device="cpu")
+    tok.padding_side = "left"
+    rows = rollout.dataset(n=2)["prompt"]
+    free = [{"role": "user", "content": "What is 2 + 3?"}]
+    with pytest.raises(DialogueError, match=r"the critic user needs the task profile's 'answer' \(got profile keys "
+                                            r"\[\]\)"):
+        rollout.play(model, tok, [rows[0], free])
+    assert len(rollout.play(model, tok, rows)["env_reward"]) == 2  # the rollout still plays the task's rows
+
+
 def test_the_dataset_batches_and_seeds_of_the_rollout():
     rollout = DialogueRollout(env_kwargs(), max_new_tokens=4, seed=100)
     every = rollout.dataset()["prompt"]

@@ -364,3 +364,26 @@ def test_vector_env_solved_on_the_last_turn_terminates_and_a_wrong_one_truncates
     assert rewards.tolist() == [1.0, 0.0, 0.0] and venv.core.user_calls == calls  # no user call after the last turn
     states = venv.get_states()
     assert states[0].terminated and not states[0].truncated and states[1].truncated and not states[1].terminated
+
+
+def test_free_form_start_without_the_answer_is_refused_at_reset_and_the_env_stays_usable():
+    # the critic user and the verifier read profile['answer']: a start without it used to fail only at the first step
+    env = gym.make("MultiTurnDialogue-v0", task="arithmetic", task_kwargs={"n_train": 5, "n_test": 5}, max_turns=2)
+    env.reset(seed=0)  # (gymnasium's passive checker cannot take a failed first reset: a later reset then fails)
+    opening = [{"role": "user", "content": "What is 2 + 3?"}]
+    with pytest.raises(DialogueError, match=r"the critic user needs the task profile's 'answer' \(got profile keys "
+                                            r"\['question'\]\)"):
+        env.reset(seed=0, options={"messages": opening, "profile": {"question": "2 + 3"}})
+    with pytest.raises(DialogueError, match=r"the critic user needs profile\['steps'\] to be an integer >= 1 when "
+                                            r"given, got 'two'"):
+        env.reset(seed=0, options={"messages": opening, "profile": {"answer": 5, "steps": "two"}})
+    obs, _ = env.reset(seed=0, options={"messages": opening, "profile": {"answer": 5}})
+    assert obs == opening
+    assert env.step("The answer is 5.")[1:3] == (1.0, True)
+    env.reset(seed=0)  # rows still start
+    saved = env.unwrapped.get_state().to_dict()
+    with pytest.raises(DialogueError, match=r"the critic user needs profile\['answer'\] to be a number, got 'five'"):
+        env.reset(options={"state": {**saved, "profile": {**saved["profile"], "answer": "five"}}})
+    assert env.reset(options={"state": saved})[0] == saved["messages"]
+    with pytest.raises(DialogueError, match="the verifier reward needs the task profile's 'answer'"):
+        VerifierReward().check_profile({})

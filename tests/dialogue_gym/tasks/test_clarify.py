@@ -182,3 +182,15 @@ def test_a_strict_user_gives_the_number_only_to_a_reply_that_asks_or_clearly_hol
         ClarifyTask(reveal="loose", n_train=5, n_validation=5, n_test=5)
     with pytest.raises(DialogueError, match="reveal is 'x'; allowed: lenient, strict"):
         ClarifyUser(reveal="x")
+
+
+def test_a_free_form_start_with_an_unreadable_profile_is_refused_at_reset():
+    env = gym.make("MultiTurnDialogue-v0", task="clarify", max_turns=3)
+    env.reset(seed=0)
+    with pytest.raises(DialogueError, match=r"needs the profile's 'answer' and 'facts' \(got keys \['answer'\]\)"):
+        env.reset(seed=0, options={"messages": [OPENING], "profile": {"answer": 17.0}})
+    with pytest.raises(DialogueError, match=r"the clarify user needs profile\['steps'\] to be an integer >= 1"):
+        env.reset(seed=0, options={"messages": [OPENING], "profile": {**PROFILE, "steps": 0}})
+    obs, _ = env.reset(seed=0, options={"messages": [OPENING], "profile": PROFILE})
+    obs, *_ = env.step("How many apples did Maya have at the start?")
+    assert obs[-1]["content"].endswith("Maya has 12 apples at the start.")

@@ -232,6 +232,12 @@ def test_replay_user_serves_the_dataset_turns():
     assert user.respond([conv], [row.profile], [0])[0].text == "How long will they last?"
     conv += [{"role": "user", "content": "How long will they last?"}, {"role": "assistant", "content": "A week."}]
     assert user.respond([conv], [row.profile], [0])[0].done
+    turns_message, opening_message = (r"profile\['user_turns'\] to be a list of strings",
+                                      r"profile\['opening_assistant_turns'\] to be an integer >= 0")
+    for bad, message in (({"user_turns": "How long?"}, turns_message), ({"user_turns": [3]}, turns_message),
+                         ({"opening_assistant_turns": -1}, opening_message)):
+        with pytest.raises(DialogueError, match=message):  # a client's profile: named, not a TypeError mid-step
+            user.respond([conv], [{**row.profile, **bad}], [0])
 
 
 def test_hh_replay_through_the_env():
