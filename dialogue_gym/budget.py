@@ -15,7 +15,8 @@ An agent builds several vector envs (roll-in, branches, its own held-out evaluat
 Counts are kept per split. Limits apply to ``limited_splits`` (``"train"``: the agent's training rollouts); the
 agents' own evaluations on the ``"test"`` split are counted but never stopped. A step that would take a limited
 split past a limit raises :class:`BudgetExhausted` before its reward call and is not counted, so the counters
-never exceed the limits and always equal what completed steps used. The env stays usable (both envs step on
+never exceed the limits and always equal what completed steps used (a step whose reward call raises is refunded).
+The env stays usable (both envs step on
 copies of their states), but the agent's run ends there unless it catches the error.
 
 Why process-wide and not an ``EnvConfig`` field: agents build their envs from Hydra settings that cannot carry a
@@ -135,6 +136,18 @@ class Budget:
                         )
             u.add_step(len(actions), tokens, scored, user_calls)
 
+    def refund(self, split: str, actions: Sequence[str], scored: int) -> None:
+        """Take back a :meth:`charge` whose step then failed (its reward call raised): the samples, tokens, scored
+        conversations, reward call and step, so a caller that retries the step pays for it once. The step's user
+        calls stay counted: they were made (``user_calls`` counts calls, and no limit applies to it)."""
+        tokens = sum(self.count_tokens(a) for a in actions) if self.count_tokens is not None else 0
+        with self._lock:
+            u = self.used.setdefault(split, Usage())
+            u.policy_samples -= len(actions)
+            u.policy_tokens -= tokens
+            u.scored_conversations -= scored
+            u.reward_calls -= 1 if scored else 0
+            u.steps -= 1
 
     def charge_optimizer_step(self) -> None:
         """Pay for one optimizer step (split ``"train"``).
@@ -186,11 +199,13 @@ def active_budget() -> Budget | None:
     return _active
 
 
-def spend(split: str, actions: Sequence[str], scored: int, user_calls: int = 0) -> None:
-    """Charge the active budget, if any, for one env step (called by ``DialogueCore.advance``)."""
+def spend(split: str, actions: Sequence[str], scored: int, user_calls: int = 0) -> Budget | None:
+    """Charge the active budget, if any, for one env step (called by ``DialogueCore.advance``); returns the budget
+    charged (for :meth:`Budget.refund` if the step then fails), or None."""
     budget = _active
     if budget is not None:
         budget.charge(split, actions, scored, user_calls)
+    return budget
 
 
 __all__ = ["LIMITS", "Budget", "BudgetExhausted", "Usage", "active_budget", "spend", "use_budget"]

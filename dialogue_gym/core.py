@@ -218,17 +218,26 @@ class DialogueCore:
         to_score = [i for i, s in enumerate(states) if mode != "terminal" or s.done]
         step_user_calls = self.usage.user_calls - user_calls
         # the active budget pays, or BudgetExhausted is raised
-        spend(self.config.split, actions, len(to_score), step_user_calls)
-        self.usage.add_step(len(actions), 0, len(to_score), 0)  # the user calls were counted as they were made
+        budget = spend(self.config.split, actions, len(to_score), step_user_calls)
         scores = np.zeros(len(states))
         if to_score:
             t0 = time.perf_counter()
-            got = self.reward.score([scored_conversations[i] for i in to_score], [states[i].profile for i in to_score])
-            self.timings.reward_s += time.perf_counter() - t0
-            got = np.asarray(got, dtype=np.float64).reshape(-1)
-            if got.shape != (len(to_score),):
-                raise RuntimeError(f"reward model returned {got.shape[0]} scores for {len(to_score)} conversations")
+            try:
+                got = self.reward.score([scored_conversations[i] for i in to_score],
+                                        [states[i].profile for i in to_score])
+                got = np.asarray(got, dtype=np.float64).reshape(-1)
+                if got.shape != (len(to_score),):
+                    raise RuntimeError(f"reward model returned {got.shape[0]} scores for {len(to_score)} "
+                                       "conversations")
+            except BaseException:
+                # a failed step is not counted (a caller may retry it, as the OpenEnv server does state by state)
+                if budget is not None:
+                    budget.refund(self.config.split, actions, len(to_score))
+                raise
+            finally:
+                self.timings.reward_s += time.perf_counter() - t0
             scores[to_score] = got
+        self.usage.add_step(len(actions), 0, len(to_score), 0)  # the user calls were counted as they were made
         results = []
         for i, s in enumerate(states):
             scored = i in to_score or mode != "terminal"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gymnasium as gym
 import pytest
 
@@ -170,3 +172,29 @@ def test_timings_say_where_the_step_time_went():
     llm.step(["one", "two"])
     assert 2 <= llm.timings.user_tokens <= 2 * 5  # the tiny model's user turns: 1 to 5 tokens each
     assert llm.timings.user_tokens == engine.tokens_generated - before
+
+
+class FailingReward(LengthReward):
+    """Raises a DialogueError when a reply says "boom" (a reward that cannot score one conversation)."""
+
+    def score(self, conversations, profiles=None):
+        if any("boom" in c[-1]["content"] for c in conversations):
+            from dialogue_gym.conversation import DialogueError
+
+            raise DialogueError("this reward cannot score 'boom'")
+        return super().score(conversations, profiles)
+
+
+def test_a_step_whose_reward_call_fails_is_not_charged_so_a_retry_pays_once():
+    env = venv(2, reward=FailingReward())
+    env.reset(seed=0)
+    with use_budget(Budget(policy_samples=3, count_tokens=len)) as budget:
+        env.step(["one", None])
+        with pytest.raises(Exception, match="cannot score 'boom'"):
+            env.step(["boom", "two"])
+        # the failed step's samples, tokens, scored conversations and step are taken back; its user call was made
+        assert budget.usage() == Usage(policy_samples=1, policy_tokens=3, scored_conversations=1, reward_calls=1,
+                                       steps=1, user_calls=2)
+        assert env.usage == replace(budget.usage(), policy_tokens=0)  # the env counts no tokens
+        env.step(["two", "three"])  # a retry fits the limit of 3 (the failed step would have used it up)
+        assert budget.usage().policy_samples == 3 and env.usage == replace(budget.usage(), policy_tokens=0)
