@@ -56,17 +56,18 @@ except ImportError as e:  # pragma: no cover - exercised by a subprocess test wi
 __all__ = ["DialogueRollout", "chat_glue"]
 
 
-def _task_rows(env_kwargs: Mapping[str, Any]) -> list[Any]:
-    """The rows of the configured task's split, from the task alone (the configuration checked as the env does)."""
+def _task_rows(env_kwargs: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """The configured task and its split's rows, from the task alone (the configuration checked as the env does)."""
     from dialogue_gym.env import make_config
     from dialogue_gym.tasks import build_task
 
     config = make_config(dict(env_kwargs))
     config.validate()
-    rows = list(build_task(config.task, **config.task_kwargs).rows(config.split))
+    task = build_task(config.task, **config.task_kwargs)
+    rows = list(task.rows(config.split))
     if not rows:
         raise DialogueError(f"task {config.task!r} has no rows in split {config.split!r}")
-    return rows
+    return task, rows
 
 
 def _key(messages: Sequence[Mapping[str, str]]) -> str:
@@ -224,9 +225,10 @@ class DialogueRollout:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DialogueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.env_kwargs = dict(env_kwargs or {})
-        self.rows = _task_rows(self.env_kwargs)  # the split's rows, from the task alone (no user or reward model)
-        self.backend: _Local | _Remote = _Local(self.env_kwargs) if base_url is None else _Remote(base_url,
-                                                                                                  self.rows)
+        self.task, self.rows = _task_rows(self.env_kwargs)  # the split's rows, from the task alone (no user/reward)
+        # in process, the vector envs take this task as built (a dataset task reads its files once, not per env)
+        self.backend: _Local | _Remote = (_Local({**self.env_kwargs, "task": self.task, "task_kwargs": {}})
+                                          if base_url is None else _Remote(base_url, self.rows))
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self._rows: dict[str, int] = {}  # each opening of the split -> its first row

@@ -166,6 +166,7 @@ def test_the_dataset_batches_and_seeds_of_the_rollout():
     env = rollout.backend.env
     rollout.play(model, tok, [every[0]] * 4)
     assert rollout.backend.env is env  # built once per batch size, not on every call
+    assert all(e.core.task is rollout.task for e in rollout.backend._envs.values())  # the task, built once
     assert seeds == [100, 104]  # each batch's first seed comes after the dialogues before it
     # under 2 processes (a rollout each), every round of batches gives each process its own slice of seeds
     by_rank: dict[int, list[int]] = {0: [], 1: []}
