@@ -223,10 +223,11 @@ def profile_answer(profile: Mapping[str, Any], who: str) -> float:
 
 
 def profile_steps(profile: Mapping[str, Any], who: str) -> int:
-    """The number of solution steps a task profile states (1 when absent), which the scripted critique names."""
+    """The number of solution steps a task profile states (1 when absent), which the scripted critique names (0 or 1:
+    it names none)."""
     steps = profile.get("steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise DialogueError(f"{who} needs profile['steps'] to be an integer >= 1 when given, got {steps!r:.60}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise DialogueError(f"{who} needs profile['steps'] to be an integer >= 0 when given, got {steps!r:.60}")
     return int(steps)
 
 

@@ -374,7 +374,7 @@ def test_free_form_start_without_the_answer_is_refused_at_reset_and_the_env_stay
     with pytest.raises(DialogueError, match=r"the critic user needs the task profile's 'answer' \(got profile keys "
                                             r"\['question'\]\)"):
         env.reset(seed=0, options={"messages": opening, "profile": {"question": "2 + 3"}})
-    with pytest.raises(DialogueError, match=r"the critic user needs profile\['steps'\] to be an integer >= 1 when "
+    with pytest.raises(DialogueError, match=r"the critic user needs profile\['steps'\] to be an integer >= 0 when "
                                             r"given, got 'two'"):
         env.reset(seed=0, options={"messages": opening, "profile": {"answer": 5, "steps": "two"}})
     obs, _ = env.reset(seed=0, options={"messages": opening, "profile": {"answer": 5}})

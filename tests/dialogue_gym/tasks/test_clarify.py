@@ -189,8 +189,9 @@ def test_a_free_form_start_with_an_unreadable_profile_is_refused_at_reset():
     env.reset(seed=0)
     with pytest.raises(DialogueError, match=r"needs the profile's 'answer' and 'facts' \(got keys \['answer'\]\)"):
         env.reset(seed=0, options={"messages": [OPENING], "profile": {"answer": 17.0}})
-    with pytest.raises(DialogueError, match=r"the clarify user needs profile\['steps'\] to be an integer >= 1"):
-        env.reset(seed=0, options={"messages": [OPENING], "profile": {**PROFILE, "steps": 0}})
+    with pytest.raises(DialogueError, match=r"the clarify user needs profile\['steps'\] to be an integer >= 0"):
+        env.reset(seed=0, options={"messages": [OPENING], "profile": {**PROFILE, "steps": -1}})
+    env.reset(seed=0, options={"messages": [OPENING], "profile": {**PROFILE, "steps": 0}})  # a row's own value
     obs, _ = env.reset(seed=0, options={"messages": [OPENING], "profile": PROFILE})
     obs, *_ = env.step("How many apples did Maya have at the start?")
     assert obs[-1]["content"].endswith("Maya has 12 apples at the start.")
