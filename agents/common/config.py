@@ -30,7 +30,7 @@ class SamplingSettings:
 
     temperature: float = 0.8  # policy sampling temperature; log-probs are computed at the same temperature
     top_p: float = 1.0  # nucleus mass
-    max_new_tokens: int = 96  # reply length cap in tokens (the policy's engine is policy.engine)
+    max_new_tokens: int = 64  # reply length cap in tokens (the policy's engine is policy.engine)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class OptimSettings:
     weight_decay: float = 1e-6  # AdamW weight decay
     warmup_ratio: float = 0.1  # share of all optimizer steps spent warming up
     batch_size: int = 8  # pairs (or sequences) per optimizer step
-    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation up to batch_size)
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation up to batch_size)
     epochs: int = 1  # passes over each iteration's data
     max_grad_norm: float = 1.0  # gradient clipping
     max_length: int = 1024  # longest training sequence in tokens (prompts are cut from the left)
@@ -52,7 +52,7 @@ class OptimSettings:
 class EvalSettings:
     """In-run evaluation on held-out states with fixed user seeds."""
 
-    dialogues: int = 32  # rows evaluated (the first n of the split)
+    dialogues: int = 16  # rows evaluated (the first n of the split)
     split: str = "test"  # the rows evaluated: test, or validation for choices made by looking at results
     seed: int = 1234  # user and policy seeds of every evaluation
     temperature: float = 0.0  # policy temperature at evaluation (0 = greedy)

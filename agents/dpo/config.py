@@ -36,8 +36,9 @@ class DpoConfig:
     mode: str = "online"  # offline: fixed pairs (data.*); online: iterative, pairs sampled through the env
     env: EnvConfig = field(default_factory=EnvConfig)  # the environment (embedded default; +env=NAME)
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling (recipe: T=1.0)
-    optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts pairs
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0))  # recipe: T=1.0
+    # AdamW + cosine; batch_size counts pairs
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-5, warmup_ratio=0.03, epochs=2))
     eval: EvalSettings = field(default_factory=EvalSettings)  # held-out evaluation before/after training
     data: DataSettings = field(default_factory=DataSettings)  # offline preference data
     seed: int = 0  # seeds rollouts, turn sampling, LoRA init and minibatch order

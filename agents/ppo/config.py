@@ -18,7 +18,8 @@ class PpoConfig:
     env: EnvConfig = field(default_factory=EnvConfig)  # the environment; env.reward_mode sets where scores land
     policy: PolicySettings = field(default_factory=PolicySettings)  # model trained, LoRA or full
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # policy sampling; log-probs use its T
-    optim: OptimSettings = field(default_factory=OptimSettings)  # batch_size: dialogues per minibatch; epochs: PPO
+    # batch_size: dialogues per minibatch; epochs: PPO epochs over each iteration's rollouts
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-5, epochs=2))
     eval: EvalSettings = field(default_factory=EvalSettings)  # held-out evaluation before/after training
     seed: int = 0  # seeds rollouts, LoRA and value-head init, minibatch order
     iterations: int = 4  # rollout batches, each followed by optim.epochs PPO epochs

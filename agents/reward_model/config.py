@@ -48,9 +48,12 @@ class RewardModelConfig:
     kind: str = "bt"  # bt: Bradley-Terry sequence classifier; pairwise: causal LM answering "A" or "B"
     env: EnvConfig = field(default_factory=EnvConfig)  # task rows and the reward that labels pairs (source=task)
     policy: PolicySettings = field(default_factory=PolicySettings)  # the backbone trained, LoRA or full (lora_r=0)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # how data.generator samples (recipe T=1)
-    optim: OptimSettings = field(default_factory=OptimSettings)  # AdamW + cosine; batch_size counts pairs
-    eval: EvalSettings = field(default_factory=EvalSettings)  # eval.dialogues: held-out test rows; eval.every: steps
+    # how data.generator samples (recipe T=1)
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0))
+    # AdamW + cosine; batch_size counts pairs
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(weight_decay=0.0, max_length=512))
+    # eval.dialogues: held-out test rows; eval.every: steps
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(dialogues=64))
     data: DataSettings = field(default_factory=DataSettings)  # pair source
     seed: int = 0  # seeds sampling, the head and LoRA initialisation, and minibatch order
     iterations: int = 1  # passes over the training pairs, each optim.epochs epochs (as DPO's offline mode)

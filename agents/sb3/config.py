@@ -19,7 +19,7 @@ class ChoiceSettings:
     k: int = 4  # candidate replies per turn (the action space is Discrete(k))
     temperature: float = 0.7  # candidates' sampling temperature
     top_p: float = 1.0  # candidates' nucleus mass
-    max_new_tokens: int = 48  # candidates' length cap in tokens
+    max_new_tokens: int = 32  # candidates' length cap in tokens
     max_context_tokens: int = 256  # the conversation's features read its last this many tokens
     net_arch: list[int] = field(default_factory=lambda: [64, 64])  # hidden layers of the MLP policy/Q-network
 
@@ -37,7 +37,7 @@ class TokenSettings:
 class Sb3EvalSettings:
     """Held-out evaluation: the first ``dialogues`` test rows, fixed seeds, deterministic actions."""
 
-    dialogues: int = 48  # test rows (the first n of the test split), played all at once
+    dialogues: int = 32  # test rows (the first n of the test split), played all at once
     seed: int = 1234  # dialogue and candidate seeds (row i gets seed + i): both policies see the same candidates
     success_threshold: float = 1.0  # a dialogue is solved when its return reaches this (arithmetic verifier: 1)
     n_boot: int = 2000  # bootstrap resamples over test rows for the 95% intervals
@@ -53,10 +53,10 @@ class Sb3Config:
     choice: ChoiceSettings = field(default_factory=ChoiceSettings)  # settings of wrapper=choice
     token: TokenSettings = field(default_factory=TokenSettings)  # settings of wrapper=token
     eval: Sb3EvalSettings = field(default_factory=Sb3EvalSettings)  # held-out evaluation after training
-    num_envs: int = 8  # sub-envs of the one batched env (one user and one reward call per step for all)
-    total_timesteps: int = 256  # environment steps in all (summed over sub-envs)
+    num_envs: int = 4  # sub-envs of the one batched env (one user and one reward call per step for all)
+    total_timesteps: int = 96  # environment steps in all (summed over sub-envs)
     n_steps: int = 8  # ppo/a2c: steps per sub-env per rollout (the update batch is n_steps * num_envs)
-    batch_size: int = 32  # ppo minibatch / dqn batch size
+    batch_size: int = 16  # ppo minibatch / dqn batch size
     n_epochs: int = 4  # ppo: passes over each rollout
     learning_rate: float = 3e-4  # optimizer learning rate
     gamma: float = 0.99  # discount over steps
