@@ -16,8 +16,8 @@ Counts are kept per split. Limits apply to ``limited_splits`` (``"train"``: the 
 agents' own evaluations on the ``"test"`` split are counted but never stopped. A step that would take a limited
 split past a limit raises :class:`BudgetExhausted` before its reward call and is not counted, so the counters
 never exceed the limits and always equal what completed steps used (a step whose reward call raises is refunded).
-The env stays usable (both envs step on
-copies of their states), but the agent's run ends there unless it catches the error.
+The env stays usable (both envs step on copies of their states), but the agent's run ends there unless it catches
+the error.
 
 Why process-wide and not an ``EnvConfig`` field: agents build their envs from Hydra settings that cannot carry a
 Python object, and a budget passed to one env would miss the others.
